@@ -1,0 +1,41 @@
+# codex-jax: the two commands are `make train` and `make test`; each sets up .venv when needed.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+WORKDIR ?= runs/default
+TEST_WORKERS ?= 2
+
+.PHONY: install train test bench lint clean
+
+install: $(STAMP)
+
+# Reinstall whenever pyproject.toml changes; editable, so code changes need no reinstall.
+$(STAMP): pyproject.toml
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "codex-jax needs Python >= 3.11"'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+# The default experiment on the embedded corpus, on this machine's CPU. Rerunning resumes.
+train: install
+	$(BIN)/codex train --config=experiments/codex.py:tiny --workdir=$(WORKDIR)
+
+test: install
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=15
+
+# One JSON line per config: tokens/s, model TFLOP/s, MFU against the measured matmul peak.
+bench: install
+	@for variant in tiny bench bench_bf16; do \
+	  JAX_PLATFORMS=cpu $(BIN)/codex bench --config=experiments/codex.py:$$variant --name=$$variant \
+	    --steps=$${BENCH_STEPS:-3} --json 2>/dev/null || exit 1; \
+	done
+
+lint: install
+	$(BIN)/python -m pip install --quiet "ruff>=0.8,<1"
+	$(BIN)/ruff check codex_jax experiments tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache build *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,25 @@
+"""`codex bench --config=FILE[:VARIANT] [--steps N]`: one JSON line of throughput for one config."""
+
+from __future__ import annotations
+
+import json
+
+from absl import flags
+from ml_collections import config_flags
+
+from codex_jax.cli import common
+
+flags.DEFINE_integer("steps", 5, "Timed steps after warm-up (the median is reported).")
+flags.DEFINE_string("name", "", "Label for the JSON line (default: the --config argument).")
+
+
+def run(flag_values):
+  import jax
+
+  cfg, _ = common.load_config(flag_values, jax.device_count(), jax.process_count())
+  from codex_jax.train.bench import benchmark
+  label = flag_values.name or config_flags.get_config_filename(flag_values["config"])
+  result = {"config": label, **benchmark(cfg, flag_values.steps)}
+  if not flag_values.json:
+    print(json.dumps(result, sort_keys=True))
+  return result

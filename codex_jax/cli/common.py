@@ -1,0 +1,27 @@
+"""Flags every command shares, and the config they name turned into the typed Config."""
+
+from __future__ import annotations
+
+from absl import flags
+from ml_collections import config_flags
+
+from codex_jax.config import load as config_load
+
+config_flags.DEFINE_config_file(
+    "config", None, "Experiment file and variant, e.g. experiments/codex.py:tiny; override keys with "
+    "--config.train.steps=100.", lock_config=True)
+flags.DEFINE_bool("json", False, "Print one JSON object with the result on stdout.")
+
+
+def load_config(flag_values, num_devices: int | None, num_processes: int = 1):
+  """(typed Config, plain dict of the config) from --config, validated against the devices."""
+  raw = flag_values.config
+  if raw is None:
+    raise flags.ValidationError("--config is required, e.g. --config=experiments/codex.py:tiny")
+  try:
+    as_dict = config_load.to_dict(raw)
+  except OSError as e:  # config_flags defers a missing or unloadable file to first use.
+    where = config_flags.get_config_filename(flag_values["config"])
+    raise flags.ValidationError(f"--config={where}: cannot load the experiment file: "
+                                f"{str(e).strip().splitlines()[-1].strip()}") from e
+  return config_load.load(as_dict, num_devices=num_devices, num_processes=num_processes), as_dict

@@ -1,0 +1,89 @@
+"""`codex <command>`: the one command line. Failures exit non-zero with a one-line reason."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import traceback
+
+from absl import flags
+
+from codex_jax.cli import log_filter
+from codex_jax.config.errors import ConfigError
+from codex_jax.data.errors import DataError
+
+# command -> (module under codex_jax.cli, one-line help).
+COMMANDS = {
+    "train": ("train", "train (or resume) an experiment in a workdir"),
+    "config": ("show_config", "validate an experiment config and print it resolved"),
+    "bench": ("bench", "measure tokens/s, model TFLOP/s and MFU of configs, one JSON line each"),
+}
+flags.DEFINE_bool("verbose", False, "Also show the INFO logs of jax, Orbax, Grain and Flax.")
+EXPECTED_ERRORS = (ConfigError, DataError, flags.Error, FileNotFoundError, ValueError)
+
+
+class UsageError(Exception):
+  """Bad command line: the message says what was expected."""
+
+
+def usage() -> str:
+  lines = ["usage: codex <command> [--flags]", "", "commands:"]
+  lines += [f"  {name:8s} {text}" for name, (_, text) in COMMANDS.items()]
+  lines += ["", "Run `codex <command> --help` for its flags."]
+  return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+  if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+    print(usage())
+    return 0 if len(argv) >= 2 else 2
+  command = argv[1]
+  if command not in COMMANDS:
+    print(f"codex: error: unknown command {command!r}; expected one of {sorted(COMMANDS)}", file=sys.stderr)
+    return 2
+  module = importlib.import_module(f"codex_jax.cli.{COMMANDS[command][0]}")
+  try:
+    rest = _parse_flags(command, argv[2:])
+    if len(rest) > 1:
+      raise UsageError(f"unexpected argument(s) {rest[1:]}; every option is a --flag")
+    log_filter.configure(flags.FLAGS.verbose)
+    result = module.run(flags.FLAGS)
+  except (UsageError, *EXPECTED_ERRORS) as e:
+    print(f"codex {command}: error: {_one_line(e)}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print(f"codex {command}: error: interrupted", file=sys.stderr)
+    return 130
+  except Exception as e:  # An unexpected failure: keep the traceback, end with the one-line reason.
+    traceback.print_exc()
+    print(f"codex {command}: error: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
+    return 1
+  if result is not None and getattr(flags.FLAGS, "json", False):
+    print(json.dumps(result, sort_keys=True, default=str))
+  return 0
+
+
+def _parse_flags(command: str, args: list[str]) -> list[str]:
+  """absl parsing, with config_flags' errors for a misspelt --config.x.y made into a usage error."""
+  try:
+    return flags.FLAGS([f"codex {command}", *args])
+  except flags.Error:
+    raise
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    text = str(e.args[0] if e.args else e).strip("'\"").replace("\\n", " ").replace("\\'", "'")
+    raise UsageError(f"bad --config override ({text}); see the keys in the experiment file") from e
+
+
+def _one_line(e: BaseException) -> str:
+  """The message on one line; an embedded traceback (config_flags adds them) shrinks to its last line."""
+  text = str(e)
+  if "Traceback (most recent call last)" in text:
+    head, _, trace = text.partition("Traceback (most recent call last)")
+    text = head.rstrip(": \n") + ": " + trace.strip().splitlines()[-1]
+  return " ".join(text.split()) or type(e).__name__
+
+
+def run() -> None:
+  """Console-script entry point."""
+  sys.exit(main(sys.argv))

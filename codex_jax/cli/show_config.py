@@ -1,0 +1,31 @@
+"""`codex config --config=FILE[:VARIANT] [--devices N]`: validate a config and print it resolved."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from absl import flags, logging
+
+from codex_jax.cli import common
+
+flags.DEFINE_integer("devices", None, "Check the mesh against this many devices instead of this host's.")
+flags.DEFINE_integer("processes", 1, "JAX processes the run will have (with --devices).")
+
+
+def run(flag_values):
+  if flag_values.devices is None:
+    import jax
+    devices, processes = jax.device_count(), jax.process_count()
+  else:
+    devices, processes = flag_values.devices, flag_values.processes
+  cfg, _ = common.load_config(flag_values, devices, processes)
+  from codex_jax.config.validate import resolve_mesh_shape
+  from codex_jax.telemetry.flops import param_counts
+  resolved = dataclasses.asdict(cfg)
+  resolved["mesh"]["resolved"] = resolve_mesh_shape(cfg.mesh, devices)
+  resolved["params"] = param_counts(cfg.model)
+  if not flag_values.json:
+    for group, values in resolved.items():
+      print(f"{group}: {values}")
+  logging.info("Config is valid for %d device(s).", devices)
+  return resolved

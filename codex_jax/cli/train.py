@@ -1,0 +1,20 @@
+"""`codex train --config=FILE[:VARIANT] --workdir=DIR`: train, or resume the run in DIR."""
+
+from __future__ import annotations
+
+from absl import flags
+
+from codex_jax.cli import common
+
+flags.DEFINE_string("workdir", None, "Run directory: config, checkpoints, TensorBoard events, metrics.")
+flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
+
+
+def run(flag_values):
+  if not flag_values.workdir:
+    raise flags.ValidationError("--workdir is required, e.g. --workdir=runs/tiny")
+  import jax  # After flag parsing, so `codex --help` and config errors stay fast.
+
+  cfg, as_dict = common.load_config(flag_values, jax.device_count(), jax.process_count())
+  from codex_jax.train.loop import train
+  return train(cfg, as_dict, flag_values.workdir, progress=flag_values.progress)

@@ -1,0 +1,127 @@
+"""The one boundary where an ml_collections ConfigDict becomes typed, validated dataclasses."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Mapping
+
+from codex_jax.config import schema
+from codex_jax.config.errors import ConfigError
+from codex_jax.config.validate import validate
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+  """A plain nested dict of a ConfigDict (or dict), for saving and diffing."""
+  if hasattr(config, "to_dict"):
+    config = config.to_dict()
+  return {k: (to_dict(v) if isinstance(v, Mapping) else _plain(v)) for k, v in config.items()}
+
+
+def _plain(value: Any) -> Any:
+  return list(value) if isinstance(value, tuple) else value
+
+
+def load(config: Any, num_devices: int | None = None, num_processes: int = 1) -> schema.Config:
+  """Converts and validates a whole config; raises ConfigError listing every problem found.
+
+  With `num_devices`, the mesh is checked against the devices that will run it, so an impossible
+  layout fails here, before anything is compiled.
+  """
+  raw = to_dict(config)
+  problems: list[str] = []
+  groups: dict[str, Any] = {}
+  for name in raw:
+    if name not in schema.GROUPS:
+      problems.append(f"config.{name}: unknown group; expected one of {sorted(schema.GROUPS)}")
+  for name, cls in schema.GROUPS.items():
+    if name not in raw:
+      groups[name] = cls()
+      continue
+    if not isinstance(raw[name], Mapping):
+      problems.append(f"config.{name}={raw[name]!r}: expected a group of keys")
+      groups[name] = cls()
+      continue
+    groups[name] = _build(name, cls, raw[name], problems)
+  if problems:
+    raise ConfigError(problems)
+  cfg = schema.Config(**groups)
+  problems = validate(cfg, num_devices=num_devices, num_processes=num_processes)
+  if problems:
+    raise ConfigError(problems)
+  return cfg
+
+
+def _build(group: str, cls: type, values: Mapping[str, Any], problems: list[str]) -> Any:
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  hints = typing.get_type_hints(cls)
+  kwargs = {}
+  for key, value in values.items():
+    where = f"config.{group}.{key}"
+    if key not in fields:
+      problems.append(f"{where}: unknown key; expected one of {sorted(fields)}")
+      continue
+    converted = _coerce(value, hints[key])
+    if converted is _BAD:
+      problems.append(f"{where}={value!r}: expected {_type_name(hints[key])}")
+      continue
+    kwargs[key] = converted
+  return cls(**kwargs)
+
+
+_BAD = object()
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+  """The value as `hint`, or _BAD. Only lossless conversions: int->float, list->tuple."""
+  origin = typing.get_origin(hint)
+  if origin is tuple:
+    (item, _) = typing.get_args(hint)
+    if isinstance(value, (list, tuple)) and all(_coerce(v, item) is not _BAD for v in value):
+      return tuple(value)
+    return _BAD
+  if origin in (typing.Union, types.UnionType):
+    return _BAD  # No optional fields: every key has a concrete default.
+  if hint is bool:
+    return value if isinstance(value, bool) else _BAD
+  if hint is int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else _BAD
+  if hint is float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return float(value) if ok else _BAD
+  if hint is str:
+    return value if isinstance(value, str) else _BAD
+  return _BAD
+
+
+def _type_name(hint: Any) -> str:
+  if typing.get_origin(hint) is tuple:
+    return f"a list of {typing.get_args(hint)[0].__name__}"
+  return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+def diff(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+  """Lines `key: old -> new` for every leaf that differs between two config dicts."""
+  flat_saved, flat_current = _flatten(saved), _flatten(current)
+  lines = []
+  for key in sorted(set(flat_saved) | set(flat_current)):
+    old, new = flat_saved.get(key, "<absent>"), flat_current.get(key, "<absent>")
+    if old != new:
+      lines.append(f"{key}: {old!r} -> {new!r}")
+  return lines
+
+
+def resume_conflicts(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+  """The diff lines that forbid resuming: changes outside schema.RESUME_MUTABLE."""
+  return [line for line in diff(saved, current) if line.split(":")[0] not in schema.RESUME_MUTABLE]
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      out.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+  return out

@@ -1,0 +1,106 @@
+"""Every rule a config must satisfy before anything is built; each problem names key, value, rule."""
+
+from __future__ import annotations
+
+import math
+
+from codex_jax.config import schema
+
+
+def validate(cfg: schema.Config, num_devices: int | None = None, num_processes: int = 1) -> list[str]:
+  """All problems with `cfg`, as one message each (empty when the config can run)."""
+  problems: list[str] = []
+
+  def need(ok: bool, key: str, value, rule: str):
+    if not ok:
+      problems.append(f"config.{key}={value!r}: {rule}")
+
+  m, d, o, t, mesh, c, e = cfg.model, cfg.data, cfg.optimizer, cfg.train, cfg.mesh, cfg.checkpoint, cfg.eval
+  for group, obj, keys in (
+      ("model", m, ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "mlp_dim")),
+      ("data", d, ("seq_len",)),
+      ("train", t, ("steps", "global_batch", "log_every")),
+      ("checkpoint", c, ("every", "max_to_keep")),
+      ("eval", e, ("every",)),
+  ):
+    for key in keys:
+      need(getattr(obj, key) > 0, f"{group}.{key}", getattr(obj, key), "must be positive")
+  for group, obj, keys in (
+      ("model", m, ("head_dim",)),
+      ("data", d, ("corpus_max_bytes", "num_workers", "packing_bins")),
+      ("optimizer", o, ("weight_decay", "min_lr_ratio")),
+      ("train", t, ("z_loss", "seed")),
+      ("eval", e, ("batches",)),
+  ):
+    for key in keys:
+      need(getattr(obj, key) >= 0, f"{group}.{key}", getattr(obj, key), "must not be negative")
+
+  # Model shape.
+  if m.head_dim == 0 and m.d_model > 0 and m.num_heads > 0:
+    need(m.d_model % m.num_heads == 0, "model.num_heads", m.num_heads,
+         f"must divide model.d_model={m.d_model} (or set model.head_dim)")
+  if m.num_heads > 0 and m.num_kv_heads > 0:
+    need(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads", m.num_kv_heads,
+         f"must divide model.num_heads={m.num_heads} (grouped-query attention)")
+  if m.resolved_head_dim > 0:
+    need(m.resolved_head_dim % 2 == 0, "model.head_dim", m.resolved_head_dim, "must be even (RoPE rotates pairs)")
+  need(m.param_dtype in schema.DTYPES, "model.param_dtype", m.param_dtype, f"must be one of {schema.DTYPES}")
+  need(m.compute_dtype in schema.DTYPES, "model.compute_dtype", m.compute_dtype, f"must be one of {schema.DTYPES}")
+  need(m.remat in schema.REMAT_POLICIES, "model.remat", m.remat, f"must be one of {schema.REMAT_POLICIES}")
+  need(m.attention_impl in schema.ATTENTION_IMPLS, "model.attention_impl", m.attention_impl,
+       f"must be one of {schema.ATTENTION_IMPLS}")
+  need(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "must be positive")
+  need(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be positive")
+  need(m.init_std > 0, "model.init_std", m.init_std, "must be positive")
+
+  # Data and optimisation.
+  need(d.corpus == "embedded", "data.corpus", d.corpus, "must be 'embedded' (the corpus that ships with Python)")
+  need(0 <= d.eval_fraction < 1, "data.eval_fraction", d.eval_fraction, "must be in [0, 1)")
+  need(o.learning_rate > 0, "optimizer.learning_rate", o.learning_rate, "must be positive")
+  need(0 <= o.warmup_fraction < 1, "optimizer.warmup_fraction", o.warmup_fraction, "must be in [0, 1)")
+  need(o.min_lr_ratio <= 1, "optimizer.min_lr_ratio", o.min_lr_ratio, "must be at most 1")
+  need(0 <= o.b1 < 1, "optimizer.b1", o.b1, "must be in [0, 1)")
+  need(0 <= o.b2 < 1, "optimizer.b2", o.b2, "must be in [0, 1)")
+  need(o.eps > 0, "optimizer.eps", o.eps, "must be positive")
+  need(o.clip_norm > 0, "optimizer.clip_norm", o.clip_norm, "must be positive")
+
+  # Mesh and batch.
+  sizes = {"data": mesh.data, "tensor": mesh.tensor, "pipeline": mesh.pipeline}
+  for axis, size in sizes.items():
+    need(size == -1 or size > 0, f"mesh.{axis}", size, "must be a positive size or -1 (fill in)")
+  fills = [axis for axis, size in sizes.items() if size == -1]
+  need(len(fills) <= 1, f"mesh.{fills[-1] if fills else 'data'}", -1, f"only one axis may be -1, got {fills}")
+  need(mesh.pipeline in (1, -1), "mesh.pipeline", mesh.pipeline,
+       "pipeline execution is not built yet (3D-parallelism issue); use 1")
+  if problems:
+    return problems
+  resolved = resolve_mesh_shape(mesh, num_devices)
+  if num_devices is not None:
+    product = math.prod(resolved.values())
+    need(product == num_devices, "mesh", dict(sizes),
+         f"data*tensor*pipeline={product} must equal the {num_devices} available devices")
+    if problems:
+      return problems
+  data_size, tensor_size = resolved["data"], resolved["tensor"]
+  need(t.global_batch % data_size == 0, "train.global_batch", t.global_batch,
+       f"must be divisible by the data axis size {data_size}")
+  need(t.global_batch % num_processes == 0, "train.global_batch", t.global_batch,
+       f"must be divisible by the {num_processes} JAX processes")
+  for key, value in (("num_heads", m.num_heads), ("num_kv_heads", m.num_kv_heads),
+                     ("mlp_dim", m.mlp_dim), ("vocab_size", m.vocab_size)):
+    need(value % tensor_size == 0, f"model.{key}", value, f"must be divisible by the tensor axis size {tensor_size}")
+  if mesh.fsdp:
+    for key, value in (("d_model", m.d_model),):
+      need(value % data_size == 0, f"model.{key}", value,
+           f"must be divisible by the data axis size {data_size} when mesh.fsdp is on")
+  return problems
+
+
+def resolve_mesh_shape(mesh: schema.MeshConfig, num_devices: int | None) -> dict[str, int]:
+  """Axis sizes with a -1 filled from the device count (left as 1 when the count is unknown)."""
+  sizes = {"data": mesh.data, "tensor": mesh.tensor, "pipeline": mesh.pipeline}
+  known = math.prod(size for size in sizes.values() if size != -1)
+  for axis, size in sizes.items():
+    if size == -1:
+      sizes[axis] = max(1, (num_devices or known) // known)
+  return sizes

@@ -1,0 +1,119 @@
+"""Byte-level BPE tokenizer: load a named file, or train one on the corpus and cache it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from codex_jax.config.schema import DataConfig
+from codex_jax.data.corpus import Document, corpus_fingerprint, split_of
+from codex_jax.data.errors import DataError
+
+PAD_ID = 0
+EOS_ID = 1
+SPECIAL_TOKENS = ("<|pad|>", "<|endoftext|>")  # In id order: PAD_ID, EOS_ID.
+# Bump when the training recipe changes, so cached tokenizers from the old recipe are not reused.
+RECIPE_VERSION = "bytebpe-v1"
+_MIN_VOCAB = len(SPECIAL_TOKENS) + 256  # Specials plus the byte alphabet.
+
+
+def cache_dir() -> str:
+  return os.environ.get("CODEX_CACHE_DIR") or os.path.expanduser("~/.cache/codex_jax")
+
+
+def _write_atomic(path: str, text: str) -> None:
+  folder = os.path.dirname(path) or "."
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      f.write(text)
+    os.replace(tmp, path)  # Readers see the old file or the whole new one, never a torn write.
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def _check(tok: tokenizers.Tokenizer, vocab_size: int, where: str) -> tokenizers.Tokenizer:
+  size = tok.get_vocab_size(with_added_tokens=True)
+  if size > vocab_size:
+    raise DataError(
+        f"Tokenizer {where} has {size} tokens but the model's vocab_size is {vocab_size}; "
+        f"raise model.vocab_size to at least {size} or use a smaller tokenizer.")
+  for want, token in enumerate(SPECIAL_TOKENS):
+    if tok.token_to_id(token) != want:
+      raise DataError(f"Tokenizer {where} must map {token!r} to id {want} "
+                      f"(it maps it to {tok.token_to_id(token)}).")
+  return tok
+
+
+def load_tokenizer(path: str, vocab_size: int) -> tokenizers.Tokenizer:
+  if not os.path.isfile(path):
+    raise DataError(f"Tokenizer file not found: {path!r} (data.tokenizer_path).")
+  try:
+    tok = tokenizers.Tokenizer.from_file(path)
+  except Exception as e:  # The Rust side raises a bare Exception for malformed JSON.
+    raise DataError(f"Tokenizer file {path!r} could not be loaded: {e}") from e
+  return _check(tok, vocab_size, repr(path))
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> tokenizers.Tokenizer:
+  if vocab_size < _MIN_VOCAB:
+    raise DataError(f"vocab_size {vocab_size} is below {_MIN_VOCAB} "
+                    "(256 byte tokens plus the special tokens).")
+  tok = tokenizers.Tokenizer(models.BPE())
+  # No prefix space: code is whitespace-sensitive and a document's first token should be its own.
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+      vocab_size=vocab_size,
+      special_tokens=list(SPECIAL_TOKENS),
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+      show_progress=False,
+  )
+  tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+  return tok
+
+
+def load_or_train_tokenizer(data_cfg: DataConfig, vocab_size: int, documents: list[Document],
+                            workdir: str | None) -> tokenizers.Tokenizer:
+  """The run's tokenizer; with a workdir, also pinned there as tokenizer.json for resume."""
+  if data_cfg.tokenizer_path:
+    tok = load_tokenizer(data_cfg.tokenizer_path, vocab_size)
+  else:
+    train_docs = [d for d in documents if split_of(d.id, data_cfg.eval_fraction) == "train"]
+    key = json.dumps([corpus_fingerprint(train_docs), vocab_size, RECIPE_VERSION])
+    name = hashlib.sha256(key.encode()).hexdigest() + ".json"
+    path = os.path.join(cache_dir(), "tokenizers", name)
+    if os.path.isfile(path):
+      tok = tokenizers.Tokenizer.from_file(path)
+    else:
+      tok = train_tokenizer([d.text for d in train_docs], vocab_size)
+      _write_atomic(path, tok.to_str())
+    tok = _check(tok, vocab_size, repr(path))
+  if workdir:
+    _pin(tok, os.path.join(workdir, "tokenizer.json"))
+  return tok
+
+
+def _pin(tok: tokenizers.Tokenizer, path: str) -> None:
+  text = tok.to_str()
+  if os.path.isfile(path):
+    with open(path, encoding="utf-8") as f:
+      existing = f.read()
+    try:
+      same = json.loads(existing) == json.loads(text)  # Parsed: a pretty-printed copy is the same.
+    except ValueError:
+      same = False
+    if not same:
+      raise DataError(
+          f"{path} holds a different tokenizer than this run's; a resumed run must keep its "
+          "tokenizer. Use a fresh workdir, or set data.tokenizer_path to that file.")
+    return
+  _write_atomic(path, text)

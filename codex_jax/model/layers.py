@@ -1,0 +1,93 @@
+"""Transformer building blocks: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
+
+Dimension letters: B batch, L length, D model width, H query heads, G kv heads, K head dim, F mlp.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from codex_jax.config.schema import ModelConfig
+
+
+def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], init, cfg: ModelConfig):
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.dtype(cfg.param_dtype))
+
+
+class RMSNorm(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BLD: jax.Array) -> jax.Array:
+    scale_D = _param(self, "scale", (x_BLD.shape[-1],), ("norm",), nn.initializers.ones, self.cfg)
+    x_f32 = x_BLD.astype(jnp.float32)
+    normed = x_f32 * jax.lax.rsqrt(jnp.mean(x_f32 * x_f32, axis=-1, keepdims=True) + self.cfg.norm_eps)
+    return (normed * scale_D.astype(jnp.float32)).astype(self.cfg.compute_dtype)
+
+
+def rope(x_BLNK: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, the half-split layout (as Hugging Face Llama): pairs (i, i + K/2)."""
+  half = x_BLNK.shape[-1] // 2
+  inv_freq_k = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)
+  angle_BLk = positions_BL.astype(jnp.float32)[..., None] * inv_freq_k
+  sin_BL1k, cos_BL1k = jnp.sin(angle_BLk)[:, :, None, :], jnp.cos(angle_BLk)[:, :, None, :]
+  x1, x2 = jnp.split(x_BLNK.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos_BL1k - x2 * sin_BL1k, x2 * cos_BL1k + x1 * sin_BL1k], axis=-1)
+  return rotated.astype(x_BLNK.dtype)
+
+
+def attention_mask(segment_ids_BL: jax.Array) -> jax.Array:
+  """[B, 1, L, L] bool: causal, and only within the same packed segment."""
+  length = segment_ids_BL.shape[1]
+  causal_LL = jnp.tril(jnp.ones((length, length), dtype=jnp.bool_))
+  same_segment_BLL = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
+  return (same_segment_BLL & causal_LL)[:, None, :, :]
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BLD, segment_ids_BL, positions_BL):
+    cfg = self.cfg
+    D, H, G, K = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
+    init = nn.initializers.normal(cfg.init_std)
+    out_init = nn.initializers.normal(cfg.init_std / (2 * cfg.num_layers) ** 0.5)
+    w_q_DHK = _param(self, "q", (D, H, K), ("embed", "heads", "head_dim"), init, cfg)
+    w_k_DGK = _param(self, "k", (D, G, K), ("embed", "kv_heads", "head_dim"), init, cfg)
+    w_v_DGK = _param(self, "v", (D, G, K), ("embed", "kv_heads", "head_dim"), init, cfg)
+    w_o_HKD = _param(self, "o", (H, K, D), ("heads", "head_dim", "embed"), out_init, cfg)
+    dt = cfg.compute_dtype
+    q_BLHK = jnp.einsum("BLD,DHK->BLHK", x_BLD, w_q_DHK.astype(dt))
+    k_BLGK = jnp.einsum("BLD,DGK->BLGK", x_BLD, w_k_DGK.astype(dt))
+    v_BLGK = jnp.einsum("BLD,DGK->BLGK", x_BLD, w_v_DGK.astype(dt))
+    q_BLHK = nn.with_logical_constraint(q_BLHK, ("act_batch", "act_length", "act_heads", None))
+    k_BLGK = nn.with_logical_constraint(k_BLGK, ("act_batch", "act_length", "act_kv_heads", None))
+    q_BLHK = rope(q_BLHK, positions_BL, cfg.rope_theta)
+    k_BLGK = rope(k_BLGK, positions_BL, cfg.rope_theta)
+    # jax.nn.dot_product_attention takes grouped kv heads directly and may pick a fused kernel.
+    impl = None if cfg.attention_impl == "auto" else cfg.attention_impl
+    out_BLHK = jax.nn.dot_product_attention(
+        q_BLHK, k_BLGK, v_BLGK, mask=attention_mask(segment_ids_BL), implementation=impl)
+    return jnp.einsum("BLHK,HKD->BLD", out_BLHK, w_o_HKD.astype(dt))
+
+
+class SwiGLU(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BLD):
+    cfg = self.cfg
+    D, F = cfg.d_model, cfg.mlp_dim
+    init = nn.initializers.normal(cfg.init_std)
+    out_init = nn.initializers.normal(cfg.init_std / (2 * cfg.num_layers) ** 0.5)
+    w_gate_DF = _param(self, "gate", (D, F), ("embed", "mlp"), init, cfg)
+    w_up_DF = _param(self, "up", (D, F), ("embed", "mlp"), init, cfg)
+    w_down_FD = _param(self, "down", (F, D), ("mlp", "embed"), out_init, cfg)
+    dt = cfg.compute_dtype
+    gate_BLF = jnp.einsum("BLD,DF->BLF", x_BLD, w_gate_DF.astype(dt))
+    up_BLF = jnp.einsum("BLD,DF->BLF", x_BLD, w_up_DF.astype(dt))
+    h_BLF = nn.with_logical_constraint(jax.nn.silu(gate_BLF) * up_BLF, ("act_batch", "act_length", "act_mlp"))
+    return jnp.einsum("BLF,FD->BLD", h_BLF, w_down_FD.astype(dt))

@@ -1,0 +1,90 @@
+"""The decoder-only transformer: embedding, a scanned (optionally rematerialised) stack, logits."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from codex_jax.config.schema import ModelConfig
+from codex_jax.model.layers import Attention, RMSNorm, SwiGLU, _param
+
+ACT_BLD = ("act_batch", "act_length", "act_embed")
+
+# What the backward pass may keep instead of recomputing, per `model.remat`.
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Block(nn.Module):
+  """Pre-norm residual block: x + attention(norm(x)), then x + mlp(norm(x))."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BLD, segment_ids_BL, positions_BL):
+    x_BLD = nn.with_logical_constraint(x_BLD, ACT_BLD)
+    h_BLD = Attention(self.cfg, name="attention")(RMSNorm(self.cfg, name="attention_norm")(x_BLD),
+                                                   segment_ids_BL, positions_BL)
+    x_BLD = nn.with_logical_constraint(x_BLD + h_BLD, ACT_BLD)
+    h_BLD = SwiGLU(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x_BLD))
+    x_BLD = nn.with_logical_constraint(x_BLD + h_BLD, ACT_BLD)
+    return x_BLD, None  # (carry, per-layer output) as nn.scan expects.
+
+
+def _block_class(cfg: ModelConfig):
+  if cfg.remat == "none":
+    return Block
+  # prevent_cse is only needed outside scan, where XLA could otherwise merge the recomputation away.
+  return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+
+
+class Decoder(nn.Module):
+  """Token ids in, next-token logits out (float32). `segment_ids` 0 marks padding."""
+
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.embedding = self.param(
+        "embedding", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("vocab", "embed")),
+        (cfg.vocab_size, cfg.d_model), jnp.dtype(cfg.param_dtype))
+    block = _block_class(cfg)
+    if cfg.scan_layers:
+      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+      self.layers = stack(cfg, name="layers")
+    else:
+      self.blocks = [block(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
+    self.final_norm = RMSNorm(cfg, name="final_norm")
+    if not cfg.tie_embeddings:
+      self.unembed = self.param(
+          "unembed", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("embed", "vocab")),
+          (cfg.d_model, cfg.vocab_size), jnp.dtype(cfg.param_dtype))
+
+  def hidden(self, tokens_BL, segment_ids_BL, positions_BL):
+    """The final-norm hidden states [B, L, D] (before the output projection)."""
+    x_BLD = jnp.take(self.embedding, tokens_BL, axis=0).astype(self.cfg.compute_dtype)
+    x_BLD = nn.with_logical_constraint(x_BLD, ACT_BLD)
+    if self.cfg.scan_layers:
+      x_BLD, _ = self.layers(x_BLD, segment_ids_BL, positions_BL)
+    else:
+      for block in self.blocks:
+        x_BLD, _ = block(x_BLD, segment_ids_BL, positions_BL)
+    return self.final_norm(x_BLD)
+
+  def logits(self, x_BLD):
+    dt = self.cfg.compute_dtype
+    if self.cfg.tie_embeddings:
+      logits_BLV = jnp.einsum("BLD,VD->BLV", x_BLD, self.embedding.astype(dt))
+    else:
+      logits_BLV = jnp.einsum("BLD,DV->BLV", x_BLD, self.unembed.astype(dt))
+    logits_BLV = nn.with_logical_constraint(logits_BLV, ("act_batch", "act_length", "act_vocab"))
+    return logits_BLV.astype(jnp.float32)
+
+  def __call__(self, tokens_BL, segment_ids_BL, positions_BL):
+    return self.logits(self.hidden(tokens_BL, segment_ids_BL, positions_BL))

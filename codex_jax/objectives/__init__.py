@@ -1,0 +1,1 @@
+"""Pretraining objectives: each a pure loss over model outputs and a batch."""

@@ -1,0 +1,44 @@
+"""The one table that maps logical axis names (used by model code) to mesh axes."""
+
+from __future__ import annotations
+
+import contextlib
+
+import flax.linen as nn
+import jax
+
+# Logical names. Parameters: vocab, embed, heads, kv_heads, head_dim, mlp, norm, layers.
+# Activations get their own names (act_*) so that FSDP, which shards the parameters' `embed`
+# over `data`, never shards an activation's feature dimension over the axis its batch is on.
+MESH_AXES = ("data", "tensor", "pipeline")
+
+
+def logical_axis_rules(fsdp: bool) -> tuple[tuple[str, str | None], ...]:
+  """Rules for flax's logical partitioning: (logical name, mesh axis or None=replicated)."""
+  return (
+      # Parameters: Megatron-style over `tensor` (columns of q/k/v/gate/up, rows of o/down) ...
+      ("vocab", "tensor"),
+      ("heads", "tensor"),
+      ("kv_heads", "tensor"),
+      ("mlp", "tensor"),
+      # ... and ZeRO-3 over `data` when FSDP is on: each layer's weights are gathered when used.
+      ("embed", "data" if fsdp else None),
+      ("head_dim", None),
+      ("norm", None),
+      ("layers", None),
+      # Activations: the batch over `data`, features over `tensor` where the math splits there.
+      ("act_batch", "data"),
+      ("act_length", None),
+      ("act_embed", None),
+      ("act_heads", "tensor"),
+      ("act_kv_heads", "tensor"),
+      ("act_mlp", "tensor"),
+      ("act_vocab", "tensor"),
+  )
+
+
+@contextlib.contextmanager
+def sharding_scope(mesh: jax.sharding.Mesh, rules):
+  """Mesh and logical rules in scope while a step is traced, so the model's constraints apply."""
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+    yield

@@ -1,0 +1,112 @@
+"""Analytic parameter and FLOP counts for the decoder, and the FLOPs XLA counts for a compiled step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from codex_jax.config.schema import ModelConfig
+
+
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+  """Exact parameter counts for the Llama-style layout (no biases).
+
+  Per layer: RMSNorm [D] + q [D,H,K] + k,v [D,G,K] + o [H,K,D] + RMSNorm [D] + gate,up [D,F] + down [F,D];
+  plus embedding [V,D], final RMSNorm [D] and, unless tied, unembedding [D,V].
+  `non_embedding` is `total` less the input embedding table (Kaplan et al.'s N); an untied unembedding
+  stays in it because it is a real matmul, and a tied one is the embedding table itself.
+  """
+  d, v, f, k = cfg.d_model, cfg.vocab_size, cfg.mlp_dim, cfg.resolved_head_dim
+  h, g = cfg.num_heads, cfg.num_kv_heads
+  attention = d * h * k + 2 * d * g * k + h * k * d
+  mlp = 3 * d * f
+  per_layer = attention + mlp + 2 * d
+  embedding = v * d
+  unembedding = 0 if cfg.tie_embeddings else d * v
+  total = embedding + cfg.num_layers * per_layer + d + unembedding
+  return {
+      "total": total,
+      "embedding": embedding,
+      "non_embedding": total - embedding,
+      "unembedding": unembedding,
+      "per_layer": per_layer,
+      "attention_per_layer": attention,
+      "mlp_per_layer": mlp,
+  }
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+  """Weights that take part in a matmul per token: every projection plus the output projection."""
+  c = param_counts(cfg)
+  # The output projection costs D*V per token whether or not it shares storage with the embedding;
+  # the embedding lookup is a gather and costs nothing; norms are elementwise and ignored.
+  return cfg.num_layers * (c["attention_per_layer"] + c["mlp_per_layer"]) + cfg.d_model * cfg.vocab_size
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Model FLOPs of one training step (forward + backward) per token.
+
+    6 * N_matmul + 12 * num_layers * num_heads * head_dim * seq_len
+
+  N_matmul is `matmul_params` (projections + output projection, no embedding lookup): 2 FLOPs per
+  weight forward, 4 backward. The second term is QK^T and AV: 2 * 2 * H * K * T forward per token
+  per layer, times 3 for training. This is the PaLM (appendix B) convention: the full T x T score
+  matrix, not halved for the causal mask, so MFU stays comparable with published numbers; it
+  ignores rematerialisation, which spends hardware FLOPs but no model FLOPs.
+  """
+  attention = 12 * cfg.num_layers * cfg.num_heads * cfg.resolved_head_dim * seq_len
+  return float(6 * matmul_params(cfg) + attention)
+
+
+def xla_flops(compiled: Any) -> float | None:
+  """FLOPs XLA's cost model counts for one call of a compiled executable, or None if unavailable.
+
+  For an SPMD program this is the count for ONE device's partition (each device runs the same
+  per-shard program); see `xla_flops_global`. Accepts `jax.jit(f).lower(...).compile()` or a lowered
+  computation. XLA counts every floating-point op it emits, remat recomputation and elementwise ops
+  included, so it is an upper bound on model FLOPs rather than equal to them.
+  """
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # Some backends / versions do not implement it.
+    return None
+  # Older jax returned a list with one dict per executable (one per device program); newer a dict.
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  if not cost or "flops" not in cost:
+    return None
+  flops = float(cost["flops"])
+  return flops if flops >= 0 else None  # XLA reports -1 for "unknown".
+
+
+def num_devices(compiled: Any) -> int:
+  """Devices the compiled SPMD program runs on (all hosts), read from its shardings."""
+  shardings = []
+  for attr in ("input_shardings", "output_shardings"):
+    try:
+      tree = getattr(compiled, attr)
+      shardings.extend(jax.tree_util.tree_leaves(tree, is_leaf=lambda x: hasattr(x, "device_set")))
+    except Exception:
+      pass
+  sizes = [len(s.device_set) for s in shardings if hasattr(s, "device_set")]
+  if sizes:
+    return max(sizes)
+  try:  # A program with no array inputs or outputs: fall back to this host's devices.
+    return len(compiled.runtime_executable().local_devices())
+  except Exception:
+    return 1
+
+
+def xla_flops_global(compiled: Any, devices: int | None = None) -> float | None:
+  """`xla_flops` summed over the devices of an SPMD program: per-device count * device count.
+
+  Each device executes its own partition, so the program's total is the per-device count times the
+  number of devices. Work that is replicated (every device computes the same thing) is counted once
+  per device, so with replicated compute this exceeds the model FLOPs.
+  """
+  flops = xla_flops(compiled)
+  if flops is None:
+    return None
+  return flops * (devices if devices is not None else num_devices(compiled))
+

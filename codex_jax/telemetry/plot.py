@@ -1,0 +1,77 @@
+"""Training curves from `metrics.jsonl` as a PNG: loss, learning rate and gradient norm against step."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+# The Figure/Agg canvas pair needs no GUI and leaves pyplot's global state (and backend) untouched.
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+# Panel title -> series (first key found wins within each tuple of spellings).
+PANELS = (
+    ("loss", (("loss", "train_loss"), ("eval_loss",))),
+    ("learning rate", (("learning_rate", "lr"),)),
+    ("grad norm", (("grad_norm", "gnorm"),)),
+)
+
+
+def read_metrics(metrics_jsonl: str) -> list[dict]:
+  """Parsed lines of a metrics file; a torn or non-object line is skipped."""
+  records = []
+  with open(metrics_jsonl) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except ValueError:
+        continue
+      if isinstance(record, dict) and isinstance(record.get("step"), (int, float)):
+        records.append(record)
+  return records
+
+
+def series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
+  """(steps, values) of `key`, leaving out records without it and nulls (NaN/inf when written)."""
+  points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+  return [p[0] for p in points], [float(p[1]) for p in points]
+
+
+def plot_metrics(metrics_jsonl: str, out_png: str) -> str:
+  """Writes the curves of `metrics_jsonl` to `out_png` (atomically) and returns its path."""
+  records = read_metrics(metrics_jsonl)
+  fig = Figure(figsize=(6, 2.4 * len(PANELS)), dpi=100, layout="constrained")
+  FigureCanvasAgg(fig)
+  axes = fig.subplots(len(PANELS), 1, sharex=True, squeeze=False)[:, 0]
+  for ax, (title, spellings) in zip(axes, PANELS):
+    drawn = False
+    for names in spellings:
+      key = next((k for k in names if any(k in r for r in records)), None)
+      if key is None:
+        continue
+      steps, values = series(records, key)
+      if steps:
+        # Markers when sparse: eval loss has few points and a lone point draws no line.
+        ax.plot(steps, values, label=key, marker="o" if len(steps) < 30 else None, markersize=3)
+        drawn = True
+    if drawn:
+      ax.legend(loc="best", fontsize="small")
+    else:
+      ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="gray")
+    ax.set_ylabel(title)
+    ax.grid(alpha=0.3)
+  axes[-1].set_xlabel("step")
+  fig.suptitle(os.path.basename(os.path.dirname(os.path.abspath(metrics_jsonl))) or "metrics")
+
+  directory = os.path.dirname(os.path.abspath(out_png))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".plot.", suffix=".png")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      fig.savefig(f, format="png")
+    os.replace(tmp, out_png)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+  return out_png

@@ -1,0 +1,105 @@
+"""Scalar metrics to TensorBoard event files and to `metrics.jsonl` in the workdir."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from typing import Any, Mapping
+
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsWriter:
+  """Writes `{"step": int, name: float | null, ...}` lines and TensorBoard scalars.
+
+  `resume_step=N` is for a run restarted from a checkpoint at step N: steps after N belong to the
+  abandoned tail of the earlier run, so they are cut from the jsonl and hidden in TensorBoard
+  (tensorboardX's `purge_step`). `enabled=False` (JAX processes other than 0) makes every call a no-op.
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True, resume_step: int | None = None,
+               flush_secs: int = 30):
+    self.workdir = workdir
+    self.enabled = enabled
+    self.path = os.path.join(workdir, METRICS_FILE)
+    self._jsonl = None
+    self._tb = None
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    if resume_step is not None:
+      truncate_jsonl(self.path, resume_step)
+    from tensorboardX import SummaryWriter  # Local: process 1..N never pays for the import.
+
+    self._tb = SummaryWriter(workdir, flush_secs=flush_secs,
+                             purge_step=None if resume_step is None else resume_step + 1)
+    self._jsonl = open(self.path, "a")
+
+  def write(self, step: int, scalars: Mapping[str, Any]) -> None:
+    if not self.enabled:
+      return
+    step = int(step)
+    values = {name: _to_float(name, value) for name, value in scalars.items()}
+    record = {"step": step, **{k: (v if math.isfinite(v) else None) for k, v in values.items()}}
+    # One line per call, flushed at once, so a killed run's jsonl ends at its last logged step.
+    self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
+    self._jsonl.flush()
+    for name, value in values.items():
+      self._tb.add_scalar(name, value, step)
+
+  def flush(self) -> None:
+    if self.enabled:
+      self._jsonl.flush()
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self.enabled and self._jsonl is not None:
+      self._jsonl.close()
+      self._tb.close()
+      self._jsonl = self._tb = None
+      self.enabled = False
+
+  def __enter__(self) -> "MetricsWriter":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def truncate_jsonl(path: str, max_step: int) -> int:
+  """Drops lines with step > max_step (and a torn last line) from `path`; returns lines dropped."""
+  try:
+    with open(path) as f:
+      lines = f.readlines()
+  except FileNotFoundError:
+    return 0
+  kept = []
+  for line in lines:
+    try:
+      if int(json.loads(line)["step"]) <= max_step:
+        kept.append(line if line.endswith("\n") else line + "\n")
+    except (ValueError, KeyError, TypeError):
+      pass  # A half-written line from a run killed mid-write.
+  if len(kept) == len(lines) and all(a == b for a, b in zip(kept, lines)):
+    return 0
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".metrics.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.writelines(kept)
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+  return len(lines) - len(kept)
+
+
+def _to_float(name: str, value: Any) -> float:
+  # np.asarray covers Python numbers, numpy scalars and (fetched or not) jax arrays alike.
+  array = np.asarray(value)
+  if array.size != 1:
+    raise ValueError(f"metric {name!r} is not a scalar: shape {array.shape}")
+  return float(array.reshape(()))

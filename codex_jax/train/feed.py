@@ -1,0 +1,41 @@
+"""Turns each process's numpy batch into one global, data-sharded jax.Array per field."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+
+from codex_jax.data.errors import DataError
+
+# The batch the model consumes: field -> dtype, every field shaped [local_batch, seq_len].
+BATCH_FIELDS = {
+    "inputs": np.int32,
+    "targets": np.int32,
+    "segment_ids": np.int32,
+    "positions": np.int32,
+    "loss_mask": np.float32,
+}
+
+
+def check_batch(batch: dict, local_batch: int, seq_len: int, vocab_size: int) -> None:
+  """Fails before the first step, naming the field, when a batch does not fit the model."""
+  missing = sorted(set(BATCH_FIELDS) - set(batch))
+  if missing:
+    raise DataError(f"batch is missing field(s) {missing}; expected {sorted(BATCH_FIELDS)}")
+  for name, dtype in BATCH_FIELDS.items():
+    array = np.asarray(batch[name])
+    if array.shape != (local_batch, seq_len) or array.dtype != dtype:
+      raise DataError(f"batch[{name!r}] is {array.dtype}{list(array.shape)}; the model expects "
+                      f"{np.dtype(dtype).name}[{local_batch}, {seq_len}] (train.global_batch / processes, "
+                      f"data.seq_len)")
+  for name in ("inputs", "targets"):
+    top = int(np.max(batch[name]))
+    if top >= vocab_size or int(np.min(batch[name])) < 0:
+      raise DataError(f"batch[{name!r}] holds token id {top}, outside model.vocab_size={vocab_size}")
+
+
+def to_global(batch: dict, sharding: NamedSharding) -> dict[str, jax.Array]:
+  """Each process contributes its rows; together they form the global batch sharded over `data`."""
+  return {name: jax.make_array_from_process_local_data(sharding, np.asarray(batch[name]))
+          for name in BATCH_FIELDS}

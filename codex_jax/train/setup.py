@@ -1,0 +1,52 @@
+"""Everything a step needs, built once from the config: model, optimizer, shardings, jitted steps."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from codex_jax.config.schema import Config
+from codex_jax.model.transformer import Decoder
+from codex_jax.parallel.mesh import batch_sharding
+from codex_jax.parallel.rules import logical_axis_rules
+from codex_jax.train import optimizer, state as state_lib, step as step_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+  model: Decoder
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  init: Callable[[], state_lib.TrainState]
+  abstract_state: state_lib.TrainState
+  shardings: state_lib.TrainState
+  data_sharding: NamedSharding
+  train_step: Any   # jitted (state, batch) -> (state, metrics), state donated.
+  eval_step: Any    # jitted (params, batch) -> {ce_sum, tokens}.
+
+  def init_state(self) -> state_lib.TrainState:
+    """A fresh state, born sharded: each device only ever holds its own shards."""
+    return jax.jit(self.init, out_shardings=self.shardings)()
+
+  def restore_target(self) -> state_lib.TrainState:
+    return state_lib.abstract_with_shardings(self.abstract_state, self.shardings)
+
+
+def build_trainer(cfg: Config, mesh: Mesh) -> Trainer:
+  rules = logical_axis_rules(cfg.mesh.fsdp)
+  seq_len, total_steps = cfg.data.seq_len, cfg.train.steps
+  model = Decoder(cfg.model)
+  schedule = optimizer.learning_rate_schedule(cfg.optimizer, total_steps)
+  tx = optimizer.make_optimizer(cfg.optimizer, total_steps)
+  init = state_lib.init_fn(model, tx, cfg.train.seed, seq_len)
+  abstract_state = jax.eval_shape(init)
+  shardings = state_lib.state_shardings(model, tx, mesh, rules, abstract_state, seq_len)
+  data_sharding = batch_sharding(mesh)
+  train_step = step_lib.jit_train_step(model, tx, schedule, cfg.train.z_loss, shardings, data_sharding,
+                                       mesh, rules)
+  eval_step = step_lib.jit_eval_step(model, cfg.train.z_loss, shardings.params, data_sharding, mesh, rules)
+  return Trainer(model, tx, schedule, init, abstract_state, shardings, data_sharding, train_step, eval_step)

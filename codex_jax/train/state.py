@@ -1,0 +1,64 @@
+"""The training state, born sharded: eval_shape -> logical specs -> mesh shardings -> jit(init)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from codex_jax.model.transformer import Decoder
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array          # int32 scalar: the number of updates applied.
+  params: Any
+  opt_state: Any
+  rng: jax.Array           # uint32[2] raw key; each step uses fold_in(rng, step).
+
+
+def dummy_tokens(batch: int, seq_len: int):
+  return np.zeros((batch, seq_len), np.int32)
+
+
+def _boxed_init(model: Decoder, seed: int, seq_len: int):
+  tokens = dummy_tokens(1, seq_len)
+  return model.init(jax.random.PRNGKey(seed), tokens, tokens + 1, tokens)["params"]
+
+
+def init_fn(model: Decoder, tx: optax.GradientTransformation, seed: int, seq_len: int):
+  """A function of no arguments returning a fresh TrainState (params from `seed`)."""
+  def init() -> TrainState:
+    params = nn.meta.unbox(_boxed_init(model, seed, seq_len))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=jax.random.PRNGKey(seed + 1))
+  return init
+
+
+def param_logical_specs(model: Decoder, seq_len: int):
+  """PartitionSpecs of logical axis names for every parameter, without allocating any."""
+  boxed = jax.eval_shape(lambda: _boxed_init(model, 0, seq_len))
+  return nn.get_partition_spec(boxed)
+
+
+def state_shardings(model: Decoder, tx: optax.GradientTransformation, mesh: Mesh, rules,
+                    abstract_state: TrainState, seq_len: int) -> TrainState:
+  """NamedShardings for every leaf: params by the rules table, optimizer moments like their params."""
+  param_specs = param_logical_specs(model, seq_len)
+  param_shardings = nn.logical_to_mesh_sharding(param_specs, mesh, rules)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  opt_shardings = optax.tree_map_params(
+      tx, lambda _, sharding: sharding, abstract_state.opt_state, param_shardings,
+      transform_non_params=lambda _: replicated)
+  return TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings, rng=replicated)
+
+
+def abstract_with_shardings(abstract_state: TrainState, shardings: TrainState) -> TrainState:
+  """ShapeDtypeStructs carrying their shardings: the target a checkpoint restores into."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)

@@ -1,0 +1,157 @@
+"""The codex decoder-only text experiment, from a CPU smoke run to 7B on a pod.
+
+Run:
+  codex train --config=experiments/codex.py:tiny --workdir=runs/tiny
+  codex train --config=experiments/codex.py:tiny --workdir=runs/tiny --config.train.steps=200
+
+Variants (the part after the colon):
+  tiny            CPU, a few minutes: the default `make train` run.
+  small           CPU, longer: a model worth looking at.
+  bench           the reference benchmark shape (d512, 8 layers, seq 512, batch 8), f32 compute.
+  bench_bf16      the same shape with bfloat16 compute.
+  150m_v5p, 150m_h100, 1b_v5p, 1b_h100, 7b_v5p, 7b_h100
+                  accelerator scales with mesh and batch for a TPU v5p pod slice or one 8xH100 node;
+                  TARGET_DEVICES below says how many devices each expects.
+"""
+
+import ml_collections
+
+# Devices each accelerator variant's mesh is laid out for (v5p: one device per chip).
+TARGET_DEVICES = {
+    "150m_v5p": 16,   # v5p-32 slice.
+    "150m_h100": 8,
+    "1b_v5p": 64,     # v5p-128 slice.
+    "1b_h100": 8,
+    "7b_v5p": 256,    # v5p-512 slice.
+    "7b_h100": 8,
+}
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key an experiment can set, with the values of the `tiny` CPU run."""
+  config = ml_collections.ConfigDict()
+
+  config.model = ml_collections.ConfigDict()
+  config.model.vocab_size = 4096
+  config.model.d_model = 128
+  config.model.num_layers = 4
+  config.model.num_heads = 4
+  config.model.num_kv_heads = 2          # Grouped-query attention: 2 query heads per kv head.
+  config.model.head_dim = 0              # 0: d_model // num_heads.
+  config.model.mlp_dim = 512             # SwiGLU hidden width.
+  config.model.rope_theta = 10_000.0
+  config.model.norm_eps = 1e-5
+  config.model.tie_embeddings = False
+  config.model.init_std = 0.02
+  config.model.param_dtype = "float32"
+  config.model.compute_dtype = "float32"  # On this CPU bf16 is no faster; accelerators use bf16.
+  config.model.scan_layers = True        # One compiled block, scanned: compile time flat in depth.
+  config.model.remat = "none"            # none | full | dots | dots_no_batch.
+  config.model.attention_impl = "auto"   # auto lets XLA pick a fused kernel on TPU/GPU.
+
+  config.data = ml_collections.ConfigDict()
+  config.data.corpus = "embedded"        # Python's own sources and docstrings (PSF-2.0).
+  config.data.corpus_max_bytes = 6_000_000
+  config.data.tokenizer_path = ""        # "": train a byte-level BPE on the corpus, cached.
+  config.data.seq_len = 256
+  config.data.seed = 0
+  config.data.eval_fraction = 0.01
+  config.data.num_workers = 0
+  config.data.packing_bins = 0
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.learning_rate = 3e-3
+  config.optimizer.min_lr_ratio = 0.1    # Cosine decays to 10% of the peak.
+  config.optimizer.warmup_fraction = 0.02
+  config.optimizer.b1 = 0.9
+  config.optimizer.b2 = 0.95
+  config.optimizer.eps = 1e-8
+  config.optimizer.weight_decay = 0.1
+  config.optimizer.clip_norm = 1.0
+  config.optimizer.no_decay = ("norm", "bias", "embed")  # Parameter-path substrings spared decay.
+
+  config.train = ml_collections.ConfigDict()
+  config.train.steps = 300
+  config.train.global_batch = 16
+  config.train.seed = 0
+  config.train.z_loss = 1e-4
+  config.train.log_every = 10
+
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1                  # -1: all devices left after tensor and pipeline.
+  config.mesh.tensor = 1
+  config.mesh.pipeline = 1
+  config.mesh.fsdp = False
+
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.every = 100
+  config.checkpoint.max_to_keep = 3
+  config.checkpoint.async_save = True
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.every = 100
+  config.eval.batches = 4
+  return config
+
+
+def _small(config):
+  config.model.update(vocab_size=8192, d_model=256, num_layers=6, num_heads=8, num_kv_heads=4,
+                      mlp_dim=1024)
+  config.data.update(seq_len=512, corpus_max_bytes=0)
+  config.train.update(steps=2000, global_batch=16)
+  config.optimizer.learning_rate = 2e-3
+  config.checkpoint.every = 500
+  config.eval.every = 250
+
+
+def _bench(config, compute_dtype):
+  config.model.update(vocab_size=32000, d_model=512, num_layers=8, num_heads=8, num_kv_heads=8,
+                      mlp_dim=2048, compute_dtype=compute_dtype)
+  config.data.seq_len = 512
+  config.train.global_batch = 8
+
+
+def _accelerator(config, size, platform):
+  shapes = {
+      # ~160M with the 32k vocab.
+      "150m": dict(d_model=768, num_layers=12, num_heads=12, num_kv_heads=12, mlp_dim=2048),
+      # ~1.1B, Llama-3.2-1B-like with grouped-query attention.
+      "1b": dict(d_model=2048, num_layers=16, num_heads=32, num_kv_heads=8, mlp_dim=8192),
+      # ~6.7B, the Llama-2-7B shape.
+      "7b": dict(d_model=4096, num_layers=32, num_heads=32, num_kv_heads=32, mlp_dim=11008),
+  }
+  config.model.update(vocab_size=32000, compute_dtype="bfloat16", **shapes[size])
+  config.model.remat = {"150m": "dots", "1b": "dots", "7b": "full"}[size]
+  config.data.update(corpus_max_bytes=0, seq_len=4096 if size == "7b" else 2048)
+  config.optimizer.learning_rate = {"150m": 6e-4, "1b": 4e-4, "7b": 3e-4}[size]
+  config.checkpoint.update(every=1000, max_to_keep=5)
+  config.eval.every = 1000
+  devices = TARGET_DEVICES[f"{size}_{platform}"]
+  if platform == "v5p":
+    # ICI is fast in every direction: FSDP over the whole slice, tensor parallel only at 7B.
+    tensor = 4 if size == "7b" else 1
+    config.mesh.update(data=devices // tensor, tensor=tensor, fsdp=True)
+    config.train.global_batch = {"150m": 256, "1b": 1024, "7b": 1024}[size]
+  else:
+    # One NVLink node: FSDP over the 8 GPUs keeps the optimizer state of 7B at ~14 GB per GPU.
+    config.mesh.update(data=8, tensor=1, fsdp=size != "150m")
+    config.train.global_batch = {"150m": 256, "1b": 128, "7b": 64}[size]
+  config.train.steps = {"150m": 20_000, "1b": 50_000, "7b": 100_000}[size]
+
+
+VARIANTS = ("tiny", "small", "bench", "bench_bf16", *TARGET_DEVICES)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant = arg or "tiny"
+  if variant not in VARIANTS:
+    raise ValueError(f"experiments/codex.py: unknown variant {variant!r}; expected one of {VARIANTS}")
+  config = base_config()
+  if variant == "small":
+    _small(config)
+  elif variant in ("bench", "bench_bf16"):
+    _bench(config, "bfloat16" if variant == "bench_bf16" else "float32")
+  elif variant != "tiny":
+    size, platform = variant.split("_")
+    _accelerator(config, size, platform)
+  return config

@@ -1,0 +1,139 @@
+"""Config variants load and validate; every kind of bad config fails early, naming key, value, rule."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from codex_jax.config import load as config_load
+from codex_jax.config.errors import ConfigError
+from codex_jax.telemetry.flops import param_counts
+from codex_jax.train.workdir import check_or_write_config
+
+from tests.helpers import ROOT, config_dict, experiment_module, load
+
+
+@pytest.mark.parametrize("variant", experiment_module().VARIANTS)
+def test_every_variant_validates_on_its_target_devices(variant):
+  devices = experiment_module().TARGET_DEVICES.get(variant, 1)
+  cfg = load(variant, num_devices=devices)
+  assert cfg.train.global_batch % devices == 0 or cfg.mesh.tensor > 1
+
+
+@pytest.mark.parametrize("variant,low,high", [
+    ("150m_v5p", 120e6, 200e6), ("1b_h100", 0.9e9, 1.4e9), ("7b_v5p", 6.3e9, 7.2e9)])
+def test_accelerator_variants_have_their_advertised_size(variant, low, high):
+  assert low <= param_counts(load(variant, num_devices=None).model)["total"] <= high
+
+
+def _problems(num_devices=8, **overrides):
+  with pytest.raises(ConfigError) as info:
+    config_load.load(config_dict("tiny", **overrides), num_devices=num_devices)
+  return str(info.value)
+
+
+@pytest.mark.parametrize("key,value", [
+    ("model.d_model", -128), ("model.num_layers", 0), ("train.global_batch", -8), ("data.seq_len", -1),
+    ("model.mlp_dim", 0)])
+def test_negative_or_zero_sizes_are_refused(key, value):
+  message = _problems(**{key: value})
+  assert f"config.{key}={value!r}: must be positive" in message
+
+
+def test_heads_must_divide_model_width():
+  message = _problems(**{"model.num_heads": 3})
+  assert "config.model.num_heads=3: must divide model.d_model=128" in message
+
+
+def test_kv_heads_must_divide_heads():
+  assert "config.model.num_kv_heads=3: must divide model.num_heads=4" in _problems(**{"model.num_kv_heads": 3})
+
+
+def test_global_batch_must_divide_over_data_axis():
+  message = _problems(**{"train.global_batch": 12})
+  assert "config.train.global_batch=12: must be divisible by the data axis size 8" in message
+
+
+def test_mesh_product_must_equal_device_count():
+  message = _problems(num_devices=8, **{"mesh.data": 2, "mesh.tensor": 2})
+  assert re.search(r"config\.mesh=.*'data': 2, 'tensor': 2.*: data\*tensor\*pipeline=4 must equal the 8 "
+                   r"available devices", message)
+
+
+def test_a_fill_in_axis_that_cannot_divide_the_devices_is_refused():
+  assert "must equal the 8 available devices" in _problems(num_devices=8, **{"mesh.tensor": 3})
+
+
+def test_only_one_axis_may_fill_in():
+  assert "only one axis may be -1" in _problems(**{"mesh.tensor": -1})
+
+
+def test_tensor_axis_must_divide_heads():
+  message = _problems(**{"mesh.data": 1, "mesh.tensor": 8})
+  assert "config.model.num_heads=4: must be divisible by the tensor axis size 8" in message
+
+
+def test_pipeline_larger_than_one_is_refused_until_built():
+  assert "config.mesh.pipeline=2: pipeline execution is not built yet" in _problems(**{"mesh.pipeline": 2})
+
+
+def test_unknown_keys_and_groups_are_refused():
+  raw = config_dict("tiny")
+  raw["model"]["num_layer"] = 3
+  raw["trainer"] = {"steps": 1}
+  with pytest.raises(ConfigError) as info:
+    config_load.load(raw)
+  message = str(info.value)
+  assert "config.model.num_layer: unknown key" in message and "'num_layers'" in message
+  assert "config.trainer: unknown group" in message
+
+
+def test_wrong_types_are_refused():
+  message = _problems(**{"model.num_layers": 2.5, "model.tie_embeddings": "yes", "optimizer.no_decay": [1]})
+  assert "config.model.num_layers=2.5: expected an integer" in message
+  assert "config.model.tie_embeddings='yes': expected true/false" in message
+  assert "config.optimizer.no_decay=[1]: expected a list of str" in message
+
+
+def test_every_problem_is_reported_at_once():
+  error = None
+  try:
+    config_load.load(config_dict("tiny", **{"model.num_heads": 3, "train.steps": -1}), num_devices=8)
+  except ConfigError as e:
+    error = e
+  assert error is not None and len(error.problems) >= 2
+
+
+def test_resume_refuses_changes_outside_the_allow_list(tmp_path):
+  workdir = str(tmp_path)
+  assert check_or_write_config(workdir, config_dict("tiny")) == []
+  allowed = config_dict("tiny", **{"train.steps": 500, "eval.every": 50})
+  changes = check_or_write_config(workdir, allowed)
+  assert changes == ["eval.every: 100 -> 50", "train.steps: 300 -> 500"]
+  with pytest.raises(ConfigError) as info:
+    check_or_write_config(workdir, config_dict("tiny", **{"train.steps": 500, "model.d_model": 64}))
+  assert "model.d_model: 128 -> 64" in str(info.value) and "train.steps" not in str(info.value).split("(")[0]
+
+
+def _codex(*args):
+  return subprocess.run([sys.executable, "-m", "codex_jax", *args], cwd=ROOT, capture_output=True, text=True,
+                        timeout=120)
+
+
+def test_cli_refuses_a_misspelt_override_in_one_line():
+  result = _codex("config", "--config=experiments/codex.py:tiny", "--config.model.num_layer=3")
+  assert result.returncode == 2
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("codex config: error:") and "num_layers" in last
+
+
+def test_cli_config_json_is_one_object_and_errors_exit_nonzero():
+  import json
+  ok = _codex("config", "--config=experiments/codex.py:7b_v5p", "--devices=256", "--json")
+  assert ok.returncode == 0, ok.stderr
+  resolved = json.loads(ok.stdout)
+  assert resolved["mesh"]["resolved"] == {"data": 64, "tensor": 4, "pipeline": 1}
+  bad = _codex("config", "--config=experiments/codex.py:7b_v5p", "--devices=128")
+  assert bad.returncode == 2 and bad.stdout == ""
+  assert "must equal the 128 available devices" in bad.stderr.strip().splitlines()[-1]
