@@ -1,0 +1,61 @@
+"""Per-step telemetry: fetches a step's metrics, adds throughput and MFU, writes and logs them."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import jax
+from absl import logging
+
+from codex_jax.telemetry import peak
+from codex_jax.telemetry.progress import Progress
+from codex_jax.telemetry.writer import MetricsWriter
+
+
+class Reporter:
+  """Turns each step's device metrics into TensorBoard / metrics.jsonl rows, a log line and the bar."""
+
+  def __init__(self, writer: MetricsWriter, bar: Progress, *, tokens_per_step: int, model_flops: float,
+               xla_flops: float | None, peak_flops: peak.PeakFlops, log_every: int):
+    self.writer, self.bar = writer, bar
+    self.tokens_per_step, self.model_flops, self.xla_flops = tokens_per_step, model_flops, xla_flops
+    self.peak_flops, self.log_every = peak_flops, log_every
+    self.last: dict | None = None
+    self.first_loss: float | None = None
+    self.last_time = time.perf_counter()
+
+  def step(self, step: int, metrics) -> None:
+    """Blocks until `metrics` (of update number `step`) are on the host; the next step is already queued."""
+    scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    now = time.perf_counter()
+    step_time, self.last_time = now - self.last_time, now
+    scalars.update(step_time=step_time, tokens_per_s=self.tokens_per_step / step_time,
+                   model_tflops_per_s=self.model_flops / step_time / 1e12,
+                   mfu=peak.mfu(self.model_flops / step_time, self.peak_flops))
+    if self.xla_flops:
+      scalars["mfu_xla"] = peak.mfu(self.xla_flops / step_time, self.peak_flops)
+    if not math.isfinite(scalars["loss"]):
+      logging.warning("Step %d: non-finite loss %s", step, scalars["loss"])
+    self.writer.write(step, scalars)
+    self.bar.update(step, loss=scalars["loss"])
+    if self.first_loss is None:
+      self.first_loss = scalars["loss"]
+    self.last = scalars
+    if step % self.log_every == 0 or step <= 3:
+      logging.info("step %d loss %.4f grad_norm %.3f lr %.2e %.0f tok/s mfu %.1f%%", step, scalars["loss"],
+                   scalars["grad_norm"], scalars["learning_rate"], scalars["tokens_per_s"],
+                   100 * scalars["mfu"])
+
+  def eval(self, step: int, loss: float) -> None:
+    self.writer.write(step, {"eval_loss": loss})
+    logging.info("step %d eval_loss %.4f", step, loss)
+
+  def summary(self) -> dict:
+    last = self.last or {}
+    return {"first_loss": self.first_loss, "last_loss": last.get("loss"),
+            "tokens_per_s": last.get("tokens_per_s"), "mfu": last.get("mfu")}
+
+  def close(self) -> None:
+    self.bar.close()
+    self.writer.close()

@@ -1,0 +1,127 @@
+"""`codex train` end to end in real subprocesses: outputs, kill -9 and resume, refused config changes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from tests.helpers import ROOT
+
+pytestmark = pytest.mark.slow
+
+# A micro run: a 2-layer model on 300 kB of the embedded corpus, 2 fake CPU devices.
+OVERRIDES = {
+    "model.vocab_size": 512, "model.d_model": 64, "model.num_layers": 2, "model.num_heads": 4,
+    "model.num_kv_heads": 2, "model.mlp_dim": 128, "data.seq_len": 64, "data.corpus_max_bytes": 300_000,
+    "data.eval_fraction": 0.2, "train.global_batch": 8, "train.steps": 40, "train.log_every": 5, "checkpoint.every": 10,
+    "eval.every": 20, "eval.batches": 2,
+}
+
+
+def _env():
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+  env["PYTHONUNBUFFERED"] = "1"
+  return env
+
+
+def _command(workdir, **extra):
+  overrides = {**OVERRIDES, **extra}
+  return [sys.executable, "-m", "codex_jax", "train", "--config=experiments/codex.py:tiny",
+          f"--workdir={workdir}", "--json", "--noprogress",
+          *(f"--config.{key}={value}" for key, value in overrides.items())]
+
+
+def _train(workdir, **extra):
+  return subprocess.run(_command(workdir, **extra), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                        timeout=600)
+
+
+def _state(workdir, step):
+  path = os.path.join(workdir, "checkpoints", str(step), "state")
+  return ocp.PyTreeCheckpointer().restore(path)
+
+
+def _leaves(tree):
+  import jax
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """One uninterrupted run, shared by the tests below."""
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  result = _train(workdir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir, result
+
+
+def test_a_run_leaves_everything_a_user_looks_at(reference):
+  workdir, result = reference
+  summary = json.loads(result.stdout)  # --json: exactly one object on stdout.
+  assert summary["final_step"] == 40 and summary["checkpoints"][-1] == 40
+  assert summary["last_loss"] < summary["first_loss"]
+  assert np.isfinite(summary["eval_loss"])
+  names = set(os.listdir(workdir))
+  assert {"config.json", "tokenizer.json", "metrics.jsonl", "loss.png", "checkpoints"} <= names
+  assert any(name.startswith("events.out.tfevents") for name in names)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  steps = [row["step"] for row in rows if "loss" in row]
+  assert steps == list(range(1, 41))
+  assert {"loss", "grad_norm", "learning_rate", "tokens_per_s", "step_time", "mfu"} <= set(rows[0])
+  assert "Parameters:" in result.stderr and "total" in result.stderr
+
+
+def test_kill_9_then_resume_is_bit_identical_to_an_uninterrupted_run(reference, tmp_path):
+  ref_dir, _ = reference
+  workdir = str(tmp_path)
+  process = subprocess.Popen(_command(workdir), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+  committed = os.path.join(workdir, "checkpoints", "10")
+  deadline = time.time() + 300
+  while not os.path.isdir(committed) and time.time() < deadline and process.poll() is None:
+    time.sleep(0.005)
+  assert process.poll() is None, "the run ended before it could be killed"
+  process.send_signal(signal.SIGKILL)
+  process.communicate()
+  assert not os.path.isdir(os.path.join(workdir, "checkpoints", "40"))
+
+  resumed = _train(workdir)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  summary = json.loads(resumed.stdout)
+  assert summary["start_step"] >= 10 and summary["final_step"] == 40
+  for got, want in zip(_leaves(_state(workdir, 40)), _leaves(_state(ref_dir, 40)), strict=True):
+    np.testing.assert_array_equal(got, want)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    steps = [json.loads(line)["step"] for line in f if '"loss"' in line]
+  assert steps == list(range(1, 41))  # Steps past the checkpoint were dropped, then redone once.
+
+
+def test_changed_config_on_resume_is_refused_with_a_diff_and_nothing_is_touched(reference):
+  workdir, _ = reference
+  before = {name: os.path.getmtime(os.path.join(workdir, name)) for name in ("config.json", "metrics.jsonl")}
+  result = _train(workdir, **{"model.d_model": 32, "optimizer.learning_rate": 0.01})
+  assert result.returncode == 2
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("codex train: error:")
+  assert "model.d_model: 64 -> 32" in last and "optimizer.learning_rate: 0.003 -> 0.01" in last
+  assert result.stdout == ""
+  assert before == {name: os.path.getmtime(os.path.join(workdir, name)) for name in before}
+
+
+def test_allowed_change_extends_a_finished_run(reference, tmp_path):
+  import shutil
+  workdir = str(tmp_path / "extended")
+  shutil.copytree(reference[0], workdir)
+  result = _train(workdir, **{"train.steps": 44})
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary = json.loads(result.stdout)
+  assert summary["start_step"] == 40 and summary["final_step"] == 44
+  assert "train.steps: 40 -> 44" in result.stderr
