@@ -48,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.scan_layers = True        # One compiled block, scanned: compile time flat in depth.
   config.model.remat = "full"            # none | full | dots | dots_no_batch; full is fastest on CPU.
   config.model.attention_impl = "auto"   # auto lets XLA pick a fused kernel on TPU/GPU.
+  config.model.attention_chunks = 1      # >1: query chunks skip the masked upper blocks (CPU).
 
   config.data = ml_collections.ConfigDict()
   config.data.corpus = "embedded"        # Python's own sources and docstrings (PSF-2.0).
@@ -57,7 +58,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.seed = 0
   config.data.eval_fraction = 0.01
   config.data.num_workers = 0
-  config.data.packing_bins = 0
+  config.data.packing_bins = 0           # First-fit packing bins; 0: the local batch size.
+  config.data.shuffle_window = 1024      # Document pieces shuffled together before packing.
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.learning_rate = 3e-3

@@ -137,3 +137,7 @@ def test_cli_config_json_is_one_object_and_errors_exit_nonzero():
   bad = _codex("config", "--config=experiments/codex.py:7b_v5p", "--devices=128")
   assert bad.returncode == 2 and bad.stdout == ""
   assert "must equal the 128 available devices" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_attention_chunks_must_divide_the_sequence():
+  assert "config.model.attention_chunks=3: must divide data.seq_len=256" in _problems(**{"model.attention_chunks": 3})

@@ -110,3 +110,32 @@ def test_state_is_born_sharded_by_the_rules_table():
   assert gate_mu.sharding.spec == P(None, "data", "tensor")  # Adam moments shard like their params.
   shard = state.params["layers"]["mlp"]["gate"].addressable_shards[0].data
   assert shard.shape == (2, 64 // 4, 128 // 2)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"model.tie_embeddings": True, "model.num_kv_heads": 1}])
+def test_analytic_flops_match_what_xla_counts_for_the_real_step(overrides):
+  from codex_jax.telemetry.flops import train_flops_per_token
+  from codex_jax.train.setup import xla_model_flops
+  # Big enough that matmuls dominate the elementwise work XLA also counts (norms, softmax, AdamW).
+  cfg = load("tiny", num_devices=1, **{**MICRO, "model.d_model": 128, "model.mlp_dim": 512,
+                                       "data.seq_len": 128, "mesh.data": 1, **overrides})
+  mesh = build_mesh(cfg.mesh, jax.devices()[:1])
+  batch = feed.to_global(synthetic_batch(cfg, cfg.train.global_batch), build_trainer(cfg, mesh).data_sharding)
+  analytic = train_flops_per_token(cfg.model, cfg.data.seq_len) * cfg.train.global_batch * cfg.data.seq_len
+  counted = xla_model_flops(cfg, mesh, batch)
+  assert 1.0 <= counted / analytic < 1.10, (counted, analytic)
+
+
+def test_a_batch_that_does_not_fit_the_model_is_refused_naming_the_field():
+  from codex_jax.data.errors import DataError
+  cfg = load("tiny", num_devices=1, **{**MICRO, "mesh.data": 1})
+  good = synthetic_batch(cfg, 8)
+  feed.check_batch(good, 8, 32, 256)
+  with pytest.raises(DataError, match=r"batch\['positions'\] is int32\[8, 16\]; the model expects int32\[8, 32\]"):
+    feed.check_batch({**good, "positions": good["positions"][:, :16]}, 8, 32, 256)
+  with pytest.raises(DataError, match=r"batch\['loss_mask'\] is int32"):
+    feed.check_batch({**good, "loss_mask": good["loss_mask"].astype(np.int32)}, 8, 32, 256)
+  with pytest.raises(DataError, match=r"token id 300, outside model.vocab_size=256"):
+    feed.check_batch({**good, "inputs": np.full((8, 32), 300, np.int32)}, 8, 32, 256)
+  with pytest.raises(DataError, match=r"missing field\(s\) \['targets'\]"):
+    feed.check_batch({k: v for k, v in good.items() if k != "targets"}, 8, 32, 256)

@@ -29,6 +29,7 @@ class ModelConfig:
   scan_layers: bool = True
   remat: str = "none"
   attention_impl: str = "auto"
+  attention_chunks: int = 1  # Query chunks that skip masked blocks; >1 pays where no fused kernel does.
 
   @property
   def resolved_head_dim(self) -> int:
@@ -47,6 +48,7 @@ class DataConfig:
   eval_fraction: float = 0.01
   num_workers: int = 0  # Grain worker processes; 0 reads in the trainer process.
   packing_bins: int = 0  # First-fit packing bins; 0: the local batch size.
+  shuffle_window: int = 1024  # Pieces shuffled together before packing; 0 or 1: off.
 
 
 @dataclasses.dataclass(frozen=True)

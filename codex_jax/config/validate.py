@@ -17,7 +17,8 @@ def validate(cfg: schema.Config, num_devices: int | None = None, num_processes: 
 
   m, d, o, t, mesh, c, e = cfg.model, cfg.data, cfg.optimizer, cfg.train, cfg.mesh, cfg.checkpoint, cfg.eval
   for group, obj, keys in (
-      ("model", m, ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "mlp_dim")),
+      ("model", m, ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "mlp_dim",
+                    "attention_chunks")),
       ("data", d, ("seq_len",)),
       ("train", t, ("steps", "global_batch", "log_every")),
       ("checkpoint", c, ("every", "max_to_keep")),
@@ -27,7 +28,7 @@ def validate(cfg: schema.Config, num_devices: int | None = None, num_processes: 
       need(getattr(obj, key) > 0, f"{group}.{key}", getattr(obj, key), "must be positive")
   for group, obj, keys in (
       ("model", m, ("head_dim",)),
-      ("data", d, ("corpus_max_bytes", "num_workers", "packing_bins")),
+      ("data", d, ("corpus_max_bytes", "num_workers", "packing_bins", "shuffle_window")),
       ("optimizer", o, ("weight_decay", "min_lr_ratio")),
       ("train", t, ("z_loss", "seed")),
       ("eval", e, ("batches",)),
@@ -52,6 +53,10 @@ def validate(cfg: schema.Config, num_devices: int | None = None, num_processes: 
   need(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "must be positive")
   need(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be positive")
   need(m.init_std > 0, "model.init_std", m.init_std, "must be positive")
+
+  if m.attention_chunks > 0 and d.seq_len > 0:
+    need(d.seq_len % m.attention_chunks == 0, "model.attention_chunks", m.attention_chunks,
+         f"must divide data.seq_len={d.seq_len}")
 
   # Data and optimisation.
   need(d.corpus == "embedded", "data.corpus", d.corpus, "must be 'embedded' (the corpus that ships with Python)")

@@ -5,7 +5,7 @@ marked, before the worker boundary):
 
   MapDataset(texts of this split and process) .shuffle(seed) .repeat(num_epochs) .map(tokenize)
   -> TokenStream (to_iter_dataset, plus mp_prefetch when num_workers > 0: workers only tokenize)
-  -> cut into pieces (flat map) -> first-fit pack into rows -> batch.
+  -> cut into pieces (flat map) -> window shuffle of pieces -> first-fit pack into rows -> batch.
 
 Workers do only the one-to-one tokenize step and grain interleaves them round-robin, so the stream
 is the same for any `num_workers`. `TokenStream` keeps the state the same too (grain's own
@@ -159,6 +159,11 @@ def make_iterator(data_cfg: DataConfig, tokenizer: tokenizers.Tokenizer, documen
   # A weighted mixture of sources would combine several `tokens` datasets here.
   ds = TokenStream(tokens, data_cfg.num_workers)
   pieces = grain.experimental.FlatMapIterDataset(ds, SplitDocument(data_cfg.seq_len))
+  if data_cfg.shuffle_window > 1:
+    # A long document is hundreds of consecutive pieces; without this, whole batches would come
+    # from one file and the loss would swing with it. The state replays from the window's start.
+    pieces = grain.experimental.WindowShuffleIterDataset(pieces, window_size=data_cfg.shuffle_window,
+                                                         seed=seed)
   rows = pack_rows(pieces, seq_len=data_cfg.seq_len,
                    num_bins=data_cfg.packing_bins or local_batch, seed=seed)
   batches = rows.batch(local_batch, batch_fn=functools.partial(

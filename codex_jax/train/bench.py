@@ -12,7 +12,7 @@ from codex_jax.config.schema import Config
 from codex_jax.parallel.mesh import build_mesh
 from codex_jax.telemetry import flops, peak
 from codex_jax.train import feed
-from codex_jax.train.setup import build_trainer
+from codex_jax.train.setup import build_trainer, xla_model_flops
 
 
 def synthetic_batch(cfg: Config, local_batch: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -47,7 +47,7 @@ def benchmark(cfg: Config, steps: int, warmup: int = 2) -> dict:
   step_s = statistics.median(times)
   tokens = cfg.train.global_batch * cfg.data.seq_len
   model_flops = flops.train_flops_per_token(cfg.model, cfg.data.seq_len) * tokens
-  xla_flops = flops.xla_flops_global(compiled)
+  xla_flops = xla_model_flops(cfg, mesh, batch)
   peak_dtype = peak.peak_flops(cfg.model.compute_dtype)
   peak_f32 = peak.peak_flops("float32")
   memory = compiled.memory_analysis()
@@ -68,6 +68,7 @@ def benchmark(cfg: Config, steps: int, warmup: int = 2) -> dict:
       "xla_flops_per_step": xla_flops,
       "model_tflops_per_s": model_flops / step_s / 1e12,
       "mfu": peak.mfu(model_flops / step_s, peak_dtype),
+      "mfu_xla": peak.mfu(xla_flops / step_s, peak_dtype) if xla_flops else None,
       "mfu_vs_f32_peak": peak.mfu(model_flops / step_s, peak_f32),
       "peak_flops": peak_dtype.total,
       "peak_f32_flops": peak_f32.total,

@@ -7,15 +7,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from codex_jax.data.errors import DataError
-
-# The batch the model consumes: field -> dtype, every field shaped [local_batch, seq_len].
-BATCH_FIELDS = {
-    "inputs": np.int32,
-    "targets": np.int32,
-    "segment_ids": np.int32,
-    "positions": np.int32,
-    "loss_mask": np.float32,
-}
+from codex_jax.data.packing import ROW_FEATURES as BATCH_FIELDS  # field -> dtype, each [batch, length].
 
 
 def check_batch(batch: dict, local_batch: int, seq_len: int, vocab_size: int) -> None:

@@ -17,7 +17,7 @@ from codex_jax.telemetry.progress import Progress
 from codex_jax.telemetry.writer import MetricsWriter
 from codex_jax.train import feed
 from codex_jax.train.report import Reporter
-from codex_jax.train.setup import build_trainer
+from codex_jax.train.setup import build_trainer, xla_model_flops
 from codex_jax.train.workdir import check_or_write_config
 
 
@@ -71,7 +71,7 @@ def train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: b
   compiled = trainer.train_step.lower(train_state, to_global(batch)).compile()
   tokens_per_step = cfg.train.global_batch * seq_len
   model_flops = flops.train_flops_per_token(cfg.model, seq_len) * tokens_per_step
-  xla_flops = flops.xla_flops_global(compiled)
+  xla_flops = xla_model_flops(cfg, mesh, to_global(batch))
   peak_flops = peak.peak_flops(cfg.model.compute_dtype)
   logging.info("Model FLOPs/step %.3e (analytic), %s (XLA); peak %.3e FLOP/s (%s)", model_flops,
                f"{xla_flops:.3e}" if xla_flops else "n/a", peak_flops.total, peak_flops.source)

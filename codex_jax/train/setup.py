@@ -13,6 +13,7 @@ from codex_jax.config.schema import Config
 from codex_jax.model.transformer import Decoder
 from codex_jax.parallel.mesh import batch_sharding
 from codex_jax.parallel.rules import logical_axis_rules
+from codex_jax.telemetry import flops
 from codex_jax.train import optimizer, state as state_lib, step as step_lib
 
 
@@ -50,3 +51,16 @@ def build_trainer(cfg: Config, mesh: Mesh) -> Trainer:
                                        mesh, rules)
   eval_step = step_lib.jit_eval_step(model, cfg.train.z_loss, shardings.params, data_sharding, mesh, rules)
   return Trainer(model, tx, schedule, init, abstract_state, shardings, data_sharding, train_step, eval_step)
+
+
+def xla_model_flops(cfg: Config, mesh: Mesh, batch) -> float | None:
+  """XLA's own count of one step's model FLOPs, to cross-check the analytic 6N + attention formula.
+
+  XLA's cost analysis counts a while-loop body once, so a scanned stack would be undercounted by the
+  number of layers, and remat adds recomputation that model FLOPs leave out. So the count is taken
+  from the same step unrolled and without remat, lowered but never compiled (the unpartitioned
+  program: global FLOPs, no device multiplier).
+  """
+  counted = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scan_layers=False, remat="none"))
+  trainer = build_trainer(counted, mesh)
+  return flops.xla_flops(trainer.train_step.lower(trainer.restore_target(), batch))
