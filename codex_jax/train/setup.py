@@ -57,10 +57,12 @@ def xla_model_flops(cfg: Config, mesh: Mesh, batch) -> float | None:
   """XLA's own count of one step's model FLOPs, to cross-check the analytic 6N + attention formula.
 
   XLA's cost analysis counts a while-loop body once, so a scanned stack would be undercounted by the
-  number of layers, and remat adds recomputation that model FLOPs leave out. So the count is taken
-  from the same step unrolled and without remat, lowered but never compiled (the unpartitioned
+  number of layers, remat adds recomputation that model FLOPs leave out, and chunked attention skips
+  the masked blocks that the PaLM convention counts. So the count is taken from the same step
+  unrolled, without remat, with whole attention; lowered but never compiled (the unpartitioned
   program: global FLOPs, no device multiplier).
   """
-  counted = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scan_layers=False, remat="none"))
+  counted = dataclasses.replace(cfg, model=dataclasses.replace(
+      cfg.model, scan_layers=False, remat="none", attention_chunks=1))
   trainer = build_trainer(counted, mesh)
   return flops.xla_flops(trainer.train_step.lower(trainer.restore_target(), batch))
