@@ -29,7 +29,7 @@ test: install
 bench: install
 	@for variant in tiny bench bench_bf16; do \
 	  JAX_PLATFORMS=cpu $(BIN)/codex bench --config=experiments/codex.py:$$variant --name=$$variant \
-	    --steps=$${BENCH_STEPS:-3} --json 2>/dev/null || exit 1; \
+	    --steps=$${BENCH_STEPS:-3} --json || exit 1; \
 	done
 
 lint: install

@@ -10,7 +10,6 @@ from codex_jax.config import load as config_load
 from codex_jax.config.errors import ConfigError
 from codex_jax.telemetry.flops import param_counts
 from codex_jax.train.workdir import check_or_write_config
-
 from tests.helpers import ROOT, config_dict, experiment_module, load
 
 

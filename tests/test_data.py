@@ -42,7 +42,7 @@ def take(it, n):
 
 def assert_same_batches(a, b):
   assert len(a) == len(b)
-  for x, y in zip(a, b):
+  for x, y in zip(a, b, strict=True):
     assert x.keys() == y.keys()
     for k in x:
       np.testing.assert_array_equal(x[k], y[k], err_msg=k)
@@ -60,7 +60,7 @@ def test_corpus_is_deterministic_capped_and_has_both_sources(docs):
   assert sum(sizes) >= MAX_BYTES
   # The cap is checked per module (code + docstrings), so at most the last module overshoots.
   last_path = docs[-1].id.split(":", 1)[1]
-  before_last = sum(s for d, s in zip(docs, sizes) if d.id.split(":", 1)[1] != last_path)
+  before_last = sum(s for d, s in zip(docs, sizes, strict=True) if d.id.split(":", 1)[1] != last_path)
   assert before_last < MAX_BYTES
   paths = [d.id.split(":", 1)[1] for d in docs if d.source == corpus.CODE]
   assert paths == sorted(paths)

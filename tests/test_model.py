@@ -93,7 +93,7 @@ def test_unscanned_layers_compute_the_same_function(params):
   cfg = dataclasses.replace(CFG, scan_layers=False)
   unrolled = {k: v for k, v in params.items() if k != "layers"}
   for i in range(CFG.num_layers):
-    unrolled[f"layers_{i}"] = jax.tree.map(lambda x: x[i], params["layers"])
+    unrolled[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
   tokens = np.random.default_rng(2).integers(0, 128, (2, L)).astype(np.int32)
   np.testing.assert_allclose(np.asarray(_logits(cfg, unrolled, tokens)), np.asarray(_logits(CFG, params, tokens)),
                              atol=1e-5)

@@ -11,12 +11,11 @@ from jax.sharding import PartitionSpec as P
 
 from codex_jax.config.schema import OptimizerConfig
 from codex_jax.parallel.mesh import build_mesh
+from codex_jax.parallel.rules import logical_axis_rules, sharding_scope
 from codex_jax.train import feed, optimizer
 from codex_jax.train.bench import synthetic_batch
 from codex_jax.train.setup import build_trainer
 from codex_jax.train.step import loss_fn
-from codex_jax.parallel.rules import logical_axis_rules, sharding_scope
-
 from tests.helpers import MICRO, load
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "train_step.json")

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from codex_jax.config.schema import ModelConfig
-from codex_jax.model.layers import Attention, RMSNorm, SwiGLU, _param
+from codex_jax.model.layers import Attention, RMSNorm, SwiGLU
 
 ACT_BLD = ("act_batch", "act_length", "act_embed")
 

@@ -44,7 +44,7 @@ def plot_metrics(metrics_jsonl: str, out_png: str) -> str:
   fig = Figure(figsize=(6, 2.4 * len(PANELS)), dpi=100, layout="constrained")
   FigureCanvasAgg(fig)
   axes = fig.subplots(len(PANELS), 1, sharex=True, squeeze=False)[:, 0]
-  for ax, (title, spellings) in zip(axes, PANELS):
+  for ax, (title, spellings) in zip(axes, PANELS, strict=True):
     drawn = False
     for names in spellings:
       key = next((k for k in names if any(k in r for r in records)), None)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from tqdm import tqdm
 
@@ -59,7 +60,7 @@ class Progress:
   def close(self) -> None:
     self._bar.close()
 
-  def __enter__(self) -> "Progress":
+  def __enter__(self) -> Progress:
     return self
 
   def __exit__(self, *exc) -> None:

@@ -6,7 +6,8 @@ import json
 import math
 import os
 import tempfile
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -63,7 +64,7 @@ class MetricsWriter:
       self._jsonl = self._tb = None
       self.enabled = False
 
-  def __enter__(self) -> "MetricsWriter":
+  def __enter__(self) -> MetricsWriter:
     return self
 
   def __exit__(self, *exc) -> None:
@@ -84,7 +85,7 @@ def truncate_jsonl(path: str, max_step: int) -> int:
         kept.append(line if line.endswith("\n") else line + "\n")
     except (ValueError, KeyError, TypeError):
       pass  # A half-written line from a run killed mid-write.
-  if len(kept) == len(lines) and all(a == b for a, b in zip(kept, lines)):
+  if len(kept) == len(lines) and all(a == b for a, b in zip(kept, lines, strict=True)):
     return 0
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".metrics.", suffix=".tmp")
   try:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import optax
@@ -14,7 +15,9 @@ from codex_jax.model.transformer import Decoder
 from codex_jax.parallel.mesh import batch_sharding
 from codex_jax.parallel.rules import logical_axis_rules
 from codex_jax.telemetry import flops
-from codex_jax.train import optimizer, state as state_lib, step as step_lib
+from codex_jax.train import optimizer
+from codex_jax.train import state as state_lib
+from codex_jax.train import step as step_lib
 
 
 @dataclasses.dataclass(frozen=True)
