@@ -117,7 +117,7 @@ def _bench(config, compute_dtype):
 
 def _accelerator(config, size, platform):
   shapes = {
-      # ~160M with the 32k vocab.
+      # 134M with the 32k vocab.
       "150m": dict(d_model=768, num_layers=12, num_heads=12, num_kv_heads=12, mlp_dim=2048),
       # ~1.1B, Llama-3.2-1B-like with grouped-query attention.
       "1b": dict(d_model=2048, num_layers=16, num_heads=32, num_kv_heads=8, mlp_dim=8192),
