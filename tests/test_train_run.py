@@ -48,6 +48,12 @@ def _state(workdir, step):
   return ocp.PyTreeCheckpointer().restore(path)
 
 
+def _losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  return {row["step"]: row["loss"] for row in rows if "loss" in row}
+
+
 def _leaves(tree):
   import jax
   return [np.asarray(x) for x in jax.tree.leaves(tree)]
@@ -99,9 +105,9 @@ def test_kill_9_then_resume_is_bit_identical_to_an_uninterrupted_run(reference, 
   assert summary["start_step"] >= 10 and summary["final_step"] == 40
   for got, want in zip(_leaves(_state(workdir, 40)), _leaves(_state(ref_dir, 40)), strict=True):
     np.testing.assert_array_equal(got, want)
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    steps = [json.loads(line)["step"] for line in f if '"loss"' in line]
-  assert steps == list(range(1, 41))  # Steps past the checkpoint were dropped, then redone once.
+  losses, ref_losses = _losses(workdir), _losses(ref_dir)
+  assert list(losses) == list(range(1, 41))  # Steps past the checkpoint were dropped, then redone once.
+  assert losses == ref_losses  # Every step's loss bit-equal, before and after the resume point.
 
 
 def test_changed_config_on_resume_is_refused_with_a_diff_and_nothing_is_touched(reference):
