@@ -10,9 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from codex_jax.model.transformer import Decoder
+from codex_jax.parallel.mesh import replicated
 
 
 @flax.struct.dataclass
@@ -52,11 +53,11 @@ def state_shardings(model: Decoder, tx: optax.GradientTransformation, mesh: Mesh
   """NamedShardings for every leaf: params by the rules table, optimizer moments like their params."""
   param_specs = param_logical_specs(model, seq_len)
   param_shardings = nn.logical_to_mesh_sharding(param_specs, mesh, rules)
-  replicated = NamedSharding(mesh, PartitionSpec())
+  whole = replicated(mesh)
   opt_shardings = optax.tree_map_params(
       tx, lambda _, sharding: sharding, abstract_state.opt_state, param_shardings,
-      transform_non_params=lambda _: replicated)
-  return TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings, rng=replicated)
+      transform_non_params=lambda _: whole)
+  return TrainState(step=whole, params=param_shardings, opt_state=opt_shardings, rng=whole)
 
 
 def abstract_with_shardings(abstract_state: TrainState, shardings: TrainState) -> TrainState:

@@ -9,6 +9,7 @@ import optax
 
 from codex_jax.model.transformer import Decoder
 from codex_jax.objectives.text import next_token_loss
+from codex_jax.parallel.mesh import replicated
 from codex_jax.parallel.rules import sharding_scope
 from codex_jax.train.state import TrainState
 
@@ -47,9 +48,8 @@ def jit_train_step(model, tx, schedule, z_loss, state_shardings, batch_sharding,
     with sharding_scope(mesh, rules):
       return step(state, batch)
 
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   return jax.jit(ruled_step, in_shardings=(state_shardings, batch_sharding),
-                 out_shardings=(state_shardings, replicated), donate_argnums=0)
+                 out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
 
 
 def jit_eval_step(model, z_loss, param_shardings, batch_sharding, mesh, rules):
@@ -57,5 +57,4 @@ def jit_eval_step(model, z_loss, param_shardings, batch_sharding, mesh, rules):
     with sharding_scope(mesh, rules):
       return eval_step(params, batch, model=model, z_loss=z_loss)
 
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return jax.jit(ruled_eval, in_shardings=(param_shardings, batch_sharding), out_shardings=replicated)
+  return jax.jit(ruled_eval, in_shardings=(param_shardings, batch_sharding), out_shardings=replicated(mesh))
