@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# The default experiment on the embedded corpus, on this machine's CPU. Rerunning resumes.
+# The default experiment on the embedded multimodal corpus, on this machine's CPU. Rerunning resumes.
+# The corpus is built once (about a minute) into the cache dir; later runs find it and skip.
 train: install
+	$(BIN)/codex data build-default
 	$(BIN)/codex train --config=experiments/codex.py:tiny --workdir=$(WORKDIR)
 
 test: install
@@ -31,6 +33,8 @@ bench: install
 	  JAX_PLATFORMS=cpu $(BIN)/codex bench --config=experiments/codex.py:$$variant --name=$$variant \
 	    --steps=$${BENCH_STEPS:-3} --json || exit 1; \
 	done
+	@$(BIN)/codex data build-default > /dev/null
+	@JAX_PLATFORMS=cpu $(BIN)/codex data bench --config=experiments/codex.py:tiny --batches=$${BENCH_BATCHES:-100} --json
 
 lint: install
 	$(BIN)/python -m pip install --quiet "ruff>=0.8,<1"

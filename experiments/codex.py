@@ -49,17 +49,33 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.remat = "full"            # none | full | dots | dots_no_batch; full is fastest on CPU.
   config.model.attention_impl = "auto"   # auto lets XLA pick a fused kernel on TPU/GPU.
   config.model.attention_chunks = 4      # Query chunks skip the masked upper blocks: pays on CPU.
+  config.model.feature_dim = 96          # Values per non-text position: the widest is a video tubelet.
 
   config.data = ml_collections.ConfigDict()
-  config.data.corpus = "embedded"        # Python's own sources and docstrings (PSF-2.0).
-  config.data.corpus_max_bytes = 6_000_000
-  config.data.tokenizer_path = ""        # "": train a byte-level BPE on the corpus, cached.
+  # The mixture: sources, SPDX licences, effective-token shares per phase, exchange rates. The default
+  # one is the embedded multimodal corpus (`codex data build-default`; `make train` builds it).
+  config.data.manifest = "experiments/data/default.yaml"
+  config.data.phase = "pretrain"         # A resume with another manifest hash must name a new phase.
+  config.data.licence_policy = "permissive"  # permissive | copyleft | research-only.
+  config.data.licence_allow = ()         # SPDX ids admitted whatever the policy.
+  config.data.licence_deny = ()          # SPDX ids refused whatever the policy.
+  config.data.on_malformed = "fail"      # fail (naming file:record) | skip (counted, quarantine log).
+  config.data.tokenizer_path = ""        # "": train a byte-level BPE on the manifest's text, cached.
+  config.data.tokenizer_train_bytes = 8_000_000
   config.data.seq_len = 256
   config.data.seed = 0
   config.data.eval_fraction = 0.01
-  config.data.num_workers = 0
+  config.data.num_workers = 0            # Decoding worker processes per source.
   config.data.packing_bins = 0           # First-fit packing bins; 0: the local batch size.
   config.data.shuffle_window = 1024      # Document pieces shuffled together before packing.
+  config.data.shuffle_block = 64         # Consecutive records read together; blocks shuffled per epoch.
+  config.data.image_size = 16            # Pictures and frames resized to 16x16 ...
+  config.data.patch_size = 4             # ... and cut into 4x4 patches: 16 positions of 48 values.
+  config.data.video_frames = 8           # Frames sampled per clip, ...
+  config.data.tubelet_frames = 2         # ... 2 per position: 64 positions of 96 values per clip.
+  config.data.audio_sample_rate = 8000
+  config.data.audio_mels = 16            # Log-mel bins per 10 ms frame, ...
+  config.data.audio_patch_frames = 4     # ... 4 frames per position: 64 values.
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.learning_rate = 3e-3
@@ -99,7 +115,7 @@ def base_config() -> ml_collections.ConfigDict:
 def _small(config):
   config.model.update(vocab_size=8192, d_model=256, num_layers=6, num_heads=8, num_kv_heads=4,
                       mlp_dim=1024)
-  config.data.update(seq_len=512, corpus_max_bytes=0)
+  config.data.seq_len = 512
   config.train.update(steps=2000, global_batch=16)
   config.optimizer.learning_rate = 2e-3
   config.checkpoint.every = 500
@@ -127,7 +143,7 @@ def _accelerator(config, size, platform):
   # attention_chunks=1: the fused TPU/GPU attention kernels skip masked blocks themselves.
   config.model.update(vocab_size=32000, compute_dtype="bfloat16", attention_chunks=1, **shapes[size])
   config.model.remat = {"150m": "dots", "1b": "dots", "7b": "full"}[size]
-  config.data.update(corpus_max_bytes=0, seq_len=4096 if size == "7b" else 2048)
+  config.data.seq_len = 4096 if size == "7b" else 2048
   config.optimizer.learning_rate = {"150m": 6e-4, "1b": 4e-4, "7b": 3e-4}[size]
   config.checkpoint.update(every=1000, max_to_keep=5)
   config.eval.every = 1000

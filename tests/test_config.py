@@ -1,5 +1,6 @@
 """Config variants load and validate; every kind of bad config fails early, naming key, value, rule."""
 
+import os
 import re
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import pytest
 from codex_jax.config import load as config_load
 from codex_jax.config.errors import ConfigError
 from codex_jax.telemetry.flops import param_counts
-from codex_jax.train.workdir import check_or_write_config
+from codex_jax.train.workdir import check_config, write_config
 from tests.helpers import ROOT, config_dict, experiment_module, load
 
 
@@ -106,12 +107,15 @@ def test_every_problem_is_reported_at_once():
 
 def test_resume_refuses_changes_outside_the_allow_list(tmp_path):
   workdir = str(tmp_path)
-  assert check_or_write_config(workdir, config_dict("tiny")) == []
+  assert check_config(workdir, config_dict("tiny")) == []
+  assert not os.listdir(workdir)  # Checking writes nothing.
+  write_config(workdir, config_dict("tiny"))
   allowed = config_dict("tiny", **{"train.steps": 500, "eval.every": 50})
-  changes = check_or_write_config(workdir, allowed)
+  changes = check_config(workdir, allowed)
   assert changes == ["eval.every: 100 -> 50", "train.steps: 300 -> 500"]
+  write_config(workdir, allowed)
   with pytest.raises(ConfigError) as info:
-    check_or_write_config(workdir, config_dict("tiny", **{"train.steps": 500, "model.d_model": 64}))
+    check_config(workdir, config_dict("tiny", **{"train.steps": 500, "model.d_model": 64}))
   assert "model.d_model: 128 -> 64" in str(info.value) and "train.steps" not in str(info.value).split("(")[0]
 
 
@@ -136,6 +140,13 @@ def test_cli_config_json_is_one_object_and_errors_exit_nonzero():
   bad = _codex("config", "--config=experiments/codex.py:7b_v5p", "--devices=128")
   assert bad.returncode == 2 and bad.stdout == ""
   assert "must equal the 128 available devices" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_data_settings_are_validated():
+  problems = _problems(**{"data.licence_policy": "anything", "data.on_malformed": "ignore", "data.patch_size": 5})
+  assert "config.data.licence_policy='anything': must be one of" in problems
+  assert "config.data.on_malformed='ignore': must be one of ('fail', 'skip')" in problems
+  assert "config.data.image_size=16: must be a multiple of data.patch_size=5" in problems
 
 
 def test_attention_chunks_must_divide_the_sequence():

@@ -1,43 +1,53 @@
-"""Data subsystem: embedded corpus, tokenizer, packing and the checkpointable Grain pipeline."""
+"""Data pipeline: encoding, packing, effective-token mixing, resumable state, workers, malformed records."""
 
 import dataclasses
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 
 import grain
 import numpy as np
 import pytest
+import yaml
 
 from codex_jax.config.schema import DataConfig
-from codex_jax.data import corpus, packing, pipeline
+from codex_jax.data import encode, packing, pipeline
 from codex_jax.data import tokenizer as tok_lib
+from codex_jax.data.accounting import TokenAccountant
 from codex_jax.data.errors import DataError
+from codex_jax.data.mixture import EffectiveTokenMix
+from codex_jax.data.plan import build_plan, write_data_record
+from codex_jax.data.records import MODALITY_IDS
+from tests.data_fixtures import write_corpus, write_jsonl
 
-MAX_BYTES = 300_000
-VOCAB = 512
-SEQ_LEN = 64
-BATCH = 4
+VOCAB, SEQ_LEN, BATCH, FEATURES = 400, 64, 4, 96
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def docs():
-  return corpus.embedded_documents(MAX_BYTES)
+def manifest(tmp_path_factory):
+  return write_corpus(str(tmp_path_factory.mktemp("corpus")))
 
 
 @pytest.fixture(scope="module")
 def cfg():
-  # A large eval fraction so the small capped corpus still has eval documents.
-  return DataConfig(corpus_max_bytes=MAX_BYTES, seq_len=SEQ_LEN, eval_fraction=0.2)
+  return DataConfig(seq_len=SEQ_LEN, eval_fraction=0.1, shuffle_window=16, shuffle_block=8)
 
 
 @pytest.fixture(scope="module")
-def tok(docs, cfg):
-  return tok_lib.load_or_train_tokenizer(cfg, VOCAB, docs, None)
+def plan(manifest, cfg):
+  return build_plan(cfg, vocab_size=VOCAB, feature_dim=FEATURES, manifest_path=manifest)
 
 
-def take(it, n):
-  return [next(it) for _ in range(n)]
+def batches(plan, cfg, n=None, *, split="train", phase="main", seed=0, workers=0, process_index=0,
+            process_count=1, num_epochs=None):
+  it = pipeline.make_iterator(plan, dataclasses.replace(cfg, num_workers=workers), feature_dim=FEATURES,
+                              split=split, phase=phase, local_batch=BATCH, seed=seed, process_index=process_index,
+                              process_count=process_count, num_epochs=num_epochs)
+  return it if n is None else [next(it) for _ in range(n)]
 
 
 def assert_same_batches(a, b):
@@ -48,269 +58,342 @@ def assert_same_batches(a, b):
       np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
-# --- corpus ---------------------------------------------------------------------------------------
+# --- encoding -------------------------------------------------------------------------------------
 
-def test_corpus_is_deterministic_capped_and_has_both_sources(docs):
-  again = corpus.embedded_documents(MAX_BYTES)
-  assert [(d.id, d.text) for d in docs] == [(d.id, d.text) for d in again]
-  assert {d.source for d in docs} == set(corpus.SOURCES) == {corpus.CODE, corpus.DOCSTRINGS}
-  assert all(d.licence == "PSF-2.0" == corpus.SOURCES[d.source]["licence"] for d in docs)
-  assert all(d.id.startswith(d.source + ":") and d.text for d in docs)
-  sizes = [len(d.text.encode()) for d in docs]
-  assert sum(sizes) >= MAX_BYTES
-  # The cap is checked per module (code + docstrings), so at most the last module overshoots.
-  last_path = docs[-1].id.split(":", 1)[1]
-  before_last = sum(s for d, s in zip(docs, sizes, strict=True) if d.id.split(":", 1)[1] != last_path)
-  assert before_last < MAX_BYTES
-  paths = [d.id.split(":", 1)[1] for d in docs if d.source == corpus.CODE]
-  assert paths == sorted(paths)
+def encoder(plan, **spec):
+  return encode.Encoder(plan.tokenizer, encode.EncodeSpec(**spec), source_id=3, rates={})
 
 
-def test_full_corpus_skips_tests_idle_and_site_packages():
-  docs = corpus.embedded_documents()
-  assert len(docs) > 500
-  paths = {d.id.split(":", 1)[1] for d in docs}
-  assert "json/decoder.py" in paths
-  for p in paths:
-    parts = p.split("/")
-    assert not {"test", "tests", "idlelib", "site-packages"} & set(parts), p
-  by_id = {d.id: d for d in docs}
-  doc = by_id[f"{corpus.DOCSTRINGS}:json/decoder.py"].text
-  assert "# json.decoder.JSONDecoder.decode\n" in doc
-  assert by_id[f"{corpus.CODE}:json/decoder.py"].text.startswith('"""Implementation of JSONDecoder')
+def test_text_example_is_plain_next_token_prediction(plan):
+  ex = encoder(plan)({"text": "def f(x):\n  return x"})
+  ids = np.asarray(plan.tokenizer.encode("def f(x):\n  return x").ids + [tok_lib.EOS_ID])
+  np.testing.assert_array_equal(ex["inputs"], ids[:-1])
+  np.testing.assert_array_equal(ex["targets"], ids[1:])
+  assert ex["loss_mask"].all() and (ex["modality_ids"] == MODALITY_IDS["text"]).all()
+  assert ex["features"].shape == (len(ids) - 1, FEATURES) and not ex["features"].any()
+  assert (ex["source_ids"] == 3).all()
 
 
-def test_split_is_stable_and_eval_fraction_is_about_right():
-  ids = [f"{corpus.CODE}:m{i}.py" for i in range(20_000)]
-  splits = [corpus.split_of(i, 0.1) for i in ids]
-  assert splits == [corpus.split_of(i, 0.1) for i in ids]
-  assert 0.09 < splits.count("eval") / len(ids) < 0.11
-  assert [corpus.split_of(f"x:m{i}.py", 0.5) for i in range(8)] == [
-      corpus.split_of(f"y:m{i}.py", 0.5) for i in range(8)]  # Source prefix is ignored.
-  assert all(corpus.split_of(i, 0.0) == "train" for i in ids[:100])
-  assert all(corpus.split_of(i, 1.0) == "eval" for i in ids[:100])
+def test_image_caption_layout_predicts_the_caption_from_the_picture(plan):
+  image = np.arange(64, dtype=np.uint8).reshape(8, 8, 1) * 4
+  ex = encoder(plan)({"image": image, "text": "A seven."})
+  caption = plan.tokenizer.encode("A seven.").ids + [tok_lib.EOS_ID]
+  patches = (16 // 4) ** 2
+  assert list(ex["modality_ids"]) == [MODALITY_IDS["image"]] * patches + [MODALITY_IDS["text"]] * (len(caption) - 1)
+  # The last patch predicts the first caption token; patches before it predict nothing.
+  np.testing.assert_array_equal(ex["targets"][patches - 1:], caption)
+  np.testing.assert_array_equal(ex["loss_mask"], np.arange(len(ex["inputs"])) >= patches - 1)
+  assert (ex["inputs"][:patches] == tok_lib.PAD_ID).all()
+  assert ex["features"][:patches, :48].std() > 0 and not ex["features"][:, 48:].any()
+  assert ex["features"].min() >= -1 and ex["features"].max() <= 1
 
 
-def test_split_golden_values():
-  # Fails if the hash changes, e.g. to Python's per-process salted hash().
-  got = "".join("e" if corpus.split_of(f"s:m{i}.py", 0.5) == "eval" else "t" for i in range(16))
-  assert got == GOLDEN_SPLIT
+def test_clip_and_embodied_layouts(plan):
+  spec = encode.EncodeSpec()
+  frames = np.random.default_rng(0).integers(0, 255, (5, 12, 12, 3), dtype=np.uint8)
+  audio = np.sin(np.arange(8000) / 10).astype(np.float32)
+  ex = encoder(plan)({"video": frames, "audio": audio, "sample_rate": 8000, "text": "Hum."})
+  m = ex["modality_ids"]
+  tubelets = spec.video_frames // spec.tubelet_frames * (spec.image_size // spec.patch_size) ** 2
+  audio_positions = -(-len(encode.log_mel(audio, 8000, spec)) // spec.audio_patch_frames)
+  assert (m[:tubelets] == MODALITY_IDS["video"]).all()
+  assert (m[tubelets:tubelets + audio_positions] == MODALITY_IDS["audio"]).all()
+  assert (m[tubelets + audio_positions:] == MODALITY_IDS["text"]).all()
+  steps = {"text": "Go.", "video": frames[:3], "proprio": np.ones((3, 4), np.float32),
+           "actions": np.full((3, 1), 2.0, np.float32)}
+  ex = encoder(plan)(steps)
+  per_step = [MODALITY_IDS["video"]] * 16 + [MODALITY_IDS["proprio"], MODALITY_IDS["action"]]
+  instruction = len(plan.tokenizer.encode("Go.").ids) + 1  # EOS ends the instruction.
+  assert list(ex["modality_ids"]) == [MODALITY_IDS["text"]] * instruction + per_step * 3
+  assert ex["features"][-1, 0] == 2.0 and (ex["features"][-2, :4] == 1.0).all()  # Action, proprio values.
+  assert ex["loss_mask"][:instruction - 1].all() and not ex["loss_mask"][instruction - 1:].any()
 
 
-GOLDEN_SPLIT = "ttttteetetttttte"  # split_of(f"s:m{i}.py", 0.5) for i in range(16).
+@pytest.mark.parametrize("n", [1, 2, SEQ_LEN, SEQ_LEN + 1, 3 * SEQ_LEN + 5])
+def test_pieces_reassemble_the_example(n):
+  ex = {"inputs": np.arange(n, dtype=np.int32), "features": np.ones((n, 3), np.float32) * np.arange(n)[:, None]}
+  pieces = packing.SplitExample(SEQ_LEN).flat_map(ex)
+  assert len(pieces) == -(-n // SEQ_LEN) and all(1 <= len(p["inputs"]) <= SEQ_LEN for p in pieces)
+  np.testing.assert_array_equal(np.concatenate([p["inputs"] for p in pieces]), ex["inputs"])
+  np.testing.assert_array_equal(np.concatenate([p["features"] for p in pieces]), ex["features"])
 
 
-def test_fingerprint_tracks_ids_and_texts(docs):
-  fp = corpus.corpus_fingerprint(docs)
-  assert fp == corpus.corpus_fingerprint(list(docs))
-  changed = [dataclasses.replace(docs[0], text=docs[0].text + " ")] + docs[1:]
-  assert corpus.corpus_fingerprint(changed) != fp
-  assert corpus.corpus_fingerprint(docs[1:]) != fp
+# --- mixture --------------------------------------------------------------------------------------
+
+def test_effective_token_shares_match_targets_within_2_percent_over_2000_samples(plan, cfg):
+  spec = pipeline.encode_spec(cfg, FEATURES)
+  shares = plan.shares("main")
+  streams = [pipeline.source_stream(plan, s, cfg, spec, split="train", seed=0, process_index=0, process_count=1,
+                                    num_epochs=None) for s in plan.sources]
+  rates = [pipeline.rates_by_modality_id(s.source.exchange_rates) for s in plan.sources]
+  mix = iter(EffectiveTokenMix(streams, [shares[s.source.name] for s in plan.sources], rates))
+  effective = np.zeros(len(plan.sources) + 1)
+  for _ in range(2000):
+    ex = next(mix)
+    effective[ex["source_ids"][0]] += encode.effective_tokens(ex, rates[ex["source_ids"][0] - 1])
+  realised = effective[1:] / effective.sum()
+  for s, got in zip(plan.sources, realised, strict=True):
+    assert abs(got - shares[s.source.name]) < 0.02 * shares[s.source.name], (s.source.name, got)
 
 
-# --- tokenizer ------------------------------------------------------------------------------------
-
-def test_tokenizer_trains_caches_and_round_trips(docs, cfg, tmp_path, monkeypatch):
-  monkeypatch.setenv("CODEX_CACHE_DIR", str(tmp_path / "cache"))
-  first = tok_lib.load_or_train_tokenizer(cfg, VOCAB, docs, None)
-  cached = os.listdir(tmp_path / "cache" / "tokenizers")
-  assert len(cached) == 1 and cached[0].endswith(".json")
-  assert first.get_vocab_size() == VOCAB
-  assert first.token_to_id("<|pad|>") == tok_lib.PAD_ID == 0
-  assert first.token_to_id("<|endoftext|>") == tok_lib.EOS_ID == 1
-
-  def no_training(*args, **kwargs):
-    raise AssertionError("the cached tokenizer should have been used")
-
-  monkeypatch.setattr(tok_lib, "train_tokenizer", no_training)
-  start = time.perf_counter()
-  second = tok_lib.load_or_train_tokenizer(cfg, VOCAB, docs, None)
-  assert time.perf_counter() - start < 1.0
-  assert second.to_str() == first.to_str()
-  for text in [docs[0].text[:2000], docs[1].text[:2000], "  x = 'ünïcödé ✓'\n\tif a:\r\n"]:
-    assert first.decode(first.encode(text).ids) == text
+def test_accountant_measures_shares_on_the_batches(plan, cfg):
+  accountant = TokenAccountant(plan, "main")
+  raw, effective = {}, {}
+  for batch in batches(plan, cfg, 30):
+    metrics = accountant.update(batch)
+    for m in MODALITY_IDS:
+      raw[m] = raw.get(m, 0) + metrics[f"data/modality/{m}/raw_tokens"]
+      effective[m] = effective.get(m, 0) + metrics[f"data/modality/{m}/effective_tokens"]
+  for name, target in plan.shares("main").items():
+    assert metrics[f"data/{name}/target_share"] == target
+    assert abs(metrics[f"data/{name}/share"] - target) < 0.1 * target, name  # The shuffle window moves a few pieces.
+  assert all(raw[m] > 0 for m in MODALITY_IDS)
+  assert effective["image"] == pytest.approx(0.45 * raw["image"]) and effective["text"] == raw["text"]
+  assert 0 <= metrics["data/padding_fraction"] < 0.3
 
 
-def test_tokenizer_loads_from_path_and_reports_bad_paths(tok, cfg, docs, tmp_path):
-  path = str(tmp_path / "named.json")
-  tok.save(path)
-  named = lambda p, vocab=VOCAB: tok_lib.load_or_train_tokenizer(
-      dataclasses.replace(cfg, tokenizer_path=p), vocab, docs, None)
-  loaded = named(path)
-  assert loaded.encode("def f(): pass").ids == tok.encode("def f(): pass").ids
-  missing = str(tmp_path / "missing.json")
-  with pytest.raises(DataError, match="missing.json"):
-    named(missing)
-  garbage = tmp_path / "garbage.json"
-  garbage.write_text("{not json")
-  with pytest.raises(DataError, match="garbage.json"):
-    named(str(garbage))
-  with pytest.raises(DataError, match=r"512.*300"):
-    named(path, 300)
+# --- batches --------------------------------------------------------------------------------------
 
-
-def test_tokenizer_is_pinned_in_workdir(tok, cfg, docs, tmp_path):
-  workdir = str(tmp_path / "run")
-  os.makedirs(workdir)
-  tok_lib.load_or_train_tokenizer(cfg, VOCAB, docs, workdir)
-  pinned = os.path.join(workdir, "tokenizer.json")
-  assert json.load(open(pinned)) == json.loads(tok.to_str())
-  tok_lib.load_or_train_tokenizer(cfg, VOCAB, docs, workdir)  # Identical: fine.
-  tok.save(pinned, pretty=True)
-  tok_lib.load_or_train_tokenizer(cfg, VOCAB, docs, workdir)  # Same tokenizer, other layout: fine.
-  with open(pinned, "w") as f:
-    f.write(tok_lib.train_tokenizer(["a different corpus " * 50], 300).to_str())
-  with pytest.raises(DataError, match="different tokenizer"):
-    tok_lib.load_or_train_tokenizer(cfg, VOCAB, docs, workdir)
-
-
-# --- packing and pipeline -------------------------------------------------------------------------
-
-def token_ids(tok, text):
-  return np.asarray(tok.encode(text).ids + [tok_lib.EOS_ID], np.int32)
-
-
-@pytest.mark.parametrize("n", [2, 3, SEQ_LEN, SEQ_LEN + 1, SEQ_LEN + 2, 3 * SEQ_LEN + 1,
-                               5 * SEQ_LEN + 7])
-def test_pieces_reassemble_the_document(n):
-  ids = np.arange(100, 100 + n, dtype=np.int32)
-  pieces = packing.SplitDocument(SEQ_LEN).flat_map(ids)
-  assert len(pieces) == -(-(n - 1) // SEQ_LEN)
-  for p in pieces:
-    assert 1 <= len(p["inputs"]) == len(p["targets"]) <= SEQ_LEN
-    np.testing.assert_array_equal(p["inputs"][1:], p["targets"][:-1])
-  np.testing.assert_array_equal(np.concatenate([p["inputs"] for p in pieces]), ids[:-1])
-  np.testing.assert_array_equal(np.concatenate([p["targets"] for p in pieces]), ids[1:])
-
-
-@pytest.mark.parametrize("short", [True, False])
-def test_batch_spec_matches_batches_and_packing_invariants(tok, cfg, docs, short):
-  # Real documents are mostly many seq_len pieces; cut to 20-120 characters, several share a row.
-  if short:
-    docs = [dataclasses.replace(d, text=d.text[:20 + 37 * i % 100]) for i, d in enumerate(docs)]
-  it = pipeline.make_iterator(cfg, tok, docs, split="train", local_batch=BATCH, seed=3)
-  batches = take(it, 12)
-  spec = pipeline.batch_spec(BATCH, SEQ_LEN)
-  doc_bytes = [token_ids(tok, d.text).tobytes() for d in docs]
-  num_segments = 0
-  for b in batches:
-    assert {k: (v.shape, v.dtype) for k, v in b.items()} == {
-        k: (shape, np.dtype(dtype)) for k, (shape, dtype) in spec.items()}
-    seg, pos, mask = b["segment_ids"], b["positions"], b["loss_mask"]
-    np.testing.assert_array_equal(mask, (seg > 0).astype(np.float32))
-    assert np.all(b["inputs"][seg == 0] == tok_lib.PAD_ID)
+def test_batch_spec_and_packing_invariants(plan, cfg):
+  spec = pipeline.batch_spec(BATCH, SEQ_LEN, FEATURES)
+  num_segments, seen_sources = 0, set()
+  for b in batches(plan, cfg, 12):
+    assert {k: (v.shape, v.dtype) for k, v in b.items()} == {k: (s, np.dtype(d)) for k, (s, d) in spec.items()}
+    seg, pos, mask, mod = b["segment_ids"], b["positions"], b["loss_mask"], b["modality_ids"]
+    assert np.all(mask <= (seg > 0)) and np.all((mod == 0) == (seg == 0)) and np.all((b["source_ids"] == 0) == (seg == 0))
     assert np.all(b["targets"][mask == 1] != tok_lib.PAD_ID)
+    assert not b["features"][mod <= MODALITY_IDS["text"]].any()
+    seen_sources |= set(np.unique(b["source_ids"])) - {0}
     for r in range(BATCH):
       real = seg[r][seg[r] > 0]
-      assert real.size and real[0] == 1
-      assert np.all(np.diff(real) >= 0) and np.all(np.diff(real) <= 1)
+      assert real.size and real[0] == 1 and np.all(np.diff(real) >= 0) and np.all(np.diff(real) <= 1)
       assert np.all(seg[r][real.size:] == 0)  # Padding only at the end of a row.
       for s in np.unique(real):
         idx = np.flatnonzero(seg[r] == s)
         num_segments += 1
         np.testing.assert_array_equal(pos[r][idx], np.arange(idx.size))
-        x, y = b["inputs"][r][idx], b["targets"][r][idx]
-        np.testing.assert_array_equal(x[1:], y[:-1])
-        # The segment is a contiguous run of one document's tokens.
-        run = np.append(x, y[-1]).astype(np.int32).tobytes()
-        assert any((o := db.find(run)) >= 0 and o % 4 == 0 for db in doc_bytes)
-  if short:
-    assert num_segments > 1.5 * len(batches) * BATCH  # Short documents do get packed together.
-  assert np.mean([b["loss_mask"].mean() for b in batches]) > 0.7
+        assert len(np.unique(b["source_ids"][r][idx])) == 1  # A segment never mixes records.
+        text = idx[(mod[r][idx] == MODALITY_IDS["text"])][:-1]
+        nxt = text + 1
+        ok = mod[r][nxt] == MODALITY_IDS["text"]
+        np.testing.assert_array_equal(b["targets"][r][text[ok]], b["inputs"][r][nxt[ok]])
+  assert seen_sources == {s.source_id for s in plan.sources}
+  assert num_segments > 12 * BATCH  # Short records do get packed together.
 
 
-def test_eval_stream_ends_padded_and_counts_every_token_once(tok, cfg, docs):
-  it = pipeline.make_iterator(cfg, tok, docs, split="eval", local_batch=BATCH, seed=0, num_epochs=1)
-  batches = list(it)
-  eval_docs = [d for d in docs if corpus.split_of(d.id, cfg.eval_fraction) == "eval"]
-  assert eval_docs and len(eval_docs) < len(docs)
-  expected = sum(len(token_ids(tok, d.text)) - 1 for d in eval_docs)
-  assert sum(b["loss_mask"].sum() for b in batches) == expected
-  assert all(b["inputs"].shape == (BATCH, SEQ_LEN) for b in batches)
+def test_eval_stream_ends_padded_and_counts_every_record_once(plan, cfg):
+  out = list(batches(plan, cfg, split="eval", num_epochs=1))
+  assert out and all(b["inputs"].shape == (BATCH, SEQ_LEN) for b in out)
+  spec = pipeline.encode_spec(cfg, FEATURES)
+  expected = 0
+  for s in plan.sources:
+    stream = pipeline.source_stream(plan, s, cfg, spec, split="eval", seed=0, process_index=0, process_count=1,
+                                    num_epochs=1)
+    expected += sum(len(ex["inputs"]) for ex in stream) if stream else 0
+  assert sum(int((b["segment_ids"] > 0).sum()) for b in out) == expected
 
 
-def test_epochs_are_reshuffled(docs, tok):
-  ds = pipeline.build_source_dataset(docs[:12], tok, seed=5, num_epochs=2)
-  ids = [a.tobytes() for a in ds]
-  first, second = ids[:12], ids[12:]
-  assert sorted(first) == sorted(second) and first != second
+def test_process_shards_are_disjoint_and_cover(plan):
+  for s in plan.sources:
+    records = s.records["train"]
+    shards = [records[i::3] for i in range(3)]
+    assert sum(len(x) for x in shards) == len(records)
+    assert not {json.dumps(r) for r in shards[0]} & {json.dumps(r) for r in shards[1]}
 
 
-def test_process_shards_are_disjoint_and_cover(docs, cfg):
-  kw = dict(split="train", eval_fraction=cfg.eval_fraction)
-  train = [d.id for d in docs if corpus.split_of(d.id, cfg.eval_fraction) == "train"]
-  shards = [[d.id for d in pipeline.shard_documents(docs, process_index=i, process_count=3, **kw)]
-            for i in range(3)]
-  assert all(shards) and sorted(sum(shards, [])) == sorted(train)
-  assert not set(shards[0]) & set(shards[1])
-  with pytest.raises(DataError, match="No train documents"):
-    pipeline.shard_documents(docs[:2], process_index=5, process_count=6, **kw)
+def test_epochs_are_reshuffled_in_blocks():
+  from codex_jax.data.stream import EpochBlockShuffle
+  ds = EpochBlockShuffle(grain.MapDataset.range(20), block=4, seed=1, num_epochs=2)
+  first, second = [ds[i] for i in range(20)], [ds[i] for i in range(20, 40)]
+  assert sorted(first) == sorted(second) == list(range(20)) and first != second
+  assert all(first[i + 1] == first[i] + 1 for i in range(0, 20, 4) for i in range(i, i + 3))  # Blocks kept.
 
 
 @pytest.fixture(scope="module")
-def tiny(docs, tok):
-  """Three short documents: an epoch is a few batches, so state crosses epoch boundaries."""
-  small = [dataclasses.replace(d, text=d.text[:200]) for d in docs[:3]]
-  cfg = DataConfig(seq_len=32, eval_fraction=0.0)
-  return cfg, small
+def few_clips(tmp_path_factory, cfg):
+  """Code and only 4 clips: the clips' epoch ends within a few batches; two sources keep worker starts cheap."""
+  root = str(tmp_path_factory.mktemp("few"))
+  full = yaml.safe_load(open(write_corpus(root, clips=4)))
+  sources = [s for s in full["sources"] if s["name"] in ("code", "clips")]
+  for s, share in zip(sources, (0.6, 0.4), strict=True):
+    s["share"] = {"main": share, "late": share}
+  manifest = write_corpus(root, clips=4, manifest_name="few.yaml", sources=sources)
+  return build_plan(dataclasses.replace(cfg, eval_fraction=0.0), vocab_size=VOCAB, feature_dim=FEATURES,
+                    manifest_path=manifest)
 
 
-@pytest.mark.parametrize("split_at", [0, 1, 3, 7, 11])
-def test_state_round_trips_across_epochs(tiny, tok, split_at):
-  cfg, small = tiny
-  make = lambda: pipeline.make_iterator(cfg, tok, small, split="train", local_batch=2, seed=1)
-  reference = take(make(), 20)
-  # An epoch of 3 x 200 characters is a few batches: 20 batches span more than 3 epochs.
-  assert sum(b["loss_mask"].sum() for b in reference) > 3 * sum(
-      len(token_ids(tok, d.text)) - 1 for d in small)
-  it = make()
-  take(it, split_at)
-  state = it.get_state()
-  json.dumps(state)  # Orbax's grain handler stores the state as JSON.
-  resumed = make()
-  resumed.set_state(state)
-  assert_same_batches(take(resumed, 20 - split_at), reference[split_at:])
-  assert_same_batches(take(it, 20 - split_at), reference[split_at:])
-
-
-def test_orbax_composite_round_trip(tok, cfg, docs, tmp_path):
-  import orbax.checkpoint as ocp
-  make = lambda: pipeline.make_iterator(cfg, tok, docs, split="train", local_batch=BATCH, seed=2)
-  reference = take(make(), 9)
-  it = make()
-  take(it, 5)
-  state = {"w": np.arange(6, dtype=np.float32)}  # Saved beside the iterator, as the trainer will.
-  with ocp.CheckpointManager(str(tmp_path / "ckpt")) as mngr:
-    mngr.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                         data=grain.checkpoint.CheckpointSave(it)))
-    mngr.wait_until_finished()
-  take(it, 2)  # Move on, so a restore that did nothing would be caught.
-  restored = make()
-  with ocp.CheckpointManager(str(tmp_path / "ckpt")) as mngr:
-    assert mngr.latest_step() == 5
-    out = mngr.restore(5, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(state), data=grain.checkpoint.CheckpointRestore(restored)))
-  np.testing.assert_array_equal(out.state["w"], state["w"])
-  assert_same_batches(take(restored, 4), reference[5:])
-
-
-def test_worker_processes_give_the_same_stream_and_portable_state(tiny, tok):
-  cfg, small = tiny
-  make = lambda workers: pipeline.make_iterator(dataclasses.replace(cfg, num_workers=workers), tok,
-                                                small, split="train", local_batch=2, seed=4)
-  reference = take(make(0), 10)
-  in_process = make(0)
-  take(in_process, 4)
-  for workers in (1, 2):
-    it = make(workers)
-    try:
-      assert_same_batches(take(it, 4), reference[:4])
-      assert it.get_state() == in_process.get_state()  # The worker count is not in the state.
-    finally:
-      it.close()
-  resumed = make(2)  # A run checkpointed in process resumes with workers.
+@pytest.mark.parametrize("workers", [0, 2])
+def test_state_round_trips_at_every_step_across_an_epoch_boundary(few_clips, cfg, workers):
+  plan = few_clips
+  reference = batches(plan, cfg, 10)
+  clips = next(s for s in plan.sources if s.source.name == "clips")
+  seen = sum(int(((b["source_ids"] == clips.source_id) & (b["positions"] == 0)).sum()) for b in reference)
+  assert seen > len(clips.records["train"])
+  it = batches(plan, cfg, workers=workers)
   try:
-    resumed.set_state(in_process.get_state())
-    assert_same_batches(take(resumed, 6), reference[4:])
+    for k in range(len(reference) - 1):
+      state = it.get_state()
+      json.dumps(state)  # Orbax's grain handler stores the state as JSON.
+      resumed = batches(plan, cfg, workers=workers)
+      try:
+        resumed.set_state(state)
+        assert_same_batches([next(resumed)], reference[k:k + 1])
+      finally:
+        resumed.close()
+      assert_same_batches([next(it)], reference[k:k + 1])
   finally:
-    resumed.close()
+    it.close()
+
+
+def test_worker_count_is_not_in_the_state(plan, cfg):
+  in_process = batches(plan, cfg)
+  reference = [next(in_process) for _ in range(6)]
+  with_workers = batches(plan, cfg, workers=2)
+  try:
+    resumed_state = None
+    for k in range(3):
+      assert_same_batches([next(with_workers)], reference[k:k + 1])
+    resumed_state = with_workers.get_state()
+  finally:
+    with_workers.close()
+  resumed = batches(plan, cfg)
+  resumed.set_state(resumed_state)
+  assert_same_batches([next(resumed) for _ in range(3)], reference[3:])
+
+
+def test_orbax_composite_round_trip(plan, cfg, tmp_path):
+  import orbax.checkpoint as ocp
+  reference = batches(plan, cfg, 7)
+  it = batches(plan, cfg)
+  [next(it) for _ in range(4)]
+  with ocp.CheckpointManager(str(tmp_path / "ckpt")) as mngr:
+    mngr.save(4, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+    mngr.wait_until_finished()
+  next(it)  # Move on, so a restore that did nothing would be caught.
+  restored = batches(plan, cfg)
+  with ocp.CheckpointManager(str(tmp_path / "ckpt")) as mngr:
+    mngr.restore(4, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
+  assert_same_batches([next(restored) for _ in range(3)], reference[4:])
+
+
+def test_phase_switch_continues_every_source_without_repeats(plan, cfg):
+  b = pipeline.build_batches(plan, cfg, feature_dim=FEATURES, split="train", phase="main", local_batch=BATCH, seed=0)
+  [next(b.iterator) for _ in range(5)]
+  states = b.source_states()
+  late = pipeline.build_batches(plan, cfg, feature_dim=FEATURES, split="train", phase="late", local_batch=BATCH,
+                                seed=0)
+  late.start_from(states)
+  next(late.iterator)
+  after = late.source_states()
+  records = lambda state: json.dumps(state).count("next_index") and _next_index(state)
+  for old, new in zip(states, after, strict=True):
+    assert records(new) >= records(old)  # No source went back: nothing is repeated.
+  assert sum(map(records, after)) > sum(map(records, states))
+  # The late phase is mostly code (0.7 of effective tokens).
+  accountant = TokenAccountant(plan, "late")
+  for _ in range(10):
+    metrics = accountant.update(next(late.iterator))
+  assert metrics["data/code/share"] > 0.5
+
+
+def _next_index(state):
+  """The IndexedStream position inside a source's (nested) state."""
+  if isinstance(state, dict):
+    if "next_index" in state:
+      return state["next_index"]
+    return next(i for v in state.values() if (i := _next_index(v)) is not None)
+  return None
+
+
+# --- malformed records ----------------------------------------------------------------------------
+
+@pytest.fixture()
+def broken(tmp_path, manifest):
+  root = os.path.dirname(manifest)
+  path = os.path.join(root, "code", "part-1.jsonl")
+  good = open(path).read().splitlines()
+  bad_root = str(tmp_path / "broken")
+  write_corpus(bad_root)
+  bad = os.path.join(bad_root, "code", "part-1.jsonl")
+  write_jsonl(bad, [])
+  with open(bad, "w") as f:
+    f.write("\n".join(good[:2] + ['{"text": 5}', "not json"] + good[2:]) + "\n")
+  return os.path.join(bad_root, "manifest.yaml"), bad
+
+
+def test_malformed_records_fail_naming_file_and_record(broken, cfg):
+  path, bad = broken
+  with pytest.raises(DataError, match=rf"(?s)2 malformed record\(s\).*{bad}:line 3: .*\n.*{bad}:line 4: invalid JSON"):
+    build_plan(cfg, vocab_size=VOCAB, feature_dim=FEATURES, manifest_path=path)
+
+
+def test_malformed_records_skip_counts_and_quarantines(broken, cfg, plan, tmp_path):
+  path, bad = broken
+  skipping = build_plan(dataclasses.replace(cfg, on_malformed="skip"), vocab_size=VOCAB, feature_dim=FEATURES,
+                        manifest_path=path)
+  assert [(m["file"], m["record"]) for m in skipping.malformed] == [(bad, "line 3"), (bad, "line 4")]
+  code = lambda p: next(s for s in p.sources if s.source.name == "code")
+  good = sum(len(r) for r in code(plan).records.values())
+  assert sum(len(r) for r in code(skipping).records.values()) == good  # Only the bad lines are dropped.
+  folder = write_data_record(skipping, str(tmp_path / "run"))
+  lines = [json.loads(x) for x in open(os.path.join(folder, "quarantine.jsonl"))]
+  assert [x["record"] for x in lines] == ["line 3", "line 4"] and all(x["reason"] for x in lines)
+  assert json.load(open(os.path.join(folder, "manifest.json")))["malformed"] == 2
+
+
+# --- worker lifetime ------------------------------------------------------------------------------
+
+_CHILD = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+from codex_jax.config.schema import DataConfig
+from codex_jax.data import pipeline
+from codex_jax.data.plan import build_plan
+cfg = DataConfig(seq_len=64, eval_fraction=0.1, num_workers=2, shuffle_window=16)
+plan = build_plan(cfg, vocab_size=400, feature_dim=96, manifest_path={manifest!r})
+it = pipeline.make_iterator(plan, cfg, feature_dim=96, split="train", phase="main", local_batch=4, seed=0)
+for _ in range(6):
+  next(it)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def _descendants(pid: int) -> set[int]:
+  out = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True, check=True).stdout
+  children: dict[int, list[int]] = {}
+  for line in out.splitlines():
+    p, pp = map(int, line.split())
+    children.setdefault(pp, []).append(p)
+  found, todo = set(), [pid]
+  while todo:
+    for child in children.get(todo.pop(), []):
+      found.add(child)
+      todo.append(child)
+  return found
+
+
+def _alive(pid: int) -> bool:
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().split()[2] != "Z"
+  except FileNotFoundError:
+    return False
+
+
+def test_no_worker_outlives_a_killed_trainer(manifest):
+  proc = subprocess.Popen([sys.executable, "-c", _CHILD.format(root=ROOT, manifest=manifest)],
+                          stdout=subprocess.PIPE, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  try:
+    assert proc.stdout.readline().strip() == "ready"
+    workers = _descendants(proc.pid)
+    assert len(workers) >= 2 * 2  # Two decoding workers per source read so far (and grain's resource tracker).
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    deadline = time.time() + 15
+    while time.time() < deadline and any(_alive(w) for w in workers):
+      time.sleep(0.2)
+    assert not [w for w in workers if _alive(w)]
+  finally:
+    if proc.poll() is None:
+      proc.kill()

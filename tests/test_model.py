@@ -151,3 +151,25 @@ def test_chunked_attention_computes_the_same_function(params, chunks):
   cfg = dataclasses.replace(CFG, attention_chunks=chunks)
   np.testing.assert_allclose(np.asarray(_logits(cfg, params, tokens, segment_ids, positions)),
                              np.asarray(_logits(CFG, params, tokens, segment_ids, positions)), atol=1e-5)
+
+
+def test_non_text_positions_are_embedded_from_their_features():
+  cfg = dataclasses.replace(CFG, feature_dim=12)
+  params = _init(cfg)
+  assert params["feature_in"].shape == (12, 32) and params["modality_embedding"].shape == (7, 32)
+  assert sum(x.size for x in jax.tree.leaves(params)) == param_counts(cfg)["total"]
+  tokens = np.full((1, L), 5, np.int32)
+  modality = np.where(np.arange(L) < 4, 2, 1)[None].astype(np.int32)  # 4 image positions, then text.
+  rng = np.random.default_rng(0)
+  features = rng.normal(size=(1, L, 12)).astype(np.float32) * (modality == 2)[..., None]
+  run = lambda f, m: Decoder(cfg).apply({"params": params}, tokens, np.ones_like(tokens),
+                                        np.arange(L)[None], f, m)
+  base = run(features, modality)
+  other = features.copy()
+  other[0, 1] += 1.0  # Change one image position's values.
+  changed = run(other, modality)
+  np.testing.assert_array_equal(base[0, :1], changed[0, :1])  # Causal: earlier positions unaffected.
+  assert np.abs(base[0, 1:] - changed[0, 1:]).max() > 1e-4
+  text_only = run(None, None)  # Without features the model reads token embeddings everywhere.
+  np.testing.assert_allclose(run(np.zeros_like(features), np.ones_like(modality)), text_only, atol=1e-6)
+  assert np.abs(base - text_only).max() > 1e-4

@@ -10,18 +10,23 @@ import time
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import yaml
 
+from codex_jax.cache import cache_dir
+from codex_jax.data.default_corpus.build import build_default_corpus
 from tests.helpers import ROOT
 
 pytestmark = pytest.mark.slow
 
-# A micro run: a 2-layer model on 300 kB of the embedded corpus, 2 fake CPU devices.
+# A micro run: a 2-layer model on the embedded multimodal corpus, 2 fake CPU devices, with the
+# default manifest's anneal phase moved to step 25 so the mixture switches mid-run.
 OVERRIDES = {
     "model.vocab_size": 512, "model.d_model": 64, "model.num_layers": 2, "model.num_heads": 4,
-    "model.num_kv_heads": 2, "model.mlp_dim": 128, "data.seq_len": 64, "data.corpus_max_bytes": 300_000,
-    "data.eval_fraction": 0.2, "train.global_batch": 8, "train.steps": 40, "train.log_every": 5, "checkpoint.every": 10,
-    "eval.every": 20, "eval.batches": 2,
+    "model.num_kv_heads": 2, "model.mlp_dim": 128, "data.seq_len": 64, "data.tokenizer_train_bytes": 300_000,
+    "data.shuffle_window": 64, "train.global_batch": 8, "train.steps": 40, "train.log_every": 5,
+    "checkpoint.every": 10, "eval.every": 20, "eval.batches": 2,
 }
+PHASE_SWITCH = 25
 
 
 def _env():
@@ -32,7 +37,7 @@ def _env():
 
 
 def _command(workdir, **extra):
-  overrides = {**OVERRIDES, **extra}
+  overrides = {**OVERRIDES, "data.manifest": MANIFEST, **extra}
   return [sys.executable, "-m", "codex_jax", "train", "--config=experiments/codex.py:tiny",
           f"--workdir={workdir}", "--json", "--noprogress",
           *(f"--config.{key}={value}" for key, value in overrides.items())]
@@ -59,9 +64,27 @@ def _leaves(tree):
   return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
+MANIFEST = os.path.join(cache_dir(), "test-manifests", "early-anneal.yaml")
+
+
+def write_manifest(path: str, edit=lambda raw: None) -> str:
+  """The default manifest with its corpus root made absolute, the anneal phase at PHASE_SWITCH, then `edit`."""
+  with open(os.path.join(ROOT, "experiments", "data", "default.yaml")) as f:
+    raw = yaml.safe_load(f)
+  raw["root"] = raw["root"].replace("{cache_dir}", cache_dir())
+  raw["phases"][1]["start_step"] = PHASE_SWITCH
+  edit(raw)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    yaml.safe_dump(raw, f, sort_keys=False)
+  return path
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
   """One uninterrupted run, shared by the tests below."""
+  build_default_corpus()  # Once per cache dir; a no-op after that.
+  write_manifest(MANIFEST)
   workdir = str(tmp_path_factory.mktemp("reference"))
   result = _train(workdir)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -75,13 +98,24 @@ def test_a_run_leaves_everything_a_user_looks_at(reference):
   assert summary["last_loss"] < summary["first_loss"]
   assert np.isfinite(summary["eval_loss"])
   names = set(os.listdir(workdir))
-  assert {"config.json", "tokenizer.json", "metrics.jsonl", "loss.png", "checkpoints"} <= names
+  assert {"config.json", "tokenizer.json", "metrics.jsonl", "loss.png", "checkpoints", "data"} <= names
   assert any(name.startswith("events.out.tfevents") for name in names)
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]
   steps = [row["step"] for row in rows if "loss" in row]
   assert steps == list(range(1, 41))
   assert {"loss", "grad_norm", "learning_rate", "tokens_per_s", "step_time", "mfu"} <= set(rows[0])
+  # The data record: what was trained on, what the licence policy excluded and why.
+  record = json.load(open(os.path.join(workdir, "data", "manifest.json")))
+  assert record["manifest_hash"] == summary["manifest_hash"]
+  assert [e["source"] for e in record["excluded"]] == ["pygame-ce-docs"] and "LGPL" in record["excluded"][0]["reason"]
+  assert summary["data_excluded"] == {"pygame-ce-docs": record["excluded"][0]["reason"]}
+  # Per-step accounting, and the mixture switching to the anneal table at PHASE_SWITCH.
+  by_step = {row["step"]: row for row in rows if "loss" in row}
+  assert by_step[PHASE_SWITCH]["data/python-stdlib-code/target_share"] == pytest.approx(0.143, abs=1e-3)
+  assert by_step[PHASE_SWITCH + 1]["data/python-stdlib-code/target_share"] == pytest.approx(0.247, abs=1e-3)
+  assert by_step[40]["data/max_share_error"] < 0.05
+  assert "mixture phase 'main' -> 'anneal'" in result.stderr
   assert "Parameters:" in result.stderr and "total" in result.stderr
 
 
@@ -120,6 +154,26 @@ def test_changed_config_on_resume_is_refused_with_a_diff_and_nothing_is_touched(
   assert "model.d_model: 64 -> 32" in last and "optimizer.learning_rate: 0.003 -> 0.01" in last
   assert result.stdout == ""
   assert before == {name: os.path.getmtime(os.path.join(workdir, name)) for name in before}
+
+
+def test_resume_refuses_changed_data_unless_a_new_phase_is_declared(reference, tmp_path):
+  import shutil
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference[0], workdir)
+  changed = write_manifest(str(tmp_path / "changed.yaml"), lambda raw: raw["sources"][1]["share"].update(
+      main=raw["sources"][1]["share"]["main"] + 0.01) or raw["sources"][0]["share"].update(
+      main=raw["sources"][0]["share"]["main"] - 0.01))
+  before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+  refused = _train(workdir, **{"data.manifest": changed, "train.steps": 44})
+  assert refused.returncode == 2
+  last = refused.stderr.strip().splitlines()[-1]
+  assert "checkpoint 40 was trained on data with manifest hash" in last and "--config.data.phase" in last
+  assert "manifest entries" in last and refused.stdout == ""
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+  accepted = _train(workdir, **{"data.manifest": changed, "data.phase": "phase-2", "train.steps": 44})
+  assert accepted.returncode == 0, accepted.stderr[-3000:]
+  assert "Run phase 'pretrain' -> 'phase-2'" in accepted.stderr
+  assert json.loads(accepted.stdout)["manifest_hash"] != json.loads(reference[1].stdout)["manifest_hash"]
 
 
 def test_allowed_change_extends_a_finished_run(reference, tmp_path):

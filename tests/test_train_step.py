@@ -93,9 +93,10 @@ def test_sharded_layouts_match_one_device(single_device, layout, devices):
   np.testing.assert_allclose(losses, ref_losses, rtol=2e-6)
   np.testing.assert_allclose(norms, ref_norms, rtol=2e-5)
   chex.assert_trees_all_close(grads, ref_grads, atol=1e-7, rtol=1e-4)
-  # Adam divides by sqrt(v): where a gradient is ~0, f32 summation-order noise moves an update by up
-  # to lr * 1e-3, so parameters agree to 2e-5 after three steps (lr 3e-3), not bit for bit.
-  chex.assert_trees_all_close(jax.device_get(state.params), jax.device_get(ref_state.params), atol=2e-5)
+  # Adam divides by sqrt(v): where a gradient is ~0, f32 summation-order noise can move that element's
+  # update by a visible part of lr (3e-3); 3e-5 was seen in a clean clone. The gradients above are the
+  # strict check; parameters must still agree far below one step's size.
+  chex.assert_trees_all_close(jax.device_get(state.params), jax.device_get(ref_state.params), atol=1e-4)
 
 
 def test_state_is_born_sharded_by_the_rules_table():
@@ -129,12 +130,15 @@ def test_a_batch_that_does_not_fit_the_model_is_refused_naming_the_field():
   from codex_jax.data.errors import DataError
   cfg = load("tiny", num_devices=1, **{**MICRO, "mesh.data": 1})
   good = synthetic_batch(cfg, 8)
-  feed.check_batch(good, 8, 32, 256)
+  check = lambda batch, *args: feed.check_batch(batch, *args, cfg.model.feature_dim)
+  check(good, 8, 32, 256)
   with pytest.raises(DataError, match=r"batch\['positions'\] is int32\[8, 16\]; the model expects int32\[8, 32\]"):
-    feed.check_batch({**good, "positions": good["positions"][:, :16]}, 8, 32, 256)
+    check({**good, "positions": good["positions"][:, :16]}, 8, 32, 256)
   with pytest.raises(DataError, match=r"batch\['loss_mask'\] is int32"):
-    feed.check_batch({**good, "loss_mask": good["loss_mask"].astype(np.int32)}, 8, 32, 256)
+    check({**good, "loss_mask": good["loss_mask"].astype(np.int32)}, 8, 32, 256)
   with pytest.raises(DataError, match=r"token id 300, outside model.vocab_size=256"):
-    feed.check_batch({**good, "inputs": np.full((8, 32), 300, np.int32)}, 8, 32, 256)
+    check({**good, "inputs": np.full((8, 32), 300, np.int32)}, 8, 32, 256)
   with pytest.raises(DataError, match=r"missing field\(s\) \['targets'\]"):
-    feed.check_batch({k: v for k, v in good.items() if k != "targets"}, 8, 32, 256)
+    check({k: v for k, v in good.items() if k != "targets"}, 8, 32, 256)
+  with pytest.raises(DataError, match=r"batch\['features'\] is float32\[8, 32, 5\].*model.feature_dim"):
+    check({**good, "features": good["features"][..., :5]}, 8, 32, 256)

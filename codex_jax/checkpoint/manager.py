@@ -1,4 +1,4 @@
-"""Orbax checkpoints of the train state and the Grain iterator, saved and restored together."""
+"""Orbax checkpoints of the train state, the Grain iterator and the data record, saved and restored together."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from codex_jax.config.schema import CheckpointConfig
 
 
 class Checkpointer:
-  """One Orbax CheckpointManager (`args=` API, Composite of `state` and `data`) under workdir/checkpoints.
+  """One Orbax CheckpointManager (`args=` API, Composite of `state`, `data` and `meta`) under workdir/checkpoints.
 
   Orbax writes each step to a temporary directory and renames it on commit, so a step interrupted
   mid-save is never listed; `latest_step` only sees committed steps.
@@ -29,17 +29,25 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
-  def save(self, step: int, state, data_iterator) -> None:
-    """Starts saving (async when configured); arrays are copied off device before this returns."""
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)),
-        force=True)
+  def save(self, step: int, state, data_iterator, meta: dict) -> None:
+    """Starts saving (async when configured); arrays are copied off device before this returns.
 
-  def restore(self, step: int, abstract_state, data_iterator):
-    """The state at `step`, laid out as `abstract_state`'s shardings; the iterator is set in place."""
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iterator)))
-    return restored.state
+    `meta` is JSON saved beside the arrays: the data record (manifest hash, exclusions, phase) and
+    the token accounting, read back by `read_meta` before anything is restored.
+    """
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator),
+        meta=ocp.args.JsonSave(meta)), force=True)
+
+  def read_meta(self, step: int) -> dict:
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+  def restore(self, step: int, abstract_state, data_iterator=None):
+    """The state at `step`, laid out as `abstract_state`'s shardings; the iterator (if given) is set in place."""
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    return self.manager.restore(step, args=ocp.args.Composite(**items)).state
 
   def close(self) -> None:
     self.manager.wait_until_finished()

@@ -18,6 +18,7 @@ COMMANDS = {
     "train": ("train", "train (or resume) an experiment in a workdir"),
     "config": ("show_config", "validate an experiment config and print it resolved"),
     "bench": ("bench", "measure tokens/s, model TFLOP/s and MFU of configs, one JSON line each"),
+    "data": ("data", "`data manifest FILE`: sources, licences, shares, hash; `data build-default`: the corpus"),
 }
 flags.DEFINE_bool("verbose", False, "Also show the INFO logs of jax, Orbax, Grain and Flax.")
 EXPECTED_ERRORS = (ConfigError, DataError, flags.Error, FileNotFoundError, ValueError)
@@ -45,10 +46,11 @@ def main(argv: list[str]) -> int:
   module = importlib.import_module(f"codex_jax.cli.{COMMANDS[command][0]}")
   try:
     rest = _parse_flags(command, argv[2:])
-    if len(rest) > 1:
+    takes_args = hasattr(module, "USAGE")  # Commands with positional arguments declare their usage.
+    if len(rest) > 1 and not takes_args:
       raise UsageError(f"unexpected argument(s) {rest[1:]}; every option is a --flag")
     log_filter.configure(flags.FLAGS.verbose)
-    result = module.run(flags.FLAGS)
+    result = module.run(flags.FLAGS, rest[1:]) if takes_args else module.run(flags.FLAGS)
   except (UsageError, *EXPECTED_ERRORS) as e:
     print(f"codex {command}: error: {_one_line(e)}", file=sys.stderr)
     return 2

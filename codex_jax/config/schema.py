@@ -7,6 +7,7 @@ import dataclasses
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+MALFORMED_POLICIES = ("fail", "skip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +31,7 @@ class ModelConfig:
   remat: str = "none"
   attention_impl: str = "auto"
   attention_chunks: int = 1  # Query chunks that skip masked blocks; >1 pays where no fused kernel does.
+  feature_dim: int = 0  # Values per non-text position (patches, audio, proprio, action); 0: text only.
 
   @property
   def resolved_head_dim(self) -> int:
@@ -38,17 +40,30 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """Where the tokens come from and how they are packed."""
+  """Which manifest, under which licence policy, and how records become packed rows."""
 
-  corpus: str = "embedded"  # The documents that ship with Python (see data/corpus.py).
-  corpus_max_bytes: int = 0  # 0: the whole corpus.
-  tokenizer_path: str = ""  # "": train a byte-level BPE on the corpus (cached).
+  manifest: str = "experiments/data/default.yaml"  # YAML/JSON mixture manifest (see data/manifest.py).
+  phase: str = "pretrain"  # Run phase; a resume under another manifest hash must name a new phase.
+  licence_policy: str = "permissive"  # permissive | copyleft | research-only (each admits the ones before).
+  licence_allow: tuple[str, ...] = ()  # SPDX ids admitted whatever the policy.
+  licence_deny: tuple[str, ...] = ()  # SPDX ids refused whatever the policy.
+  on_malformed: str = "fail"  # fail: stop naming file:record; skip: drop it, count it, log it to quarantine.
+  tokenizer_path: str = ""  # "": train a byte-level BPE on the manifest's text (cached).
+  tokenizer_train_bytes: int = 8_000_000  # Text the tokenizer is trained on, drawn from every text source.
   seq_len: int = 256
   seed: int = 0
   eval_fraction: float = 0.01
-  num_workers: int = 0  # Grain worker processes; 0 reads in the trainer process.
+  num_workers: int = 0  # Grain worker processes per source; 0 decodes in the trainer process.
   packing_bins: int = 0  # First-fit packing bins; 0: the local batch size.
   shuffle_window: int = 1024  # Pieces shuffled together before packing; 0 or 1: off.
+  shuffle_block: int = 64  # Consecutive records read together; blocks are shuffled per epoch.
+  image_size: int = 16  # Pictures and frames are resized to image_size x image_size.
+  patch_size: int = 4
+  video_frames: int = 8  # Frames sampled per clip.
+  tubelet_frames: int = 2  # Frames per video position.
+  audio_sample_rate: int = 8000
+  audio_mels: int = 16
+  audio_patch_frames: int = 4  # 10 ms mel frames per audio position.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,4 +150,11 @@ RESUME_MUTABLE = frozenset({
     "eval.every",
     "eval.batches",
     "data.num_workers",
+    # The data may change only with a new data.phase; the manifest hash in the checkpoint enforces it.
+    "data.manifest",
+    "data.phase",
+    "data.licence_policy",
+    "data.licence_allow",
+    "data.licence_deny",
+    "data.on_malformed",
 })

@@ -6,6 +6,8 @@ import math
 
 from codex_jax.config import schema
 
+LICENCE_POLICIES = ("permissive", "copyleft", "research-only")  # Mirrors data/licences.py (no import upward).
+
 
 def validate(cfg: schema.Config, num_devices: int | None = None, num_processes: int = 1) -> list[str]:
   """All problems with `cfg`, as one message each (empty when the config can run)."""
@@ -19,7 +21,8 @@ def validate(cfg: schema.Config, num_devices: int | None = None, num_processes: 
   for group, obj, keys in (
       ("model", m, ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "mlp_dim",
                     "attention_chunks")),
-      ("data", d, ("seq_len",)),
+      ("data", d, ("seq_len", "image_size", "patch_size", "video_frames", "tubelet_frames", "audio_sample_rate",
+                   "audio_mels", "audio_patch_frames")),
       ("train", t, ("steps", "global_batch", "log_every")),
       ("checkpoint", c, ("every", "max_to_keep")),
       ("eval", e, ("every",)),
@@ -27,8 +30,8 @@ def validate(cfg: schema.Config, num_devices: int | None = None, num_processes: 
     for key in keys:
       need(getattr(obj, key) > 0, f"{group}.{key}", getattr(obj, key), "must be positive")
   for group, obj, keys in (
-      ("model", m, ("head_dim",)),
-      ("data", d, ("corpus_max_bytes", "num_workers", "packing_bins", "shuffle_window")),
+      ("model", m, ("head_dim", "feature_dim")),
+      ("data", d, ("tokenizer_train_bytes", "num_workers", "packing_bins", "shuffle_window", "shuffle_block")),
       ("optimizer", o, ("weight_decay", "min_lr_ratio")),
       ("train", t, ("z_loss", "seed")),
       ("eval", e, ("batches",)),
@@ -59,7 +62,18 @@ def validate(cfg: schema.Config, num_devices: int | None = None, num_processes: 
          f"must divide data.seq_len={d.seq_len}")
 
   # Data and optimisation.
-  need(d.corpus == "embedded", "data.corpus", d.corpus, "must be 'embedded' (the corpus that ships with Python)")
+  need(bool(d.manifest), "data.manifest", d.manifest, "must name a manifest file (YAML or JSON)")
+  need(bool(d.phase), "data.phase", d.phase, "must name the run phase")
+  need(d.licence_policy in LICENCE_POLICIES, "data.licence_policy", d.licence_policy,
+       f"must be one of {LICENCE_POLICIES}")
+  need(d.on_malformed in schema.MALFORMED_POLICIES, "data.on_malformed", d.on_malformed,
+       f"must be one of {schema.MALFORMED_POLICIES}")
+  if d.patch_size > 0:
+    need(d.image_size % d.patch_size == 0, "data.image_size", d.image_size,
+         f"must be a multiple of data.patch_size={d.patch_size}")
+  if d.tubelet_frames > 0:
+    need(d.video_frames % d.tubelet_frames == 0, "data.video_frames", d.video_frames,
+         f"must be a multiple of data.tubelet_frames={d.tubelet_frames}")
   need(0 <= d.eval_fraction < 1, "data.eval_fraction", d.eval_fraction, "must be in [0, 1)")
   need(o.learning_rate > 0, "optimizer.learning_rate", o.learning_rate, "must be positive")
   need(0 <= o.warmup_fraction < 1, "optimizer.warmup_fraction", o.warmup_fraction, "must be in [0, 1)")

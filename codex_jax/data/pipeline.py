@@ -1,15 +1,15 @@
-"""The Grain input pipeline: documents -> token ids -> packed rows -> this process's batches.
+"""The Grain input pipeline: manifest sources -> examples -> effective-token mixture -> packed batches.
 
-Chain (one source today; a weighted mixture would combine several `build_source_dataset`s where
-marked, before the worker boundary):
+Chain, per process:
 
-  MapDataset(texts of this split and process) .shuffle(seed) .repeat(num_epochs) .map(tokenize)
-  -> TokenStream (to_iter_dataset, plus mp_prefetch when num_workers > 0: workers only tokenize)
-  -> cut into pieces (flat map) -> window shuffle of pieces -> first-fit pack into rows -> batch.
+  per source: MapDataset(this split's records, this process's share) .block-shuffle per epoch
+              .map(read + encode)  -> IndexedStream (workers: data.num_workers per source)
+              -> cut into pieces of <= seq_len (flat map)
+  -> EffectiveTokenMix(shares of the phase, exchange rates), piece by piece
+  -> window shuffle of pieces -> first-fit pack into rows -> batch.
 
-Workers do only the one-to-one tokenize step and grain interleaves them round-robin, so the stream
-is the same for any `num_workers`. `TokenStream` keeps the state the same too (grain's own
-mp_prefetch state has one entry per worker), so a run may resume with another worker count.
+Its state (grain's nested dict) is checkpointed with the model; see stream.py for why a different
+worker count resumes exactly.
 """
 
 from __future__ import annotations
@@ -19,153 +19,129 @@ import functools
 
 import grain
 import numpy as np
-import tokenizers
-from absl import flags
 
 from codex_jax.config.schema import DataConfig
-from codex_jax.data.corpus import Document, split_of
+from codex_jax.data.encode import Encoder, EncodeSpec
 from codex_jax.data.errors import DataError
-from codex_jax.data.packing import ROW_FEATURES, SplitDocument, pack_rows
-from codex_jax.data.tokenizer import EOS_ID
-
-SPLITS = ("train", "eval")
-# Small read-ahead: tokenizing holds the GIL, so more threads do not help, and a large buffer makes
-# every (re)start tokenize hundreds of documents before the first batch.
-_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=16)
-
-
-def batch_spec(local_batch: int, seq_len: int) -> dict[str, tuple[tuple[int, int], type]]:
-  """The batch format: feature -> (shape [B, L], numpy dtype); see packing.ROW_FEATURES."""
-  return {name: ((local_batch, seq_len), dtype) for name, dtype in ROW_FEATURES.items()}
+from codex_jax.data.formats import get_format, validate_options
+from codex_jax.data.mixture import EffectiveTokenMix, with_source_states
+from codex_jax.data.packing import ROW_FEATURES, SplitExample, pack_rows
+from codex_jax.data.plan import SPLITS, DataPlan, SourcePlan
+from codex_jax.data.records import MODALITY_IDS
+from codex_jax.data.stream import EpochBlockShuffle, IndexedStream
 
 
-@dataclasses.dataclass(frozen=True)
-class Tokenize(grain.transforms.Map):
-  """Text -> int32 token ids with EOS appended."""
-
-  tokenizer: tokenizers.Tokenizer
-
-  def map(self, text: str) -> np.ndarray:
-    ids = self.tokenizer.encode(text).ids
-    ids.append(EOS_ID)
-    return np.asarray(ids, dtype=np.int32)
+def encode_spec(data_cfg: DataConfig, feature_dim: int) -> EncodeSpec:
+  spec = EncodeSpec(feature_dim=feature_dim, image_size=data_cfg.image_size, patch_size=data_cfg.patch_size,
+                    video_frames=data_cfg.video_frames, tubelet_frames=data_cfg.tubelet_frames,
+                    audio_sample_rate=data_cfg.audio_sample_rate, audio_mels=data_cfg.audio_mels,
+                    audio_patch_frames=data_cfg.audio_patch_frames)
+  spec.check()
+  return spec
 
 
-def shard_documents(documents: list[Document], *, split: str, eval_fraction: float,
-                    process_index: int, process_count: int) -> list[Document]:
-  """This process's documents of one split: every process_count-th, from process_index."""
+def batch_spec(local_batch: int, seq_len: int, feature_dim: int) -> dict[str, tuple[tuple[int, ...], type]]:
+  """The batch format: feature -> (shape, numpy dtype); see packing.ROW_FEATURES."""
+  return {name: ((local_batch, seq_len, feature_dim) if name == "features" else (local_batch, seq_len), dtype)
+          for name, dtype in ROW_FEATURES.items()}
+
+
+def rates_by_modality_id(rates: dict[str, float]) -> np.ndarray:
+  table = np.zeros(len(MODALITY_IDS) + 1)
+  for name, i in MODALITY_IDS.items():
+    table[i] = rates[name]
+  return table
+
+
+class ReadExample(grain.transforms.Map):
+  """(file number, locator) -> the decoded, encoded example; picklable for worker processes."""
+
+  def __init__(self, source: SourcePlan, encoder: Encoder):
+    self._paths, self._encoder = source.paths, encoder
+    self._format = get_format(source.source.format)
+    self._options = validate_options(source.source.format, source.source.options)
+
+  def map(self, entry) -> dict[str, np.ndarray]:
+    file_no, locator = entry
+    return self._encoder(self._format.read(self._paths[file_no], locator, self._options))
+
+
+def source_stream(plan: DataPlan, source: SourcePlan, data_cfg: DataConfig, spec: EncodeSpec, *, split: str,
+                  seed: int, process_index: int, process_count: int,
+                  num_epochs: int | None) -> grain.IterDataset | None:
+  """One source's example pieces (<= seq_len) for this process, or None when it has no records of the split.
+
+  Records are cut into pieces before mixing, so the mixture interleaves sources piece by piece and a
+  long file cannot put its source ahead of its share by more than one piece.
+  """
+  records = source.records[split][process_index::process_count]
+  if not records:
+    return None
+  encoder = Encoder(plan.tokenizer, spec, source.source_id, source.source.exchange_rates)
+  examples = EpochBlockShuffle(grain.MapDataset.source(records), block=data_cfg.shuffle_block,
+                               seed=seed * 1_000_003 + source.source_id, num_epochs=num_epochs)
+  stream = IndexedStream(examples.map(ReadExample(source, encoder)), data_cfg.num_workers)
+  return grain.experimental.FlatMapIterDataset(stream, SplitExample(data_cfg.seq_len))
+
+
+@dataclasses.dataclass
+class Batches:
+  """A pipeline's iterator (what is checkpointed) and its mixture (whose live position a phase switch needs)."""
+
+  iterator: grain.DatasetIterator
+  mixture: EffectiveTokenMix
+
+  def source_states(self) -> list:
+    """Where each source's stream is now: the next phase's pipeline continues from here."""
+    return self.mixture.live_iterator.get_state()["sources"]
+
+  def start_from(self, source_states: list) -> None:
+    """Starts this (fresh) pipeline's sources where another one's stopped; see mixture.with_source_states."""
+    self.iterator.set_state(with_source_states(self.iterator.get_state(), source_states))
+
+
+def make_iterator(plan: DataPlan, data_cfg: DataConfig, **kwargs) -> grain.DatasetIterator:
+  """`build_batches(...).iterator`: the checkpointable batch iterator alone."""
+  return build_batches(plan, data_cfg, **kwargs).iterator
+
+
+def build_batches(plan: DataPlan, data_cfg: DataConfig, *, feature_dim: int, split: str, phase: str,
+                  local_batch: int, seed: int, process_index: int = 0, process_count: int = 1,
+                  num_epochs: int | None = None) -> Batches:
+  """Batches of `batch_spec(local_batch, data_cfg.seq_len, feature_dim)` for this process; checkpointable.
+
+  num_epochs=None repeats every source forever. A finite stream ends with a partial batch padded by
+  empty rows, so an eval pass counts every token exactly once; processes may then see different
+  numbers of batches, so a multi-host eval loop must agree on a count.
+  """
   if split not in SPLITS:
     raise DataError(f"split must be one of {SPLITS}, got {split!r}.")
-  if not 0 <= process_index < process_count:
-    raise DataError(f"process_index {process_index} is outside [0, {process_count}).")
-  in_split = [d for d in documents if split_of(d.id, eval_fraction) == split]
-  shard = in_split[process_index::process_count]
-  if not shard:
-    raise DataError(
-        f"No {split} documents for process {process_index} of {process_count}: the split has "
-        f"{len(in_split)} of {len(documents)} documents (eval_fraction={eval_fraction}); "
-        "raise data.corpus_max_bytes or adjust data.eval_fraction.")
-  return shard
-
-
-def build_source_dataset(documents: list[Document], tokenizer: tokenizers.Tokenizer, *,
-                         seed: int, num_epochs: int | None) -> grain.MapDataset:
-  """One source's documents as token-id arrays, reshuffled each epoch (grain folds in the epoch)."""
-  texts = [d.text for d in documents]
-  return (grain.MapDataset.source(texts)
-          .shuffle(seed=seed)
-          .repeat(num_epochs)
-          .map(Tokenize(tokenizer)))
-
-
-class TokenStream(grain.IterDataset):
-  """Reads a MapDataset in order, in process or with worker processes; state is just the index."""
-
-  def __init__(self, tokens: grain.MapDataset, num_workers: int):
-    super().__init__()
-    self._tokens = tokens
-    self._num_workers = num_workers
-
-  def __iter__(self) -> grain.DatasetIterator:
-    return _TokenStreamIterator(self._tokens, self._num_workers)
-
-
-class _TokenStreamIterator(grain.DatasetIterator):
-
-  def __init__(self, tokens: grain.MapDataset, num_workers: int):
-    super().__init__()
-    self._tokens = tokens
-    self._num_workers = num_workers
-    self._next_index = 0
-    self._reader: grain.DatasetIterator | None = None  # Opened on first use: set_state is cheap.
-
-  def _open(self) -> grain.DatasetIterator:
-    ds = self._tokens[self._next_index:].to_iter_dataset(_READ_OPTIONS)
-    if self._num_workers > 0:
-      if not flags.FLAGS.is_parsed():
-        # grain's worker launch reads one of its absl flags unguarded; outside an absl app
-        # (tests, notebooks) nobody parsed them, so take the defaults.
-        flags.FLAGS.mark_as_parsed()
-      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._num_workers))
-    return iter(ds)
-
-  def __next__(self) -> np.ndarray:
-    self._assert_not_closed()
-    if self._reader is None:
-      self._reader = self._open()
-    # Workers hand over shared-memory arrays; a plain copy frees the segment now rather than at
-    # interpreter exit (where grain's cleanup fails and warns of a leak).
-    element = np.array(next(self._reader), copy=True)
-    self._next_index += 1
-    return element
-
-  def get_state(self) -> dict[str, int]:
-    return {"next_index": self._next_index}
-
-  def set_state(self, state: dict[str, int]) -> None:
-    self._close_reader()
-    self._next_index = int(state["next_index"])
-
-  def start_prefetch(self) -> None:
-    if self._reader is None:
-      self._reader = self._open()
-    self._reader.start_prefetch()
-
-  def _close_reader(self) -> None:
-    if self._reader is not None:
-      self._reader.close()
-      self._reader = None
-
-  def close(self) -> None:
-    self._close_reader()
-    super().close()
-
-
-def make_iterator(data_cfg: DataConfig, tokenizer: tokenizers.Tokenizer, documents: list[Document],
-                  *, split: str, local_batch: int, seed: int, process_index: int = 0,
-                  process_count: int = 1, num_epochs: int | None = None) -> grain.DatasetIterator:
-  """Batches of `batch_spec(local_batch, data_cfg.seq_len)` for this process; checkpointable.
-
-  num_epochs=None repeats forever. A finite stream ends with a partial batch padded by empty rows
-  (all PAD, segment 0, loss_mask 0), so an eval pass counts every token exactly once; processes
-  may then see different numbers of batches, so a multi-host eval loop must agree on a count.
-  The caller passes the seed (normally data.seed); processes may share it, their shards differ.
-  """
   if local_batch <= 0:
     raise DataError(f"local_batch must be positive, got {local_batch}.")
-  shard = shard_documents(documents, split=split, eval_fraction=data_cfg.eval_fraction,
-                          process_index=process_index, process_count=process_count)
-  tokens = build_source_dataset(shard, tokenizer, seed=seed, num_epochs=num_epochs)
-  # A weighted mixture of sources would combine several `tokens` datasets here.
-  ds = TokenStream(tokens, data_cfg.num_workers)
-  pieces = grain.experimental.FlatMapIterDataset(ds, SplitDocument(data_cfg.seq_len))
+  if not 0 <= process_index < process_count:
+    raise DataError(f"process_index {process_index} is outside [0, {process_count}).")
+  spec = encode_spec(data_cfg, feature_dim)
+  shares = plan.shares(phase)
+  streams, weights, rates = [], [], []
+  for source in plan.sources:
+    stream = source_stream(plan, source, data_cfg, spec, split=split, seed=seed, process_index=process_index,
+                           process_count=process_count, num_epochs=num_epochs)
+    if stream is None:
+      if split == "train":
+        raise DataError(f"source {source.source.name!r} has no {split} records for process {process_index} of "
+                        f"{process_count} ({len(source.records[split])} in all).")
+      continue
+    streams.append(stream)
+    weights.append(shares[source.source.name])
+    rates.append(rates_by_modality_id(source.source.exchange_rates))
+  if not streams:
+    raise DataError(f"no source has {split} records for process {process_index}; raise data.eval_fraction.")
+  pieces = mixture = EffectiveTokenMix(streams, weights, rates)
   if data_cfg.shuffle_window > 1:
-    # A long document is hundreds of consecutive pieces; without this, whole batches would come
-    # from one file and the loss would swing with it. The state replays from the window's start.
-    pieces = grain.experimental.WindowShuffleIterDataset(pieces, window_size=data_cfg.shuffle_window,
-                                                         seed=seed)
-  rows = pack_rows(pieces, seq_len=data_cfg.seq_len,
-                   num_bins=data_cfg.packing_bins or local_batch, seed=seed)
-  batches = rows.batch(local_batch, batch_fn=functools.partial(
-      grain.experimental.batch_and_pad, batch_size=local_batch))
-  return iter(batches)
+    # A long record is many consecutive pieces; without this, whole batches would come from one
+    # file and the loss would swing with it. The state replays from the window's start.
+    pieces = grain.experimental.WindowShuffleIterDataset(pieces, window_size=data_cfg.shuffle_window, seed=seed)
+  rows = pack_rows(pieces, seq_len=data_cfg.seq_len, num_bins=data_cfg.packing_bins or local_batch, seed=seed)
+  batches = rows.batch(local_batch, batch_fn=functools.partial(grain.experimental.batch_and_pad,
+                                                               batch_size=local_batch))
+  return Batches(iter(batches), mixture)

@@ -6,13 +6,14 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from codex_jax.config.schema import DataConfig
-from codex_jax.data.corpus import Document, corpus_fingerprint, split_of
 from codex_jax.data.errors import DataError
+from codex_jax.data.records import cache_dir
 
 PAD_ID = 0
 EOS_ID = 1
@@ -20,10 +21,6 @@ SPECIAL_TOKENS = ("<|pad|>", "<|endoftext|>")  # In id order: PAD_ID, EOS_ID.
 # Bump when the training recipe changes, so cached tokenizers from the old recipe are not reused.
 RECIPE_VERSION = "bytebpe-v1"
 _MIN_VOCAB = len(SPECIAL_TOKENS) + 256  # Specials plus the byte alphabet.
-
-
-def cache_dir() -> str:
-  return os.environ.get("CODEX_CACHE_DIR") or os.path.expanduser("~/.cache/codex_jax")
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -81,20 +78,24 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> tokenizers.Tokenizer:
   return tok
 
 
-def load_or_train_tokenizer(data_cfg: DataConfig, vocab_size: int, documents: list[Document],
+def load_or_train_tokenizer(data_cfg: DataConfig, vocab_size: int, texts: Callable[[], list[str]], data_key: str,
                             workdir: str | None) -> tokenizers.Tokenizer:
-  """The run's tokenizer; with a workdir, also pinned there as tokenizer.json for resume."""
+  """The run's tokenizer; with a workdir, also pinned there as tokenizer.json for resume.
+
+  data.tokenizer_path names a file to load; otherwise a BPE is trained on `texts()` and cached under
+  a key of `data_key` (what the texts are drawn from), the vocab size and the recipe, so the texts are
+  only read when no cached tokenizer exists.
+  """
   if data_cfg.tokenizer_path:
     tok = load_tokenizer(data_cfg.tokenizer_path, vocab_size)
   else:
-    train_docs = [d for d in documents if split_of(d.id, data_cfg.eval_fraction) == "train"]
-    key = json.dumps([corpus_fingerprint(train_docs), vocab_size, RECIPE_VERSION])
+    key = json.dumps([data_key, vocab_size, RECIPE_VERSION])
     name = hashlib.sha256(key.encode()).hexdigest() + ".json"
     path = os.path.join(cache_dir(), "tokenizers", name)
     if os.path.isfile(path):
       tok = tokenizers.Tokenizer.from_file(path)
     else:
-      tok = train_tokenizer([d.text for d in train_docs], vocab_size)
+      tok = train_tokenizer(texts(), vocab_size)
       _write_atomic(path, tok.to_str())
     tok = _check(tok, vocab_size, repr(path))
   if workdir:

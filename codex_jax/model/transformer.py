@@ -10,6 +10,8 @@ from codex_jax.config.schema import ModelConfig
 from codex_jax.model.layers import Attention, RMSNorm, SwiGLU
 
 ACT_BLD = ("act_batch", "act_length", "act_embed")
+# Modality ids of a packed row (data/records.py): 0 padding, 1 text, then the non-text modalities.
+TEXT_MODALITY_ID, NUM_MODALITY_IDS = 1, 7
 
 # What the backward pass may keep instead of recomputing, per `model.remat`.
 REMAT_POLICIES = {
@@ -43,7 +45,7 @@ def _block_class(cfg: ModelConfig):
 
 
 class Decoder(nn.Module):
-  """Token ids in, next-token logits out (float32). `segment_ids` 0 marks padding."""
+  """Token ids (and non-text features) in, next-token logits out (float32). `segment_ids` 0 marks padding."""
 
   cfg: ModelConfig
 
@@ -60,16 +62,35 @@ class Decoder(nn.Module):
       self.layers = stack(cfg, name="layers")
     else:
       self.blocks = [block(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
+    if cfg.feature_dim:
+      # Non-text positions: a linear patch embedding of their values plus a learned modality vector.
+      self.feature_in = self.param(
+          "feature_in", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("features", "embed")),
+          (cfg.feature_dim, cfg.d_model), jnp.dtype(cfg.param_dtype))
+      self.modality_embedding = self.param(
+          "modality_embedding", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
+                                                             ("modalities", "embed")),
+          (NUM_MODALITY_IDS, cfg.d_model), jnp.dtype(cfg.param_dtype))
     self.final_norm = RMSNorm(cfg, name="final_norm")
     if not cfg.tie_embeddings:
       self.unembed = self.param(
           "unembed", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("embed", "vocab")),
           (cfg.d_model, cfg.vocab_size), jnp.dtype(cfg.param_dtype))
 
-  def hidden(self, tokens_BL, segment_ids_BL, positions_BL):
+  def embed(self, tokens_BL, features_BLF=None, modality_ids_BL=None):
+    """Token embeddings at text positions; projected features + modality vectors elsewhere."""
+    dt = self.cfg.compute_dtype
+    x_BLD = jnp.take(self.embedding, tokens_BL, axis=0).astype(dt)
+    if self.cfg.feature_dim and features_BLF is not None:
+      media_BLD = (jnp.einsum("BLF,FD->BLD", features_BLF.astype(dt), self.feature_in.astype(dt))
+                   + jnp.take(self.modality_embedding, modality_ids_BL, axis=0).astype(dt))
+      is_media_BL = modality_ids_BL > TEXT_MODALITY_ID
+      x_BLD = jnp.where(is_media_BL[..., None], media_BLD, x_BLD)
+    return nn.with_logical_constraint(x_BLD, ACT_BLD)
+
+  def hidden(self, tokens_BL, segment_ids_BL, positions_BL, features_BLF=None, modality_ids_BL=None):
     """The final-norm hidden states [B, L, D] (before the output projection)."""
-    x_BLD = jnp.take(self.embedding, tokens_BL, axis=0).astype(self.cfg.compute_dtype)
-    x_BLD = nn.with_logical_constraint(x_BLD, ACT_BLD)
+    x_BLD = self.embed(tokens_BL, features_BLF, modality_ids_BL)
     if self.cfg.scan_layers:
       x_BLD, _ = self.layers(x_BLD, segment_ids_BL, positions_BL)
     else:
@@ -86,5 +107,5 @@ class Decoder(nn.Module):
     logits_BLV = nn.with_logical_constraint(logits_BLV, ("act_batch", "act_length", "act_vocab"))
     return logits_BLV.astype(jnp.float32)
 
-  def __call__(self, tokens_BL, segment_ids_BL, positions_BL):
-    return self.logits(self.hidden(tokens_BL, segment_ids_BL, positions_BL))
+  def __call__(self, tokens_BL, segment_ids_BL, positions_BL, features_BLF=None, modality_ids_BL=None):
+    return self.logits(self.hidden(tokens_BL, segment_ids_BL, positions_BL, features_BLF, modality_ids_BL))

@@ -7,7 +7,8 @@ import contextlib
 import flax.linen as nn
 import jax
 
-# Logical names. Parameters: vocab, embed, heads, kv_heads, head_dim, mlp, norm, layers.
+# Logical names. Parameters: vocab, embed, heads, kv_heads, head_dim, mlp, norm, layers, features,
+# modalities.
 # Activations get their own names (act_*) so that FSDP, which shards the parameters' `embed`
 # over `data`, never shards an activation's feature dimension over the axis its batch is on.
 MESH_AXES = ("data", "tensor", "pipeline")
@@ -26,6 +27,8 @@ def logical_axis_rules(fsdp: bool) -> tuple[tuple[str, str | None], ...]:
       ("head_dim", None),
       ("norm", None),
       ("layers", None),
+      ("features", None),  # Input width of non-text positions (patch / audio / proprio / action values).
+      ("modalities", None),
       # Activations: the batch over `data`, features over `tensor` where the math splits there.
       ("act_batch", "data"),
       ("act_length", None),

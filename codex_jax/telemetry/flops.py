@@ -13,7 +13,8 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
   """Exact parameter counts for the Llama-style layout (no biases).
 
   Per layer: RMSNorm [D] + q [D,H,K] + k,v [D,G,K] + o [H,K,D] + RMSNorm [D] + gate,up [D,F] + down [F,D];
-  plus embedding [V,D], final RMSNorm [D] and, unless tied, unembedding [D,V].
+  plus embedding [V,D], final RMSNorm [D], unless tied unembedding [D,V], and with non-text inputs
+  (feature_dim E > 0) a feature projection [E,D] and a modality embedding [7,D] (counted as embedding).
   `non_embedding` is `total` less the input embedding table (Kaplan et al.'s N); an untied unembedding
   stays in it because it is a real matmul, and a tied one is the embedding table itself.
   """
@@ -24,7 +25,9 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
   per_layer = attention + mlp + 2 * d
   embedding = v * d
   unembedding = 0 if cfg.tie_embeddings else d * v
-  total = embedding + cfg.num_layers * per_layer + d + unembedding
+  feature_in = cfg.feature_dim * d
+  embedding += 7 * d if cfg.feature_dim else 0
+  total = embedding + cfg.num_layers * per_layer + d + unembedding + feature_in
   return {
       "total": total,
       "embedding": embedding,
@@ -33,6 +36,7 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
       "per_layer": per_layer,
       "attention_per_layer": attention,
       "mlp_per_layer": mlp,
+      "feature_in": feature_in,
   }
 
 
@@ -53,10 +57,12 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   weight forward, 4 backward. The second term is QK^T and AV: 2 * 2 * H * K * T forward per token
   per layer, times 3 for training. This is the PaLM (appendix B) convention: the full T x T score
   matrix, not halved for the causal mask, so MFU stays comparable with published numbers; it
-  ignores rematerialisation, which spends hardware FLOPs but no model FLOPs.
+  ignores rematerialisation, which spends hardware FLOPs but no model FLOPs. The feature projection
+  (non-text inputs) runs at every position and costs 4 * E * D: forward and weight gradient, no input
+  gradient.
   """
   attention = 12 * cfg.num_layers * cfg.num_heads * cfg.resolved_head_dim * seq_len
-  return float(6 * matmul_params(cfg) + attention)
+  return float(6 * matmul_params(cfg) + attention + 4 * cfg.feature_dim * cfg.d_model)
 
 
 def xla_flops(compiled: Any) -> float | None:

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from codex_jax.cache import cache_dir
+
 # Dense (no sparsity) peaks per device in FLOP/s: (device_kind substring, bf16, f32 or None = as bf16).
 # First match wins, so more specific names come first ("tpu v5 lite" before "tpu v5", "h100 pcie"
 # before "h100"). TPU f32: JAX's default matmul precision runs f32 dots as bf16 MXU passes, so the
@@ -49,7 +51,7 @@ class PeakFlops:
 
 
 def cache_path() -> str:
-  root = os.environ.get("CODEX_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "codex_jax")
+  root = cache_dir()
   return os.path.join(root, "peak_flops.json")
 
 

@@ -16,13 +16,24 @@ from codex_jax.train.setup import build_trainer, xla_model_flops
 
 
 def synthetic_batch(cfg: Config, local_batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-  """Random tokens in full-length rows: the step's cost without the data pipeline's."""
+  """Full-length random rows: the step's cost without the data pipeline's.
+
+  With model.feature_dim > 0 the first quarter of every row is image positions (random values in
+  [-1, 1]) and the rest text, so the non-text input path is exercised and timed as well.
+  """
   rng = np.random.default_rng(seed)
-  tokens = rng.integers(2, cfg.model.vocab_size, (local_batch, cfg.data.seq_len + 1), dtype=np.int32)
-  shape = (local_batch, cfg.data.seq_len)
-  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones(shape, np.int32),
-          "positions": np.broadcast_to(np.arange(cfg.data.seq_len, dtype=np.int32), shape).copy(),
-          "loss_mask": np.ones(shape, np.float32)}
+  length = cfg.data.seq_len
+  tokens = rng.integers(2, cfg.model.vocab_size, (local_batch, length + 1), dtype=np.int32)
+  shape = (local_batch, length)
+  media = length // 4 if cfg.model.feature_dim else 0
+  is_media = np.broadcast_to(np.arange(length) < media, shape)
+  modality_ids = np.where(is_media, 2, 1).astype(np.int32)  # records.MODALITY_IDS: image 2, text 1.
+  features = rng.uniform(-1, 1, (*shape, cfg.model.feature_dim)).astype(np.float32) * is_media[..., None]
+  return {"inputs": np.where(is_media, 0, tokens[:, :-1]).astype(np.int32), "targets": tokens[:, 1:],
+          "segment_ids": np.ones(shape, np.int32),
+          "positions": np.broadcast_to(np.arange(length, dtype=np.int32), shape).copy(),
+          "loss_mask": (np.arange(length) >= media - 1).astype(np.float32)[None].repeat(local_batch, 0),
+          "modality_ids": modality_ids, "source_ids": np.ones(shape, np.int32), "features": features}
 
 
 def benchmark(cfg: Config, steps: int, warmup: int = 2) -> dict:

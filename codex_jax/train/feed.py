@@ -1,4 +1,4 @@
-"""Turns each process's numpy batch into one global, data-sharded jax.Array per field."""
+"""Turns each process's numpy batch into one global, data-sharded jax.Array per model field."""
 
 from __future__ import annotations
 
@@ -7,20 +7,21 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from codex_jax.data.errors import DataError
-from codex_jax.data.packing import ROW_FEATURES as BATCH_FIELDS  # field -> dtype, each [batch, length].
+from codex_jax.data.packing import MODEL_FIELDS, ROW_FEATURES
 
 
-def check_batch(batch: dict, local_batch: int, seq_len: int, vocab_size: int) -> None:
+def check_batch(batch: dict, local_batch: int, seq_len: int, vocab_size: int, feature_dim: int) -> None:
   """Fails before the first step, naming the field, when a batch does not fit the model."""
-  missing = sorted(set(BATCH_FIELDS) - set(batch))
+  missing = sorted(set(ROW_FEATURES) - set(batch))
   if missing:
-    raise DataError(f"batch is missing field(s) {missing}; expected {sorted(BATCH_FIELDS)}")
-  for name, dtype in BATCH_FIELDS.items():
+    raise DataError(f"batch is missing field(s) {missing}; expected {sorted(ROW_FEATURES)}")
+  for name, dtype in ROW_FEATURES.items():
     array = np.asarray(batch[name])
-    if array.shape != (local_batch, seq_len) or array.dtype != dtype:
+    shape = (local_batch, seq_len, feature_dim) if name == "features" else (local_batch, seq_len)
+    if array.shape != shape or array.dtype != dtype:
       raise DataError(f"batch[{name!r}] is {array.dtype}{list(array.shape)}; the model expects "
-                      f"{np.dtype(dtype).name}[{local_batch}, {seq_len}] (train.global_batch / processes, "
-                      f"data.seq_len)")
+                      f"{np.dtype(dtype).name}{list(shape)} (train.global_batch / processes, data.seq_len"
+                      f"{', model.feature_dim' if name == 'features' else ''})")
   for name in ("inputs", "targets"):
     top = int(np.max(batch[name]))
     if top >= vocab_size or int(np.min(batch[name])) < 0:
@@ -29,5 +30,4 @@ def check_batch(batch: dict, local_batch: int, seq_len: int, vocab_size: int) ->
 
 def to_global(batch: dict, sharding: NamedSharding) -> dict[str, jax.Array]:
   """Each process contributes its rows; together they form the global batch sharded over `data`."""
-  return {name: jax.make_array_from_process_local_data(sharding, np.asarray(batch[name]))
-          for name in BATCH_FIELDS}
+  return {name: jax.make_array_from_process_local_data(sharding, np.asarray(batch[name])) for name in MODEL_FIELDS}

@@ -10,25 +10,25 @@ from absl import logging
 
 from codex_jax.checkpoint.manager import Checkpointer
 from codex_jax.config.schema import Config
-from codex_jax.data import corpus, pipeline, tokenizer
 from codex_jax.parallel.mesh import build_mesh
 from codex_jax.telemetry import flops, params_table, peak, plot
 from codex_jax.telemetry.progress import Progress
 from codex_jax.telemetry.writer import MetricsWriter
 from codex_jax.train import feed
+from codex_jax.train.inputs import TrainInputs
 from codex_jax.train.report import Reporter
 from codex_jax.train.setup import build_trainer, xla_model_flops
-from codex_jax.train.workdir import check_or_write_config
+from codex_jax.train.workdir import check_config, write_config
 
 
 def train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: bool = True) -> dict[str, Any]:
   """Trains `cfg` in `workdir`, resuming from its latest checkpoint; returns a run summary."""
   is_main = jax.process_index() == 0
   total_steps, seq_len = cfg.train.steps, cfg.data.seq_len
-  local_batch = cfg.train.global_batch // jax.process_count()
 
-  # 1. Workdir: a rerun must mean the same run (config diff refused outside the allow-list).
-  for change in check_or_write_config(workdir, config_dict):
+  # 1. Workdir: a rerun must mean the same run (config diff refused outside the allow-list). Nothing
+  #    is written into the workdir until every check below has passed.
+  for change in check_config(workdir, config_dict):
     logging.info("Config change accepted on resume: %s", change)
 
   # 2. Mesh.
@@ -36,38 +36,36 @@ def train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: b
   logging.info("Mesh %s over %d %s device(s), %d process(es)", dict(mesh.shape), mesh.size,
                jax.devices()[0].device_kind, jax.process_count())
 
-  # 3. Data: the embedded corpus, its tokenizer, a train and a held-out Grain pipeline.
-  documents = corpus.embedded_documents(cfg.data.corpus_max_bytes)
-  tok = tokenizer.load_or_train_tokenizer(cfg.data, cfg.model.vocab_size, documents,
-                                          workdir if is_main else None)
-
-  def data_iterator(split, num_epochs=None):
-    return pipeline.make_iterator(cfg.data, tok, documents, split=split, local_batch=local_batch,
-                                  seed=cfg.data.seed, process_index=jax.process_index(),
-                                  process_count=jax.process_count(), num_epochs=num_epochs)
-  train_data = data_iterator("train")
+  # 3. Data: manifest, licence policy, validated file indexes, tokenizer, manifest hash (fails early).
+  inputs = TrainInputs.create(cfg, workdir, is_main)
   evaluating = cfg.data.eval_fraction > 0 and cfg.eval.batches > 0
   if evaluating:
-    data_iterator("eval", num_epochs=1)  # Fails now, not at the first eval, if the split is empty.
+    inputs.eval_iterator(0).close()  # Fails now, not at the first eval, if no source holds eval records.
 
   # 4. Model, optimizer, the state's shardings and the jitted steps (nothing allocated yet).
   trainer = build_trainer(cfg, mesh)
   to_global = lambda batch: feed.to_global(batch, trainer.data_sharding)  # noqa: E731
 
-  # 5. Resume: (a) latest committed checkpoint, (b) state into its shardings, (c) iterator position.
+  # 5. Resume: (a) latest committed checkpoint, (b) its data record checked (process count, manifest
+  #    hash, run phase), (c) state into its shardings, (d) the iterator position.
   checkpointer = Checkpointer(workdir, cfg.checkpoint)
   start = checkpointer.latest_step()
+  inputs.start(start or 0, None if start is None else checkpointer.read_meta(start))
   if start is not None:
-    train_state = checkpointer.restore(start, trainer.restore_target(), train_data)
+    train_state = checkpointer.restore(start, trainer.restore_target(),
+                                       inputs.batches.iterator if inputs.restore_iterator else None)
     logging.info("Resumed from step %d in %s", start, checkpointer.directory)
   else:
     start, train_state = 0, trainer.init_state()
   if is_main:
+    write_config(workdir, config_dict)
+    inputs.write_record(workdir)
+  if is_main:
     logging.info("Parameters:\n%s", params_table.param_table(train_state.params))
 
   # 6. Compile once, ahead of time, and count FLOPs both ways.
-  batch = next(train_data)
-  feed.check_batch(batch, local_batch, seq_len, cfg.model.vocab_size)
+  batch, data_metrics = inputs.next_batch(start)
+  feed.check_batch(batch, inputs.local_batch, seq_len, cfg.model.vocab_size, cfg.model.feature_dim)
   compiled = trainer.train_step.lower(train_state, to_global(batch)).compile()
   tokens_per_step = cfg.train.global_batch * seq_len
   model_flops = flops.train_flops_per_token(cfg.model, seq_len) * tokens_per_step
@@ -88,38 +86,46 @@ def train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: b
       train_state, metrics = compiled(train_state, to_global(batch))
       if pending is not None:
         reporter.step(*pending)
-      done, pending = step + 1, (step + 1, metrics)
+      done, pending = step + 1, (step + 1, metrics, data_metrics)
       if done % cfg.checkpoint.every == 0 or done == total_steps:
-        checkpointer.save(done, train_state, train_data)
+        checkpointer.save(done, train_state, inputs.batches.iterator, inputs.meta())
       if evaluating and (done % cfg.eval.every == 0 or done == total_steps):
-        eval_loss = _evaluate(trainer.eval_step, train_state.params, data_iterator, cfg.eval.batches, to_global)
+        eval_loss = _evaluate(trainer.eval_step, train_state.params, inputs.eval_iterator(done), cfg.eval.batches,
+                              to_global)
         reporter.eval(done, eval_loss)
       if done < total_steps:
-        batch = next(train_data)
+        batch, data_metrics = inputs.next_batch(done)
     if pending is not None:
       reporter.step(*pending)
   finally:
     checkpointer.close()
     reporter.close()
+    inputs.close()
 
   # 8. Finish: draw the curves, summarise.
   summary = {"start_step": start, "final_step": int(jax.device_get(train_state.step)),
              "eval_loss": eval_loss, **reporter.summary(), "workdir": os.path.abspath(workdir),
              "checkpoints": checkpointer.all_steps(), "params": flops.param_counts(cfg.model)["total"],
              "model_flops_per_step": model_flops, "xla_flops_per_step": xla_flops,
-             "peak_flops": peak_flops.total}
+             "peak_flops": peak_flops.total, "manifest_hash": inputs.plan.manifest_hash,
+             "data_sources": [s.source.name for s in inputs.plan.sources],
+             "data_excluded": {e.source: e.reason for e in inputs.plan.exclusions},
+             "data_share_error": reporter.summary_value("data/max_share_error")}
   metrics_file = os.path.join(workdir, "metrics.jsonl")
   if is_main and os.path.exists(metrics_file):
     summary["plot"] = plot.plot_metrics(metrics_file, os.path.join(workdir, "loss.png"))
   return summary
 
 
-def _evaluate(eval_step, params, data_iterator, batches: int, to_global) -> float:
-  """Mean next-token loss on the first `batches` held-out batches (the same ones every time)."""
+def _evaluate(eval_step, params, batches, num_batches: int, to_global) -> float:
+  """Mean next-token loss on the first `num_batches` held-out batches (the same ones every time)."""
   ce_sum, tokens = 0.0, 0.0
-  for i, batch in enumerate(data_iterator("eval", num_epochs=1)):
-    if i >= batches:
-      break
-    out = jax.device_get(eval_step(params, to_global(batch)))
-    ce_sum, tokens = ce_sum + float(out["ce_sum"]), tokens + float(out["tokens"])
+  try:
+    for i, batch in enumerate(batches):
+      if i >= num_batches:
+        break
+      out = jax.device_get(eval_step(params, to_global(batch)))
+      ce_sum, tokens = ce_sum + float(out["ce_sum"]), tokens + float(out["tokens"])
+  finally:
+    batches.close()
   return ce_sum / tokens if tokens else float("nan")

@@ -25,9 +25,13 @@ class Reporter:
     self.first_loss: float | None = None
     self.last_time = time.perf_counter()
 
-  def step(self, step: int, metrics) -> None:
-    """Blocks until `metrics` (of update number `step`) are on the host; the next step is already queued."""
+  def step(self, step: int, metrics, host_metrics: dict[str, float] | None = None) -> None:
+    """Blocks until `metrics` (of update number `step`) are on the host; the next step is already queued.
+
+    `host_metrics` are the step's host-side numbers (the data accounting), written alongside.
+    """
     scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    scalars.update(host_metrics or {})
     now = time.perf_counter()
     step_time, self.last_time = now - self.last_time, now
     scalars.update(step_time=step_time, tokens_per_s=self.tokens_per_step / step_time,
@@ -50,6 +54,9 @@ class Reporter:
   def eval(self, step: int, loss: float) -> None:
     self.writer.write(step, {"eval_loss": loss})
     logging.info("step %d eval_loss %.4f", step, loss)
+
+  def summary_value(self, name: str) -> float | None:
+    return (self.last or {}).get(name)
 
   def summary(self) -> dict:
     last = self.last or {}

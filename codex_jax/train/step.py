@@ -17,6 +17,7 @@ from codex_jax.train.state import TrainState
 def loss_fn(params, batch: dict, *, model: Decoder, z_loss: float, rng: jax.Array | None = None):
   """(loss, aux metrics) of `params` on one batch: the objective every step differentiates."""
   logits_BLV = model.apply({"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"],
+                           batch.get("features"), batch.get("modality_ids"),
                            rngs=None if rng is None else {"dropout": rng})
   return next_token_loss(logits_BLV, batch["targets"], batch["loss_mask"], z_loss)
 

@@ -12,33 +12,31 @@ from codex_jax.config.load import diff, resume_conflicts
 CONFIG_FILE = "config.json"
 
 
-def check_or_write_config(workdir: str, config: dict[str, Any]) -> list[str]:
-  """Writes workdir/config.json on a first run; on a rerun refuses changed keys outside the allow-list.
+def check_config(workdir: str, config: dict[str, Any]) -> list[str]:
+  """On a rerun, refuses changed keys outside the allow-list; returns the allowed changes. Writes nothing."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return []
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ConfigError([f"{path}: cannot read the saved config of this workdir ({e})"]) from e
+  conflicts = resume_conflicts(saved, config)
+  if conflicts:
+    raise ConfigError([f"{path}: this workdir was started with another config; resuming would change "
+                       f"{', '.join(conflicts)} (only {_allowed()} may change; use a new --workdir)"])
+  return diff(saved, config)
 
-  Returns the allowed changes (empty on a first run), after recording the new values.
-  """
+
+def write_config(workdir: str, config: dict[str, Any]) -> None:
+  """Records `config` as the workdir's config (atomically), once every check has passed."""
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, CONFIG_FILE)
-  if os.path.exists(path):
-    try:
-      with open(path) as f:
-        saved = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-      raise ConfigError([f"{path}: cannot read the saved config of this workdir ({e})"]) from e
-    conflicts = resume_conflicts(saved, config)
-    if conflicts:
-      raise ConfigError([f"{path}: this workdir was started with another config; resuming would change "
-                         f"{', '.join(conflicts)} (only {_allowed()} may change; use a new --workdir)"])
-    changes = diff(saved, config)
-    if not changes:
-      return []
-  else:
-    changes = []
   tmp = f"{path}.tmp"
   with open(tmp, "w") as f:
     json.dump(config, f, indent=2, sort_keys=True)
   os.replace(tmp, path)
-  return changes
 
 
 def _allowed() -> str:
