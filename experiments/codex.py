@@ -66,16 +66,15 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.seed = 0
   config.data.eval_fraction = 0.01
   config.data.num_workers = 0            # Decoding worker processes per source.
-  config.data.packing_bins = 0           # First-fit packing bins; 0: the local batch size.
-  config.data.shuffle_window = 1024      # Document pieces shuffled together before packing.
+  config.data.shuffle_window = 256       # Packed rows shuffled together before batching.
   config.data.shuffle_block = 64         # Consecutive records read together; blocks shuffled per epoch.
   config.data.image_size = 16            # Pictures and frames resized to 16x16 ...
   config.data.patch_size = 4             # ... and cut into 4x4 patches: 16 positions of 48 values.
   config.data.video_frames = 8           # Frames sampled per clip, ...
   config.data.tubelet_frames = 2         # ... 2 per position: 64 positions of 96 values per clip.
   config.data.audio_sample_rate = 8000
-  config.data.audio_mels = 16            # Log-mel bins per 10 ms frame, ...
-  config.data.audio_patch_frames = 4     # ... 4 frames per position: 64 values.
+  config.data.audio_mels = 12            # Log-mel bins per 10 ms frame, ...
+  config.data.audio_patch_frames = 8     # ... 8 frames per position: 96 values (a 1 s clip: 13 positions).
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.learning_rate = 3e-3

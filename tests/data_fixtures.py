@@ -12,7 +12,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from codex_jax.data import corpus
+from codex_jax.data.default_corpus import stdlib_walk as corpus
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 

@@ -109,13 +109,50 @@ def test_clip_and_embodied_layouts(plan):
   assert ex["loss_mask"][:instruction - 1].all() and not ex["loss_mask"][instruction - 1:].any()
 
 
-@pytest.mark.parametrize("n", [1, 2, SEQ_LEN, SEQ_LEN + 1, 3 * SEQ_LEN + 5])
-def test_pieces_reassemble_the_example(n):
-  ex = {"inputs": np.arange(n, dtype=np.int32), "features": np.ones((n, 3), np.float32) * np.arange(n)[:, None]}
-  pieces = packing.SplitExample(SEQ_LEN).flat_map(ex)
-  assert len(pieces) == -(-n // SEQ_LEN) and all(1 <= len(p["inputs"]) <= SEQ_LEN for p in pieces)
-  np.testing.assert_array_equal(np.concatenate([p["inputs"] for p in pieces]), ex["inputs"])
-  np.testing.assert_array_equal(np.concatenate([p["features"] for p in pieces]), ex["features"])
+@pytest.mark.parametrize("lengths", [[5, 7, 60, 3], [SEQ_LEN], [SEQ_LEN + 1, 2], [3 * SEQ_LEN + 5, 40, 30, SEQ_LEN]])
+def test_rows_hold_the_stream_in_order_and_cut_only_what_a_row_cannot_hold(lengths):
+  examples, start = [], 0
+  for n in lengths:
+    ids = np.arange(start, start + n, dtype=np.int32)
+    examples.append({"inputs": ids, "targets": ids + 1, "loss_mask": np.ones(n, np.float32),
+                     "modality_ids": np.ones(n, np.int32), "source_ids": np.ones(n, np.int32),
+                     "features": np.zeros((n, 2), np.float32) + ids[:, None]})
+    start += n
+  rows = list(packing.SourceRows(grain.MapDataset.source(examples).to_iter_dataset(), SEQ_LEN))
+  assert all(r["inputs"].shape == (SEQ_LEN,) and r["features"].shape == (SEQ_LEN, 2) for r in rows)
+  parts = []  # Every segment, in order: together they are the examples, in order, with nothing lost.
+  for r in rows:
+    seg = r["segment_ids"]
+    real = seg[seg > 0]
+    assert real.size and np.all(seg[real.size:] == 0) and list(np.unique(real)) == list(range(1, real.max() + 1))
+    for s in np.unique(real):
+      idx = np.flatnonzero(seg == s)
+      np.testing.assert_array_equal(r["positions"][idx], np.arange(idx.size))
+      np.testing.assert_array_equal(r["features"][idx, 0], r["inputs"][idx])
+      parts.append(r["inputs"][idx])
+  np.testing.assert_array_equal(np.concatenate(parts), np.arange(start))
+  # Only examples longer than a row are cut; a short one that does not fit starts a new row.
+  boundaries = set(np.cumsum([len(p) for p in parts])[:-1])
+  ends = set(np.cumsum(lengths)[:-1])
+  cut = [b for b in boundaries if b not in ends]
+  owner = lambda pos: int(np.searchsorted(np.cumsum(lengths), pos, side="right"))
+  assert all(lengths[owner(b)] > SEQ_LEN for b in cut)
+
+
+def test_row_packer_state_round_trips_mid_example():
+  examples = [{"inputs": np.arange(n, dtype=np.int32), "targets": np.arange(n, dtype=np.int32),
+               "loss_mask": np.ones(n, np.float32), "modality_ids": np.ones(n, np.int32),
+               "source_ids": np.ones(n, np.int32), "features": np.zeros((n, 1), np.float32)}
+              for n in [10, 150, 30, 20, 200, 5, 64, 64, 1]]
+  ds = packing.SourceRows(grain.MapDataset.source(examples).to_iter_dataset(), SEQ_LEN)
+  reference = list(ds)
+  for k in range(len(reference)):
+    it = iter(ds)
+    [next(it) for _ in range(k)]
+    state = json.loads(json.dumps(it.get_state()))
+    resumed = iter(ds)
+    resumed.set_state(state)
+    assert_same_batches(list(resumed), reference[k:])
 
 
 # --- mixture --------------------------------------------------------------------------------------
@@ -185,11 +222,10 @@ def test_eval_stream_ends_padded_and_counts_every_record_once(plan, cfg):
   out = list(batches(plan, cfg, split="eval", num_epochs=1))
   assert out and all(b["inputs"].shape == (BATCH, SEQ_LEN) for b in out)
   spec = pipeline.encode_spec(cfg, FEATURES)
-  expected = 0
+  expected = 0  # Every position of every held-out record, encoded directly.
   for s in plan.sources:
-    stream = pipeline.source_stream(plan, s, cfg, spec, split="eval", seed=0, process_index=0, process_count=1,
-                                    num_epochs=1)
-    expected += sum(len(ex["inputs"]) for ex in stream) if stream else 0
+    read = pipeline.ReadExample(s, encode.Encoder(plan.tokenizer, spec, s.source_id, s.source.exchange_rates))
+    expected += sum(len(read.map(entry)["inputs"]) for entry in s.records["eval"])
   assert sum(int((b["segment_ids"] > 0).sum()) for b in out) == expected
 
 
@@ -397,3 +433,24 @@ def test_no_worker_outlives_a_killed_trainer(manifest):
   finally:
     if proc.poll() is None:
       proc.kill()
+
+
+# --- resume rules ---------------------------------------------------------------------------------
+
+def test_resume_refuses_another_process_count_or_data_naming_old_and_new(plan, manifest):
+  import jax
+
+  from codex_jax.train.inputs import TrainInputs
+  from tests.helpers import load
+  cfg = load("tiny", num_devices=8, **{"data.manifest": manifest, "data.seq_len": SEQ_LEN})
+  inputs = TrainInputs(cfg, plan, local_batch=BATCH)
+  meta = {"data": plan.record(), "run_phase": "pretrain", "process_count": jax.process_count() + 1}
+  with pytest.raises(DataError, match=rf"checkpoint 7 was written by {jax.process_count() + 1} JAX process\(es\), "
+                                      rf"this run has {jax.process_count()}"):
+    inputs._check_resume(7, meta)
+  other = {**plan.record(), "manifest_hash": "0" * 64, "tokenizer_sha256": "x"}
+  meta = {"data": other, "run_phase": "pretrain", "process_count": jax.process_count()}
+  with pytest.raises(DataError, match=r"manifest hash 0{64}, this run's is .*tokenizer differs.*data.phase"):
+    inputs._check_resume(7, meta)
+  inputs._check_resume(7, {**meta, "run_phase": "an-earlier-phase"})  # A new run phase may change the data.
+  assert not inputs.restore_iterator

@@ -10,7 +10,7 @@ from codex_jax.config.schema import DataConfig
 from codex_jax.data import fingerprint, licences
 from codex_jax.data.errors import DataError
 from codex_jax.data.manifest import load_manifest
-from codex_jax.data.plan import build_plan
+from codex_jax.data.plan import build_plan, split_of
 from tests.data_fixtures import SHARES, write_corpus
 
 VOCAB = 400
@@ -177,3 +177,18 @@ def test_one_changed_byte_in_a_data_file_changes_the_manifest_hash(tmp_path):
 def test_text_only_model_refuses_media_sources(corpus_dir):
   with pytest.raises(DataError, match=r"source 'captions' has image positions but model.feature_dim is 0"):
     build_plan(DataConfig(), vocab_size=VOCAB, feature_dim=0, manifest_path=os.path.join(corpus_dir, "manifest.yaml"))
+
+
+# split_of(f"code/part-{i % 3}.jsonl:line {i}", 0.5) for i in range(16): a change here reshuffles every
+# run's held-out set. Regenerate only on purpose, with the expression above.
+GOLDEN_SPLIT = "tteteeeteetteett"
+
+
+def test_record_split_is_stable_and_the_fraction_is_right():
+  got = "".join(split_of(f"code/part-{i % 3}.jsonl:line {i}", 0.5)[0] for i in range(16))
+  assert got == GOLDEN_SPLIT
+  held_out = sum(split_of(f"f.jsonl:line {i}", 0.1) == "eval" for i in range(20000)) / 20000
+  assert abs(held_out - 0.1) < 0.01
+  assert split_of("a.jsonl:line 3", 0.5) != split_of("b.jsonl:line 3", 0.5) or split_of(
+      "c.jsonl:line 3", 0.5) != split_of("d.jsonl:line 3", 0.5)  # The file is part of the key.
+  assert {split_of(f"x:{i}", 0.0) for i in range(100)} == {"train"}

@@ -54,8 +54,7 @@ class DataConfig:
   seed: int = 0
   eval_fraction: float = 0.01
   num_workers: int = 0  # Grain worker processes per source; 0 decodes in the trainer process.
-  packing_bins: int = 0  # First-fit packing bins; 0: the local batch size.
-  shuffle_window: int = 1024  # Pieces shuffled together before packing; 0 or 1: off.
+  shuffle_window: int = 256  # Packed rows shuffled together before batching; 0 or 1: off.
   shuffle_block: int = 64  # Consecutive records read together; blocks are shuffled per epoch.
   image_size: int = 16  # Pictures and frames are resized to image_size x image_size.
   patch_size: int = 4

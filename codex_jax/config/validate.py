@@ -31,7 +31,7 @@ def validate(cfg: schema.Config, num_devices: int | None = None, num_processes: 
       need(getattr(obj, key) > 0, f"{group}.{key}", getattr(obj, key), "must be positive")
   for group, obj, keys in (
       ("model", m, ("head_dim", "feature_dim")),
-      ("data", d, ("tokenizer_train_bytes", "num_workers", "packing_bins", "shuffle_window", "shuffle_block")),
+      ("data", d, ("tokenizer_train_bytes", "num_workers", "shuffle_window", "shuffle_block")),
       ("optimizer", o, ("weight_decay", "min_lr_ratio")),
       ("train", t, ("z_loss", "seed")),
       ("eval", e, ("batches",)),

@@ -172,27 +172,30 @@ class Encoder:
 
 def assemble(spans: list[tuple[str, np.ndarray]], feature_dim: int, source_id: int) -> dict[str, np.ndarray]:
   """Concatenates spans (text: ids [n]; others: features [n, d]) into one example."""
-  ids, modality, features = [], [], []
+  total = sum(len(values) for _, values in spans)
+  ids_n = np.zeros(total, np.int32)  # PAD_ID at non-text positions.
+  modality_n = np.zeros(total, np.int32)
+  features_nF = np.zeros((total, feature_dim), np.float32)
+  start = 0
   for name, values in spans:
-    n = len(values)
-    modality.append(np.full(n, MODALITY_IDS[name], np.int32))
+    end = start + len(values)
+    modality_n[start:end] = MODALITY_IDS[name]
     if name == "text":
-      ids.append(values.astype(np.int32))
-      features.append(np.zeros((n, feature_dim), np.float32))
+      ids_n[start:end] = values
+    elif values.shape[1] > feature_dim:
+      raise DataError(f"a {name} position has {values.shape[1]} values but model.feature_dim is {feature_dim}.")
     else:
-      if values.shape[1] > feature_dim:
-        raise DataError(f"a {name} position has {values.shape[1]} values but model.feature_dim is {feature_dim}.")
-      ids.append(np.full(n, PAD_ID, np.int32))
-      features.append(np.pad(values.astype(np.float32), ((0, 0), (0, feature_dim - values.shape[1]))))
-  ids_n, modality_n = np.concatenate(ids), np.concatenate(modality)
-  next_is_text = np.append(modality_n[1:] == MODALITY_IDS["text"], False)
-  targets = np.where(next_is_text, np.append(ids_n[1:], PAD_ID), PAD_ID).astype(np.int32)
+      features_nF[start:end, :values.shape[1]] = values
+    start = end
+  next_is_text = np.zeros(total, bool)
+  next_is_text[:-1] = modality_n[1:] == MODALITY_IDS["text"]
+  targets = np.zeros(total, np.int32)
+  targets[:-1] = np.where(next_is_text[:-1], ids_n[1:], PAD_ID)
   # A final EOS is only ever a target, never an input: text of n tokens (EOS included) gives n - 1
   # positions, as for plain language modelling. A final action or frame stays: other objectives use it.
-  n = len(ids_n) - 1 if modality_n[-1] == MODALITY_IDS["text"] else len(ids_n)
+  n = total - 1 if modality_n[-1] == MODALITY_IDS["text"] else total
   return {"inputs": ids_n[:n], "targets": targets[:n], "loss_mask": next_is_text[:n].astype(np.float32),
-          "modality_ids": modality_n[:n], "source_ids": np.full(n, source_id, np.int32),
-          "features": np.concatenate(features)[:n]}
+          "modality_ids": modality_n[:n], "source_ids": np.full(n, source_id, np.int32), "features": features_nF[:n]}
 
 
 def effective_tokens(example: dict[str, np.ndarray], rates_by_id: np.ndarray) -> float:

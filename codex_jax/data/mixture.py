@@ -3,8 +3,8 @@
 Each next example comes from the source furthest behind its target: the one with the smallest
 effective_tokens_so_far / share (ties to the lower index). Effective tokens are positions weighted by
 their modality's exchange rate, so a source of image patches at rate 0.45 needs ~2.2x the positions
-of a text source for the same share. Sources hand over pieces of at most seq_len positions, so the
-realised share of every source stays within one piece of its target at any point, with no
+of a text source for the same share. Sources hand over packed rows of seq_len positions, so the
+realised share of every source stays within one row of its target at any point, with no
 randomness to average out (grain's MixDataset mixes by sample
 counts with weights, which neither counts tokens nor bounds the error).
 

@@ -4,9 +4,9 @@ Chain, per process:
 
   per source: MapDataset(this split's records, this process's share) .block-shuffle per epoch
               .map(read + encode)  -> IndexedStream (workers: data.num_workers per source)
-              -> cut into pieces of <= seq_len (flat map)
-  -> EffectiveTokenMix(shares of the phase, exchange rates), piece by piece
-  -> window shuffle of pieces -> first-fit pack into rows -> batch.
+              -> SourceRows (packed rows of seq_len, in stream order)
+  -> EffectiveTokenMix(shares of the phase, exchange rates), row by row
+  -> window shuffle of rows -> batch.
 
 Its state (grain's nested dict) is checkpointed with the model; see stream.py for why a different
 worker count resumes exactly.
@@ -25,7 +25,7 @@ from codex_jax.data.encode import Encoder, EncodeSpec
 from codex_jax.data.errors import DataError
 from codex_jax.data.formats import get_format, validate_options
 from codex_jax.data.mixture import EffectiveTokenMix, with_source_states
-from codex_jax.data.packing import ROW_FEATURES, SplitExample, pack_rows
+from codex_jax.data.packing import ROW_FEATURES, SourceRows
 from codex_jax.data.plan import SPLITS, DataPlan, SourcePlan
 from codex_jax.data.records import MODALITY_IDS
 from codex_jax.data.stream import EpochBlockShuffle, IndexedStream
@@ -69,10 +69,10 @@ class ReadExample(grain.transforms.Map):
 def source_stream(plan: DataPlan, source: SourcePlan, data_cfg: DataConfig, spec: EncodeSpec, *, split: str,
                   seed: int, process_index: int, process_count: int,
                   num_epochs: int | None) -> grain.IterDataset | None:
-  """One source's example pieces (<= seq_len) for this process, or None when it has no records of the split.
+  """One source's packed rows for this process, or None when it has no records of the split.
 
-  Records are cut into pieces before mixing, so the mixture interleaves sources piece by piece and a
-  long file cannot put its source ahead of its share by more than one piece.
+  Records are packed into rows before mixing, so the mixture interleaves sources row by row and a long
+  file cannot put its source ahead of its share by more than one row.
   """
   records = source.records[split][process_index::process_count]
   if not records:
@@ -80,8 +80,7 @@ def source_stream(plan: DataPlan, source: SourcePlan, data_cfg: DataConfig, spec
   encoder = Encoder(plan.tokenizer, spec, source.source_id, source.source.exchange_rates)
   examples = EpochBlockShuffle(grain.MapDataset.source(records), block=data_cfg.shuffle_block,
                                seed=seed * 1_000_003 + source.source_id, num_epochs=num_epochs)
-  stream = IndexedStream(examples.map(ReadExample(source, encoder)), data_cfg.num_workers)
-  return grain.experimental.FlatMapIterDataset(stream, SplitExample(data_cfg.seq_len))
+  return SourceRows(IndexedStream(examples.map(ReadExample(source, encoder)), data_cfg.num_workers), data_cfg.seq_len)
 
 
 @dataclasses.dataclass
@@ -136,12 +135,11 @@ def build_batches(plan: DataPlan, data_cfg: DataConfig, *, feature_dim: int, spl
     rates.append(rates_by_modality_id(source.source.exchange_rates))
   if not streams:
     raise DataError(f"no source has {split} records for process {process_index}; raise data.eval_fraction.")
-  pieces = mixture = EffectiveTokenMix(streams, weights, rates)
+  rows = mixture = EffectiveTokenMix(streams, weights, rates)
   if data_cfg.shuffle_window > 1:
-    # A long record is many consecutive pieces; without this, whole batches would come from one
-    # file and the loss would swing with it. The state replays from the window's start.
-    pieces = grain.experimental.WindowShuffleIterDataset(pieces, window_size=data_cfg.shuffle_window, seed=seed)
-  rows = pack_rows(pieces, seq_len=data_cfg.seq_len, num_bins=data_cfg.packing_bins or local_batch, seed=seed)
+    # A long record is many consecutive rows; without this, whole batches would come from one file
+    # and the loss would swing with it. The state replays from the window's start.
+    rows = grain.experimental.WindowShuffleIterDataset(rows, window_size=data_cfg.shuffle_window, seed=seed)
   batches = rows.batch(local_batch, batch_fn=functools.partial(grain.experimental.batch_and_pad,
                                                                batch_size=local_batch))
   return Batches(iter(batches), mixture)

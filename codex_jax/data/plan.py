@@ -9,6 +9,7 @@ Everything that can be wrong with the data fails here, before a step or a file o
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from typing import Any
@@ -19,7 +20,6 @@ from absl import logging
 from codex_jax.config.schema import DataConfig
 from codex_jax.data import fingerprint, licences
 from codex_jax.data import tokenizer as tokenizer_lib
-from codex_jax.data.corpus import split_of
 from codex_jax.data.errors import DataError
 from codex_jax.data.formats import get_format, validate_options
 from codex_jax.data.formats.index import FileIndex, index_file
@@ -72,6 +72,12 @@ class DataPlan:
         "records": {s.source.name: {split: len(r) for split, r in s.records.items()} for s in self.sources},
         "malformed": len(self.malformed),
     }
+
+
+def split_of(record_key: str, eval_fraction: float) -> str:
+  """"train" or "eval", by a hash of the record's key ("<file relative to root>:<record name>")."""
+  h = int.from_bytes(hashlib.sha256(record_key.encode("utf-8")).digest()[:8], "big")
+  return "eval" if h < eval_fraction * 2**64 else "train"
 
 
 def policy_of(cfg: DataConfig) -> licences.LicencePolicy:

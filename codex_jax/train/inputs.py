@@ -4,8 +4,8 @@ Resume order (before any state is restored): the checkpoint's data record is rea
 process count is refused (each process's shard of every source would change); a different manifest
 hash is refused unless data.phase names a new run phase, in which case the data stream starts afresh
 on the new manifest. Within a run, the manifest's mixture phases switch at their start steps: the new
-phase's pipeline continues every source where the old one stopped (pieces still buffered in the
-shuffle window and packer at that moment are dropped, never repeated).
+phase's pipeline continues every source where the old one stopped (rows still buffered in the
+shuffle window and the open rows of the packers at that moment are dropped, never repeated).
 """
 
 from __future__ import annotations

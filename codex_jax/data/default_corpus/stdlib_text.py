@@ -6,7 +6,7 @@ import hashlib
 import os
 import platform
 
-from codex_jax.data import corpus
+from codex_jax.data.default_corpus import stdlib_walk as corpus
 from codex_jax.data.default_corpus import writers
 
 CODE_MAX_BYTES = 6 << 20
@@ -28,11 +28,11 @@ def build_code(root: str, *, limit: int | None = None, max_bytes: int = CODE_MAX
   lib = corpus.stdlib_root()
   picked: list[dict[str, str]] = []
   total = 0
-  for rel_path in sorted(corpus._relative_paths(lib), key=lambda p: hashlib.sha256(p.encode()).digest()):
+  for rel_path in sorted(corpus.relative_paths(lib), key=lambda p: hashlib.sha256(p.encode()).digest()):
     if (limit is not None and len(picked) >= limit) or total >= max_bytes:
       break
     # The generator yields the code document before it parses anything, so next() reads the file only.
-    doc = next(corpus._module_documents(lib, rel_path), None)
+    doc = next(corpus.module_documents(lib, rel_path), None)
     if doc is not None:
       picked.append({"text": doc.text, "path": rel_path})
       total += len(doc.text.encode("utf-8"))
@@ -51,10 +51,10 @@ def _doc_rows(limit: int | None, max_bytes: int) -> list[dict[str, str]]:
   def full() -> bool:
     return (limit is not None and len(rows) >= limit) or total >= max_bytes
 
-  for rel_path in corpus._relative_paths(lib):
+  for rel_path in corpus.relative_paths(lib):
     if full():
       return rows
-    for doc in corpus._module_documents(lib, rel_path):
+    for doc in corpus.module_documents(lib, rel_path):
       if doc.source == corpus.DOCSTRINGS:
         rows.append({"text": doc.text, "path": f"docstrings/{rel_path}"})
         total += len(doc.text.encode("utf-8"))

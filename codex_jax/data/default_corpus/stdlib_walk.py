@@ -1,10 +1,9 @@
-"""The embedded corpus: Python's own standard library, as code and as docstrings (PSF-2.0)."""
+"""Walks the running interpreter's standard library: its modules as code and as docstrings (PSF-2.0)."""
 
 from __future__ import annotations
 
 import ast
 import dataclasses
-import hashlib
 import os
 import sysconfig
 import warnings
@@ -12,20 +11,7 @@ from collections.abc import Iterator
 
 CODE = "python-stdlib-code"
 DOCSTRINGS = "python-stdlib-docstrings"
-
-SOURCES: dict[str, dict[str, str]] = {
-    CODE: {
-        "name": CODE,
-        "licence": "PSF-2.0",
-        "description": "Every .py file of the running interpreter's standard library, verbatim.",
-    },
-    DOCSTRINGS: {
-        "name": DOCSTRINGS,
-        "licence": "PSF-2.0",
-        "description": "Module, class and function docstrings of the same files, one document "
-                       "per module, each docstring under its qualified name as a heading.",
-    },
-}
+LICENCE = "PSF-2.0"
 
 # Folder names skipped anywhere under the stdlib: third-party packages, test suites (which also
 # holds lib2to3's deliberately broken test data) and the IDLE application.
@@ -45,7 +31,7 @@ def stdlib_root() -> str:
   return sysconfig.get_paths()["stdlib"]
 
 
-def _relative_paths(root: str) -> list[str]:
+def relative_paths(root: str) -> list[str]:
   paths = []
   for dirpath, dirnames, filenames in os.walk(root):
     dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS]
@@ -79,7 +65,7 @@ def _docstrings(tree: ast.Module, module: str) -> str:
   return "\n".join(sections)
 
 
-def _module_documents(root: str, rel_path: str) -> Iterator[Document]:
+def module_documents(root: str, rel_path: str) -> Iterator[Document]:
   try:
     with open(os.path.join(root, rel_path), "rb") as f:
       text = f.read().decode("utf-8")
@@ -87,7 +73,7 @@ def _module_documents(root: str, rel_path: str) -> Iterator[Document]:
     return  # Not readable as UTF-8 text: not part of the corpus.
   if not text.strip():
     return
-  yield Document(f"{CODE}:{rel_path}", CODE, SOURCES[CODE]["licence"], text)
+  yield Document(f"{CODE}:{rel_path}", CODE, LICENCE, text)
   try:
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")  # Invalid escapes in old modules warn; the text is fine.
@@ -96,7 +82,7 @@ def _module_documents(root: str, rel_path: str) -> Iterator[Document]:
     return
   docs = _docstrings(tree, _module_name(rel_path))
   if docs:
-    yield Document(f"{DOCSTRINGS}:{rel_path}", DOCSTRINGS, SOURCES[DOCSTRINGS]["licence"], docs)
+    yield Document(f"{DOCSTRINGS}:{rel_path}", DOCSTRINGS, LICENCE, docs)
 
 
 def embedded_documents(max_bytes: int = 0) -> list[Document]:
@@ -108,31 +94,10 @@ def embedded_documents(max_bytes: int = 0) -> list[Document]:
   root = stdlib_root()
   docs: list[Document] = []
   total = 0
-  for rel_path in _relative_paths(root):
-    for doc in _module_documents(root, rel_path):
+  for rel_path in relative_paths(root):
+    for doc in module_documents(root, rel_path):
       docs.append(doc)
       total += len(doc.text.encode("utf-8"))
     if max_bytes and total >= max_bytes:
       break
   return docs
-
-
-def split_of(doc_id: str, eval_fraction: float) -> str:
-  """"train" or "eval", by a hash of the id without its source prefix.
-
-  A module's code and its docstrings share that key and so land on the same side: the docstrings
-  are text from the code, and splitting them apart would leak eval text into train.
-  """
-  key = doc_id.split(":", 1)[-1]
-  h = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big")
-  return "eval" if h < eval_fraction * 2**64 else "train"
-
-
-def corpus_fingerprint(docs: list[Document]) -> str:
-  h = hashlib.sha256()
-  for doc in docs:
-    for field in (doc.id, doc.text):
-      data = field.encode("utf-8")
-      h.update(len(data).to_bytes(8, "little"))  # Length prefix: ("ab","c") != ("a","bc").
-      h.update(data)
-  return h.hexdigest()
