@@ -192,3 +192,40 @@ def test_record_split_is_stable_and_the_fraction_is_right():
   assert split_of("a.jsonl:line 3", 0.5) != split_of("b.jsonl:line 3", 0.5) or split_of(
       "c.jsonl:line 3", 0.5) != split_of("d.jsonl:line 3", 0.5)  # The file is part of the key.
   assert {split_of(f"x:{i}", 0.0) for i in range(100)} == {"train"}
+
+
+def test_json_manifests_load_like_yaml(corpus_dir, tmp_path):
+  import json
+  with open(os.path.join(corpus_dir, "manifest.yaml")) as f:
+    raw = yaml.safe_load(f)
+  raw["root"] = corpus_dir
+  path = tmp_path / "m.json"
+  path.write_text(json.dumps(raw))
+  assert load_manifest(str(path)).canonical() == load_manifest(edited(corpus_dir, tmp_path, lambda r: None)).canonical()
+  bad = tmp_path / "bad.json"
+  bad.write_text("{")
+  with pytest.raises(DataError, match="bad.json: not valid JSON"):
+    load_manifest(str(bad))
+
+
+def test_cli_data_manifest_lists_sources_exclusions_and_the_hash(plan, corpus_dir):
+  import json
+  import subprocess
+  import sys
+
+  from tests.helpers import ROOT
+  path = os.path.join(corpus_dir, "manifest.yaml")
+  run = lambda *args: subprocess.run([sys.executable, "-m", "codex_jax", "data", "manifest", path, *args],
+                                     cwd=ROOT, capture_output=True, text=True, timeout=120)
+  result = run("--json", "--config=experiments/codex.py:tiny", "--config.model.vocab_size=400",
+               "--config.data.eval_fraction=0.1")
+  assert result.returncode == 0, result.stderr[-2000:]
+  listing = json.loads(result.stdout)
+  assert listing["manifest_hash"] == plan.manifest_hash  # The hash a run with this config records.
+  by_name = {s["name"]: s for s in listing["sources"]}
+  assert not by_name["gpl-text"]["included"] and "copyleft" in by_name["gpl-text"]["excluded_reason"]
+  assert by_name["code"]["effective_share"]["main"] == pytest.approx(SHARES["code"] / (1 - SHARES["gpl-text"]))
+  text = run("--licence_policy=copyleft")
+  assert text.returncode == 0 and "excluded" not in text.stdout and "manifest hash:" in text.stdout
+  missing = run("--nojson", "--licence_policy=whatever")
+  assert missing.returncode == 2 and "whatever" in missing.stderr.strip().splitlines()[-1]
