@@ -33,6 +33,7 @@ bench: install
 	  JAX_PLATFORMS=cpu $(BIN)/codex bench --config=experiments/codex.py:$$variant --name=$$variant \
 	    --steps=$${BENCH_STEPS:-3} --json || exit 1; \
 	done
+	@JAX_PLATFORMS=cpu $(BIN)/codex bench --config=experiments/codex.py:bench --name=bench --checkpoint --json
 	@$(BIN)/codex data build-default > /dev/null
 	@JAX_PLATFORMS=cpu $(BIN)/codex data bench --config=experiments/codex.py:tiny --batches=$${BENCH_BATCHES:-100} --json
 

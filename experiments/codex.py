@@ -93,6 +93,13 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.seed = 0
   config.train.z_loss = 1e-4
   config.train.log_every = 10
+  # Numerics guard: a step whose loss or gradient norm is NaN/Inf, or whose loss spikes above
+  # mean + spike_sigmas * std of the last spike_window accepted losses, is skipped (params and optimizer
+  # state untouched); max_consecutive_bad skipped steps in a row stop the run.
+  config.train.spike_window = 100        # 0: spike detection off (NaN/Inf steps are still skipped).
+  config.train.spike_sigmas = 6.0
+  config.train.spike_min_steps = 20      # Losses the window must hold before it judges spikes.
+  config.train.max_consecutive_bad = 5
 
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1                  # -1: all devices left after tensor and pipeline.
@@ -104,6 +111,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.checkpoint.every = 100
   config.checkpoint.max_to_keep = 3
   config.checkpoint.async_save = True
+  config.checkpoint.allow_dtype_change = False  # Refuse restoring a tensor saved in another dtype.
 
   config.eval = ml_collections.ConfigDict()
   config.eval.every = 100

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
 
 from codex_jax.config import load as config_load
 
@@ -37,3 +39,34 @@ MICRO = {
     "model.num_kv_heads": 2, "model.mlp_dim": 128, "data.seq_len": 32, "train.global_batch": 8,
     "train.steps": 10,
 }
+
+
+# A micro `codex train` run for subprocess tests: a 2-layer model on the embedded corpus, 2 fake CPU devices.
+RUN_OVERRIDES = {
+    "model.vocab_size": 512, "model.d_model": 64, "model.num_layers": 2, "model.num_heads": 4,
+    "model.num_kv_heads": 2, "model.mlp_dim": 128, "data.seq_len": 64, "data.tokenizer_train_bytes": 300_000,
+    "data.shuffle_window": 64, "train.global_batch": 8, "train.steps": 40, "train.log_every": 5,
+    "checkpoint.every": 10, "eval.every": 20, "eval.batches": 2,
+}
+
+
+def run_env() -> dict:
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+  env["PYTHONUNBUFFERED"] = "1"
+  return env
+
+
+def train_command(workdir: str, overrides: dict) -> list[str]:
+  return [sys.executable, "-m", "codex_jax", "train", "--config=experiments/codex.py:tiny", f"--workdir={workdir}",
+          "--json", "--noprogress", *(f"--config.{key}={value}" for key, value in overrides.items())]
+
+
+def train_process(workdir: str, overrides: dict) -> subprocess.Popen:
+  return subprocess.Popen(train_command(workdir, overrides), cwd=ROOT, env=run_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def run_train(workdir: str, overrides: dict) -> subprocess.CompletedProcess:
+  return subprocess.run(train_command(workdir, overrides), cwd=ROOT, env=run_env(), capture_output=True, text=True,
+                        timeout=600)

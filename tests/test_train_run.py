@@ -4,7 +4,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -14,38 +13,21 @@ import yaml
 
 from codex_jax.cache import cache_dir
 from codex_jax.data.default_corpus.build import build_default_corpus
-from tests.helpers import ROOT
+from tests.helpers import ROOT, RUN_OVERRIDES, run_env, run_train, train_command
 
 pytestmark = pytest.mark.slow
 
-# A micro run: a 2-layer model on the embedded multimodal corpus, 2 fake CPU devices, with the
-# default manifest's anneal phase moved to step 25 so the mixture switches mid-run.
-OVERRIDES = {
-    "model.vocab_size": 512, "model.d_model": 64, "model.num_layers": 2, "model.num_heads": 4,
-    "model.num_kv_heads": 2, "model.mlp_dim": 128, "data.seq_len": 64, "data.tokenizer_train_bytes": 300_000,
-    "data.shuffle_window": 64, "train.global_batch": 8, "train.steps": 40, "train.log_every": 5,
-    "checkpoint.every": 10, "eval.every": 20, "eval.batches": 2,
-}
+# The shared micro run, with the default manifest's anneal phase moved to step 25 so the mixture
+# switches mid-run.
 PHASE_SWITCH = 25
 
 
-def _env():
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-  env["PYTHONUNBUFFERED"] = "1"
-  return env
-
-
 def _command(workdir, **extra):
-  overrides = {**OVERRIDES, "data.manifest": MANIFEST, **extra}
-  return [sys.executable, "-m", "codex_jax", "train", "--config=experiments/codex.py:tiny",
-          f"--workdir={workdir}", "--json", "--noprogress",
-          *(f"--config.{key}={value}" for key, value in overrides.items())]
+  return train_command(workdir, {**RUN_OVERRIDES, "data.manifest": MANIFEST, **extra})
 
 
 def _train(workdir, **extra):
-  return subprocess.run(_command(workdir, **extra), cwd=ROOT, env=_env(), capture_output=True, text=True,
-                        timeout=600)
+  return run_train(workdir, {**RUN_OVERRIDES, "data.manifest": MANIFEST, **extra})
 
 
 def _state(workdir, step):
@@ -122,7 +104,7 @@ def test_a_run_leaves_everything_a_user_looks_at(reference):
 def test_kill_9_then_resume_is_bit_identical_to_an_uninterrupted_run(reference, tmp_path):
   ref_dir, _ = reference
   workdir = str(tmp_path)
-  process = subprocess.Popen(_command(workdir), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+  process = subprocess.Popen(_command(workdir), cwd=ROOT, env=run_env(), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
   committed = os.path.join(workdir, "checkpoints", "10")
   deadline = time.time() + 300

@@ -1,27 +1,86 @@
-"""Orbax checkpoints of the train state, the Grain iterator and the data record, saved and restored together."""
+"""Orbax checkpoints of the train state, the Grain iterator and the data record, hashed and chained.
+
+Each step directory holds `state` (one zarr folder per tensor: no OCDBT, so a damaged file names its
+tensor), `data` (the Grain iterator), `meta` (JSON: the data record, token accounting and the hash of
+every tensor) and the lineage record in Orbax's step metadata. Orbax writes each step to a temporary
+directory and renames it on commit, so a step interrupted mid-save is never listed. Restore refuses
+any mismatch in structure, shape or dtype before reading, and any changed byte after reading, before
+a single array is handed back.
+"""
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import os
+import re
+from typing import Any
 
 import grain
+import numpy as np
 import orbax.checkpoint as ocp
 
+from codex_jax.checkpoint import lineage, merkle
+from codex_jax.checkpoint.errors import CheckpointIntegrityError
 from codex_jax.config.schema import CheckpointConfig
+
+STATE_GROUPS = ("params", "opt_state")  # Hashed into their own roots; every other leaf into extra_root.
+
+
+def group_of(path: str) -> str:
+  head = path.split("/", 1)[0]
+  return head if head in STATE_GROUPS else "extra"
+
+
+def roots(leaf_hashes: dict[str, str]) -> dict[str, str]:
+  """content_root (params), optimizer_root (opt_state) and extra_root (step, rng, ...) of a state."""
+  by_group: dict[str, list[str]] = {"params": [], "opt_state": [], "extra": []}
+  for path in sorted(leaf_hashes, key=lambda p: p.encode("utf-8")):
+    by_group[group_of(path)].append(leaf_hashes[path])
+  return {"content_root": merkle.root(by_group["params"]), "optimizer_root": merkle.root(by_group["opt_state"]),
+          "extra_root": merkle.root(by_group["extra"])}
+
+
+def state_leaf_hashes(state) -> dict[str, str]:
+  """Full path -> leaf hash. Params and optimizer leaves are hashed under paths relative to their group,
+  so the content root is the weights' own (the same tree exported or imported elsewhere)."""
+  hashes = {}
+  for path, leaf in merkle.host_leaves(state):
+    group, _, rest = path.partition("/")
+    hashes[path] = merkle.leaf_hash(rest if group in STATE_GROUPS else path, merkle.to_host(leaf))
+  return hashes
+
+
+def iterator_hash(state: Any) -> str:
+  return hashlib.sha256(lineage.canonical(state)).hexdigest()
+
+
+def meta_hash(meta: dict) -> str:
+  """sha256 of the meta item's own content (data record, accounting), without tensor hashes and record."""
+  return hashlib.sha256(lineage.canonical({k: v for k, v in meta.items() if k not in ("leaves", "lineage")})).hexdigest()
+
+
+def tensor_files(step_dir: str, path: str) -> list[str]:
+  """The files Orbax wrote for one tensor (its zarr folder, named by the dotted tree path)."""
+  folder = os.path.join(step_dir, "state", path.replace("/", "."))
+  return sorted(glob.glob(os.path.join(folder, "**", "*"), recursive=True) + glob.glob(folder + "*"))
 
 
 class Checkpointer:
-  """One Orbax CheckpointManager (`args=` API, Composite of `state`, `data` and `meta`) under workdir/checkpoints.
-
-  Orbax writes each step to a temporary directory and renames it on commit, so a step interrupted
-  mid-save is never listed; `latest_step` only sees committed steps.
-  """
+  """One Orbax CheckpointManager (`args=` API, Composite of `state`, `data`, `meta`) under workdir/checkpoints."""
 
   def __init__(self, workdir: str, cfg: CheckpointConfig):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.workdir = os.path.abspath(workdir)
+    self.directory = os.path.join(self.workdir, "checkpoints")
+    self.cfg = cfg
     options = ocp.CheckpointManagerOptions(
         max_to_keep=cfg.max_to_keep, enable_async_checkpointing=cfg.async_save, create=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(use_ocdbt=False),
+                       "data": grain.checkpoint.CheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+    self.parent: str | None = None  # Lineage hash the next record links to.
+    self._unrecorded: list[dict] = []  # Records whose files are not yet hashed (their save may be in flight).
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -29,26 +88,198 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
-  def save(self, step: int, state, data_iterator, meta: dict) -> None:
-    """Starts saving (async when configured); arrays are copied off device before this returns.
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
 
-    `meta` is JSON saved beside the arrays: the data record (manifest hash, exclusions, phase) and
-    the token accounting, read back by `read_meta` before anything is restored.
+  def start_fresh(self, start: dict[str, Any]) -> None:
+    """A new run: its first record links to `start` (init seed and content root, or a parent checkpoint)."""
+    self.parent = start["lineage_hash"] if "lineage_hash" in start else lineage.start_hash(start)
+    lineage.truncate_log(self.workdir, None)
+    lineage.append_log(self.workdir, {"start": start, "hash": self.parent})
+
+  def save(self, step: int, state, data_iterator, meta: dict, fields: dict[str, Any]) -> dict:
+    """Hashes the state, seals the lineage record, then starts saving (async when configured).
+
+    `fields` are the record's run-level entries (manifest_hash, config_hash, eval). Arrays are copied
+    off device before this returns; a non-finite value anywhere refuses the save.
     """
+    if step in self.manager.all_steps():
+      raise CheckpointIntegrityError(f"{self.step_dir(step)} already exists: a committed step is never overwritten")
+    if self.parent is None:
+      raise CheckpointIntegrityError("no lineage start: call start_fresh() or restore() before the first save")
+    self._record_committed_files()
+    leaves = state_leaf_hashes(state)
+    _refuse_non_finite(state, step)
+    record = lineage.seal({"version": 1, "step": step, **roots(leaves),
+                           "iterator_hash": iterator_hash(data_iterator.get_state()), "meta_hash": meta_hash(meta),
+                           "code_version": lineage.code_version(), **fields, "parent": self.parent})
+    meta = {**meta, "leaves": leaves, "lineage": record}
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator),
-        meta=ocp.args.JsonSave(meta)), force=True)
+        meta=ocp.args.JsonSave(meta)), custom_metadata={"lineage": record}, force=True)
+    lineage.append_log(self.workdir, record)
+    self.parent = record["lineage_hash"]
+    self._unrecorded.append(record)
+    return record
+
+  def _record_committed_files(self) -> None:
+    """After the saves in flight commit: every file's sha256 into lineage.jsonl, so `codex lineage
+    verify` names any changed byte's file (markers and Orbax metadata included)."""
+    if not self._unrecorded:
+      return
+    self.manager.wait_until_finished()  # Raises a background write error here, before the next save.
+    for record in self._unrecorded:
+      step_dir = self.step_dir(record["step"])
+      if os.path.isdir(step_dir):
+        lineage.append_log(self.workdir, {"files_of": record["lineage_hash"], "step": record["step"],
+                                          "files": file_hashes(step_dir)})
+    self._unrecorded = []
 
   def read_meta(self, step: int) -> dict:
-    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    try:
+      meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    except Exception as e:  # A damaged meta file: name it.
+      raise CheckpointIntegrityError(f"{self.step_dir(step)}/meta: cannot be read ({type(e).__name__}: {e})") from e
+    check_meta(meta, self.step_dir(step), self._record(step))
+    return meta
 
-  def restore(self, step: int, abstract_state, data_iterator=None):
-    """The state at `step`, laid out as `abstract_state`'s shardings; the iterator (if given) is set in place."""
+  def _record(self, step: int) -> dict | None:
+    try:
+      custom = self.manager.metadata(step).custom_metadata or {}
+    except Exception as e:
+      raise CheckpointIntegrityError(f"{self.step_dir(step)}/_CHECKPOINT_METADATA: cannot be read ({e})") from e
+    return custom.get("lineage")
+
+  def restore(self, step: int, abstract_state, data_iterator=None, *, meta: dict, allow_dtype_change: bool = False):
+    """The state at `step` in `abstract_state`'s shardings, verified tensor by tensor; the iterator is set in place."""
+    step_dir = self.step_dir(step)
+    recorded = [r["files"] for r in lineage.read_log(self.workdir) if r.get("files_of") == meta["lineage"]["lineage_hash"]]
+    if recorded:
+      check_files(recorded[-1], step_dir)
+    check_structure(meta["leaves"], abstract_state, step_dir, allow_dtype_change)
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    return self.manager.restore(step, args=ocp.args.Composite(**items)).state
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:
+      raise CheckpointIntegrityError(f"{step_dir}: restore failed ({type(e).__name__}: {_short(e)})") from e
+    check_leaves(meta["leaves"], state_leaf_hashes(restored.state), step_dir)
+    if data_iterator is not None:
+      got = iterator_hash(data_iterator.get_state())
+      if got != meta["lineage"]["iterator_hash"]:
+        raise CheckpointIntegrityError(f"{step_dir}/data: the data-iterator state hashes to {got}, the lineage "
+                                       f"record says {meta['lineage']['iterator_hash']}")
+    self.parent = meta["lineage"]["lineage_hash"]
+    lineage.truncate_log(self.workdir, step)
+    return restored.state
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Waits for the save in flight (a background write error surfaces here) and records its files."""
+    try:
+      self._record_committed_files()
+      self.manager.wait_until_finished()
+    finally:
+      self.manager.close()
+
+
+def _short(e: Exception) -> str:
+  """One line; when TensorStore names the file it failed on, that file (and so the tensor) comes first."""
+  text = " ".join(str(e).split())
+  found = re.search(r"'path': '([^']+)'", text) or re.search(r'local file "([^"]+)"', text)
+  where = f"while reading {found.group(1)}: " if found else ""
+  return where + text[:300]
+
+
+def file_hashes(step_dir: str) -> dict[str, str]:
+  """sha256 of every file of a committed step, by path relative to the step directory."""
+  out = {}
+  for folder, _, names in os.walk(step_dir):
+    for name in names:
+      path = os.path.join(folder, name)
+      h = hashlib.sha256()
+      with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+          h.update(chunk)
+      out[os.path.relpath(path, step_dir)] = h.hexdigest()
+  return dict(sorted(out.items()))
+
+
+def check_files(recorded: dict[str, str], step_dir: str) -> None:
+  """Every file as recorded after commit: names the first changed, missing or extra file and its tensor."""
+  actual = file_hashes(step_dir)
+  for rel in sorted(set(recorded) | set(actual)):
+    if recorded.get(rel) != actual.get(rel):
+      what = "is missing" if rel not in actual else "was added" if rel not in recorded else (
+          f"changed: expected sha256 {recorded[rel]}, got {actual[rel]}")
+      parts = rel.split(os.sep)
+      tensor = f" (tensor {parts[1].replace('.', '/')})" if parts[0] == "state" and len(parts) > 2 else ""
+      raise CheckpointIntegrityError(f"{os.path.join(step_dir, rel)}{tensor} {what}")
+
+
+def _refuse_non_finite(state, step: int) -> None:
+  for path, leaf in merkle.host_leaves(state):
+    array = merkle.to_host(leaf)
+    if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+      raise CheckpointIntegrityError(f"refusing to save step {step}: tensor {path} holds NaN or Inf")
+
+
+def check_meta(meta: dict, step_dir: str, record: dict | None) -> None:
+  """The meta item agrees with itself and with the lineage record in Orbax's step metadata."""
+  stored = meta.get("lineage", {})
+  if record is None:
+    raise CheckpointIntegrityError(f"{step_dir}/_CHECKPOINT_METADATA: no lineage record")
+  if lineage.record_hash(record) != record.get("lineage_hash"):
+    raise CheckpointIntegrityError(f"{step_dir}/_CHECKPOINT_METADATA: the lineage record was edited "
+                                   f"(its hash is {lineage.record_hash(record)}, it says {record.get('lineage_hash')})")
+  if stored != record:
+    raise CheckpointIntegrityError(f"{step_dir}/meta: its lineage record differs from _CHECKPOINT_METADATA's")
+  if meta_hash(meta) != record.get("meta_hash"):
+    raise CheckpointIntegrityError(f"{step_dir}/meta: its content hashes to {meta_hash(meta)}, the lineage record "
+                                   f"says {record.get('meta_hash')}")
+  got = roots(meta.get("leaves", {}))
+  for name, value in got.items():
+    if record.get(name) != value:
+      raise CheckpointIntegrityError(f"{step_dir}/meta: the tensor hashes give {name} {value}, the lineage record "
+                                     f"says {record.get(name)}")
+
+
+def check_structure(leaves: dict[str, str], abstract_state, step_dir: str, allow_dtype_change: bool) -> None:
+  """Refuses a restore target whose tensors differ from the saved ones (names, then shapes, then dtypes)."""
+  saved = meta_shapes(step_dir)
+  wanted = {path: leaf for path, leaf in merkle.host_leaves(abstract_state)}
+  missing, extra = sorted(set(leaves) - set(wanted)), sorted(set(wanted) - set(leaves))
+  if missing or extra:
+    raise CheckpointIntegrityError(f"{step_dir}: the checkpoint's tensors differ from the model's: saved only "
+                                   f"{missing[:5]}, requested only {extra[:5]}")
+  for path, leaf in wanted.items():
+    shape, dtype = saved.get(path, (None, None))
+    if shape is not None and tuple(shape) != tuple(leaf.shape):
+      raise CheckpointIntegrityError(f"{step_dir}: tensor {path} was saved with shape {tuple(shape)}, the model asks "
+                                     f"for {tuple(leaf.shape)}")
+    if dtype is not None and np.dtype(dtype) != np.dtype(leaf.dtype) and not allow_dtype_change:
+      raise CheckpointIntegrityError(f"{step_dir}: tensor {path} was saved as {np.dtype(dtype).name}, the model asks "
+                                     f"for {np.dtype(leaf.dtype).name} (checkpoint.allow_dtype_change=True converts)")
+
+
+def meta_shapes(step_dir: str) -> dict[str, tuple[tuple[int, ...], str]]:
+  """path -> (shape, dtype) from Orbax's own metadata of the saved state (no array is read)."""
+  try:
+    tree = ocp.StandardCheckpointer().metadata(os.path.join(step_dir, "state"))
+    tree = getattr(tree, "item_metadata", tree)
+    tree = getattr(tree, "tree", tree)
+  except Exception as e:
+    raise CheckpointIntegrityError(f"{step_dir}/state/_METADATA: cannot be read ({type(e).__name__}: {_short(e)})") from e
+  out = {}
+  for path, leaf in merkle.host_leaves(tree):
+    if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+      out[path] = (tuple(leaf.shape), str(np.dtype(leaf.dtype)))
+  return out
+
+
+def check_leaves(expected: dict[str, str], actual: dict[str, str], step_dir: str) -> None:
+  bad = [path for path in expected if actual.get(path) != expected[path]]
+  if bad:
+    details = "; ".join(f"tensor {p} (files {', '.join(os.path.relpath(f, step_dir) for f in tensor_files(step_dir, p)[:3])}): "
+                        f"expected {expected[p]}, got {actual.get(p)}" for p in bad[:3])
+    raise CheckpointIntegrityError(f"{step_dir}: {len(bad)} tensor(s) do not match their recorded hash: {details}")

@@ -11,15 +11,21 @@ from codex_jax.cli import common
 
 flags.DEFINE_integer("steps", 5, "Timed steps after warm-up (the median is reported).")
 flags.DEFINE_string("name", "", "Label for the JSON line (default: the --config argument).")
+flags.DEFINE_bool("checkpoint", False, "Measure checkpoint save / restore throughput and the async-save stall instead.")
 
 
 def run(flag_values):
   import jax
 
   cfg, _ = common.load_config(flag_values, jax.device_count(), jax.process_count())
-  from codex_jax.train.bench import benchmark
+  from codex_jax.train.bench import benchmark, benchmark_checkpoint
   label = flag_values.name or config_flags.get_config_filename(flag_values["config"])
-  result = {"config": label, **benchmark(cfg, flag_values.steps)}
+  if flag_values.checkpoint:
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="codex-ckpt-bench-") as workdir:
+      result = {"config": f"{label}:checkpoint", **benchmark_checkpoint(cfg, workdir, flag_values.steps)}
+  else:
+    result = {"config": label, **benchmark(cfg, flag_values.steps)}
   if not flag_values.json:
     print(json.dumps(result, sort_keys=True))
   return result

@@ -9,19 +9,23 @@ import traceback
 
 from absl import flags
 
+from codex_jax.checkpoint.errors import CheckpointIntegrityError
 from codex_jax.cli import log_filter
 from codex_jax.config.errors import ConfigError
 from codex_jax.data.errors import DataError
+from codex_jax.train.errors import NumericsError
 
 # command -> (module under codex_jax.cli, one-line help).
 COMMANDS = {
     "train": ("train", "train (or resume) an experiment in a workdir"),
     "config": ("show_config", "validate an experiment config and print it resolved"),
     "bench": ("bench", "measure tokens/s, model TFLOP/s and MFU of configs, one JSON line each"),
+    "lineage": ("lineage", "`lineage verify WORKDIR|CKPT`, `lineage prove CKPT --tensor=PATH`, `verify --proof=F`"),
     "data": ("data", "`data manifest FILE`: sources, licences, shares, hash; `data build-default`: the corpus"),
 }
 flags.DEFINE_bool("verbose", False, "Also show the INFO logs of jax, Orbax, Grain and Flax.")
-EXPECTED_ERRORS = (ConfigError, DataError, flags.Error, FileNotFoundError, ValueError)
+EXPECTED_ERRORS = (ConfigError, DataError, CheckpointIntegrityError, NumericsError, flags.Error, FileNotFoundError,
+                   ValueError)
 
 
 class UsageError(Exception):

@@ -89,6 +89,10 @@ class TrainConfig:
   seed: int = 0
   z_loss: float = 1e-4
   log_every: int = 10
+  spike_window: int = 100  # Recent accepted losses a spike is judged against; 0: spike detection off.
+  spike_sigmas: float = 6.0  # A loss above mean + spike_sigmas * std of the window skips its update.
+  spike_min_steps: int = 20  # Losses the window must hold before it judges spikes.
+  max_consecutive_bad: int = 5  # Skipped steps in a row (non-finite or spike) that stop the run.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +112,7 @@ class CheckpointConfig:
   every: int = 100
   max_to_keep: int = 3
   async_save: bool = True
+  allow_dtype_change: bool = False  # Restore tensors saved in another dtype, converting them.
 
 
 @dataclasses.dataclass(frozen=True)

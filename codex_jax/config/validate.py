@@ -23,7 +23,7 @@ def validate(cfg: schema.Config, num_devices: int | None = None, num_processes: 
                     "attention_chunks")),
       ("data", d, ("seq_len", "image_size", "patch_size", "video_frames", "tubelet_frames", "audio_sample_rate",
                    "audio_mels", "audio_patch_frames")),
-      ("train", t, ("steps", "global_batch", "log_every")),
+      ("train", t, ("steps", "global_batch", "log_every", "spike_sigmas", "max_consecutive_bad")),
       ("checkpoint", c, ("every", "max_to_keep")),
       ("eval", e, ("every",)),
   ):
@@ -33,7 +33,7 @@ def validate(cfg: schema.Config, num_devices: int | None = None, num_processes: 
       ("model", m, ("head_dim", "feature_dim")),
       ("data", d, ("tokenizer_train_bytes", "num_workers", "shuffle_window", "shuffle_block")),
       ("optimizer", o, ("weight_decay", "min_lr_ratio")),
-      ("train", t, ("z_loss", "seed")),
+      ("train", t, ("z_loss", "seed", "spike_window")),
       ("eval", e, ("batches",)),
   ):
     for key in keys:
@@ -82,6 +82,11 @@ def validate(cfg: schema.Config, num_devices: int | None = None, num_processes: 
   need(0 <= o.b2 < 1, "optimizer.b2", o.b2, "must be in [0, 1)")
   need(o.eps > 0, "optimizer.eps", o.eps, "must be positive")
   need(o.clip_norm > 0, "optimizer.clip_norm", o.clip_norm, "must be positive")
+  if t.spike_window > 0:
+    # Below 2 losses the std is 0 and every later loss above the first would count as a spike; above
+    # the window the count never gets there and detection would be silently off.
+    need(2 <= t.spike_min_steps <= t.spike_window, "train.spike_min_steps", t.spike_min_steps,
+         f"must be in [2, train.spike_window={t.spike_window}] (or set train.spike_window=0 to turn spikes off)")
 
   # Mesh and batch.
   sizes = {"data": mesh.data, "tensor": mesh.tensor, "pipeline": mesh.pipeline}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 
+import grain
 import jax
 import numpy as np
 
@@ -36,6 +37,17 @@ def synthetic_batch(cfg: Config, local_batch: int, seed: int = 0) -> dict[str, n
           "modality_ids": modality_ids, "source_ids": np.ones(shape, np.int32), "features": features}
 
 
+def timed_steps(compiled, state, batch, n: int):
+  """Runs `n` steps one at a time; (state, last metrics, wall seconds of each step)."""
+  metrics, times = None, []
+  for _ in range(n):
+    start = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  return state, metrics, times
+
+
 def benchmark(cfg: Config, steps: int, warmup: int = 2) -> dict:
   """Compiles once, runs `warmup` steps, then times `steps` steps one by one (median step time)."""
   mesh = build_mesh(cfg.mesh)
@@ -46,15 +58,8 @@ def benchmark(cfg: Config, steps: int, warmup: int = 2) -> dict:
   start = time.perf_counter()
   compiled = trainer.train_step.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
-  for _ in range(warmup):
-    state, metrics = compiled(state, batch)
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
+  state, metrics, _ = timed_steps(compiled, state, batch, warmup)
+  state, metrics, times = timed_steps(compiled, state, batch, steps)
   step_s = statistics.median(times)
   tokens = cfg.train.global_batch * cfg.data.seq_len
   model_flops = flops.train_flops_per_token(cfg.model, cfg.data.seq_len) * tokens
@@ -87,3 +92,49 @@ def benchmark(cfg: Config, steps: int, warmup: int = 2) -> dict:
       "temp_bytes_per_device": getattr(memory, "temp_size_in_bytes", None),
       "loss": float(metrics["loss"]),
   }
+
+
+def benchmark_checkpoint(cfg: Config, workdir: str, steps: int = 3) -> dict:
+  """Save / restore throughput of the real state, and how long an async save stalls the step loop.
+
+  The stall is what `Checkpointer.save` blocks for (hashing every tensor on the host, the non-finite
+  check, Orbax's device-to-host copy); the write itself runs behind the next steps, whose time is
+  compared with the median step time.
+  """
+  import dataclasses as dc
+
+  from codex_jax.checkpoint.manager import Checkpointer, roots, state_leaf_hashes
+  mesh = build_mesh(cfg.mesh)
+  trainer = build_trainer(cfg, mesh)
+  state = trainer.init_state()
+  batch = feed.to_global(synthetic_batch(cfg, cfg.train.global_batch // jax.process_count()), trainer.data_sharding)
+  compiled = trainer.train_step.lower(state, batch).compile()
+  state, _, _ = timed_steps(compiled, state, batch, 1)
+  state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+  iterator = iter(grain.MapDataset.range(10).to_iter_dataset())
+  state, _, times = timed_steps(compiled, state, batch, steps)
+  plain = statistics.median(times)
+  start_record = {"kind": "init", "seed": 0, "content_root": roots(state_leaf_hashes(state))["content_root"]}
+  # Throughput: a synchronous save (hash + copy + write + commit), then a verified restore.
+  checkpointer = Checkpointer(workdir, dc.replace(cfg.checkpoint, async_save=False, max_to_keep=3))
+  checkpointer.start_fresh(start_record)
+  start = time.perf_counter()
+  checkpointer.save(1, state, iterator, {}, {})
+  save_s = time.perf_counter() - start
+  meta = checkpointer.read_meta(1)
+  start = time.perf_counter()
+  checkpointer.restore(1, trainer.restore_target(), meta=meta)
+  restore_s = time.perf_counter() - start
+  checkpointer.close()
+  # Stall: what an asynchronous save blocks the loop for, and the step that runs beside its write.
+  checkpointer = Checkpointer(workdir, dc.replace(cfg.checkpoint, async_save=True, max_to_keep=3))
+  checkpointer.start_fresh(start_record)
+  start = time.perf_counter()
+  checkpointer.save(2, state, iterator, {}, {})
+  stall = time.perf_counter() - start
+  state, _, (during,) = timed_steps(compiled, state, batch, 1)
+  checkpointer.close()
+  gb = state_bytes / 1e9
+  return {"state_gb": gb, "save_s": save_s, "save_gb_per_s": gb / save_s, "restore_verified_s": restore_s,
+          "restore_gb_per_s": gb / restore_s, "async_save_stall_s": stall, "step_s_median": plain,
+          "step_s_during_async_write": during}

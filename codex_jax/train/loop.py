@@ -8,14 +8,16 @@ from typing import Any
 import jax
 from absl import logging
 
-from codex_jax.checkpoint.manager import Checkpointer
+from codex_jax.checkpoint.lineage import config_hash
+from codex_jax.checkpoint.manager import Checkpointer, roots, state_leaf_hashes
 from codex_jax.config.schema import Config
 from codex_jax.parallel.mesh import build_mesh
 from codex_jax.telemetry import flops, params_table, peak, plot
 from codex_jax.telemetry.progress import Progress
 from codex_jax.telemetry.writer import MetricsWriter
-from codex_jax.train import feed
+from codex_jax.train import feed, guard
 from codex_jax.train.inputs import TrainInputs
+from codex_jax.train.preemption import Preemption
 from codex_jax.train.report import Reporter
 from codex_jax.train.setup import build_trainer, xla_model_flops
 from codex_jax.train.workdir import check_config, write_config
@@ -50,13 +52,17 @@ def train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: b
   #    hash, run phase), (c) state into its shardings, (d) the iterator position.
   checkpointer = Checkpointer(workdir, cfg.checkpoint)
   start = checkpointer.latest_step()
-  inputs.start(start or 0, None if start is None else checkpointer.read_meta(start))
+  meta = None if start is None else checkpointer.read_meta(start)
+  inputs.start(start or 0, meta)
   if start is not None:
     train_state = checkpointer.restore(start, trainer.restore_target(),
-                                       inputs.batches.iterator if inputs.restore_iterator else None)
-    logging.info("Resumed from step %d in %s", start, checkpointer.directory)
+                                       inputs.batches.iterator if inputs.restore_iterator else None,
+                                       meta=meta, allow_dtype_change=cfg.checkpoint.allow_dtype_change)
+    logging.info("Resumed from step %d in %s (lineage %s)", start, checkpointer.directory, checkpointer.parent)
   else:
     start, train_state = 0, trainer.init_state()
+    checkpointer.start_fresh({"kind": "init", "seed": cfg.train.seed,
+                              "content_root": roots(state_leaf_hashes(train_state))["content_root"]})
   if is_main:
     write_config(workdir, config_dict)
     inputs.write_record(workdir)
@@ -78,33 +84,46 @@ def train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: b
                       tokens_per_step=tokens_per_step, model_flops=model_flops, xla_flops=xla_flops,
                       peak_flops=peak_flops, log_every=cfg.train.log_every)
 
-  # 7. The step loop. Step i+1 is dispatched before step i's metrics are fetched. On any error the
-  #    checkpointer still finishes the save in flight, so the last committed step stays usable.
-  eval_loss, pending = None, None
+  # 7. The step loop. Step i+1 is dispatched before step i's metrics are fetched. Eval comes before the
+  #    save of the same step, so its score goes into the lineage record. On any error the checkpointer
+  #    still finishes the save in flight, so the last committed step stays usable.
+  eval_loss, evaluated_at, pending, preempted = None, None, None, False
+  preemption = Preemption()
   try:
     for step in range(start, total_steps):
       train_state, metrics = compiled(train_state, to_global(batch))
       if pending is not None:
         reporter.step(*pending)
+        guard.check_consecutive(reporter.last, cfg.train.max_consecutive_bad, pending[0])
       done, pending = step + 1, (step + 1, metrics, data_metrics)
-      if done % cfg.checkpoint.every == 0 or done == total_steps:
-        checkpointer.save(done, train_state, inputs.batches.iterator, inputs.meta())
       if evaluating and (done % cfg.eval.every == 0 or done == total_steps):
         eval_loss = _evaluate(trainer.eval_step, train_state.params, inputs.eval_iterator(done), cfg.eval.batches,
                               to_global)
         reporter.eval(done, eval_loss)
+        evaluated_at = done
+      preempted = done < total_steps and preemption.stop_at(done)
+      if done % cfg.checkpoint.every == 0 or done == total_steps or preempted:
+        scores = {"heldout_loss": eval_loss if evaluated_at == done else None}
+        checkpointer.save(done, train_state, inputs.batches.iterator, inputs.meta(),
+                          {"manifest_hash": inputs.plan.manifest_hash, "config_hash": config_hash(config_dict),
+                           "eval": scores})
+      if preempted:
+        logging.warning("Preempted: checkpointed step %d in %s; rerun the same command to resume.", done,
+                        checkpointer.directory)
+        break
       if done < total_steps:
         batch, data_metrics = inputs.next_batch(done)
     if pending is not None:
       reporter.step(*pending)
   finally:
+    preemption.close()
     checkpointer.close()
     reporter.close()
     inputs.close()
 
   # 8. Finish: draw the curves, summarise.
   summary = {"start_step": start, "final_step": int(jax.device_get(train_state.step)),
-             "eval_loss": eval_loss, **reporter.summary(), "workdir": os.path.abspath(workdir),
+             "eval_loss": eval_loss, "preempted": preempted, **reporter.summary(), "workdir": os.path.abspath(workdir),
              "checkpoints": checkpointer.all_steps(), "params": flops.param_counts(cfg.model)["total"],
              "model_flops_per_step": model_flops, "xla_flops_per_step": xla_flops,
              "peak_flops": peak_flops.total, "manifest_hash": inputs.plan.manifest_hash,

@@ -46,12 +46,12 @@ def build_trainer(cfg: Config, mesh: Mesh) -> Trainer:
   model = Decoder(cfg.model)
   schedule = optimizer.learning_rate_schedule(cfg.optimizer, total_steps)
   tx = optimizer.make_optimizer(cfg.optimizer, total_steps)
-  init = state_lib.init_fn(model, tx, cfg.train.seed, seq_len)
+  init = state_lib.init_fn(model, tx, cfg.train.seed, seq_len, cfg.train.spike_window)
   abstract_state = jax.eval_shape(init)
   shardings = state_lib.state_shardings(model, tx, mesh, rules, abstract_state, seq_len)
   data_sharding = batch_sharding(mesh)
-  train_step = step_lib.jit_train_step(model, tx, schedule, cfg.train.z_loss, shardings, data_sharding,
-                                       mesh, rules)
+  train_step = step_lib.jit_train_step(model, tx, schedule, cfg.train, shardings, data_sharding, mesh,
+                                       rules)
   eval_step = step_lib.jit_eval_step(model, cfg.train.z_loss, shardings.params, data_sharding, mesh, rules)
   return Trainer(model, tx, schedule, init, abstract_state, shardings, data_sharding, train_step, eval_step)
 

@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 
 from codex_jax.model.transformer import Decoder
 from codex_jax.parallel.mesh import replicated
+from codex_jax.train.guard import Guard, init_guard
 
 
 @flax.struct.dataclass
@@ -22,6 +23,7 @@ class TrainState:
   params: Any
   opt_state: Any
   rng: jax.Array           # uint32[2] raw key; each step uses fold_in(rng, step).
+  guard: Guard             # Skip counters and the recent-loss window: saved so a resumed run decides alike.
 
 
 def dummy_tokens(batch: int, seq_len: int):
@@ -33,12 +35,12 @@ def _boxed_init(model: Decoder, seed: int, seq_len: int):
   return model.init(jax.random.PRNGKey(seed), tokens, tokens + 1, tokens)["params"]
 
 
-def init_fn(model: Decoder, tx: optax.GradientTransformation, seed: int, seq_len: int):
+def init_fn(model: Decoder, tx: optax.GradientTransformation, seed: int, seq_len: int, spike_window: int):
   """A function of no arguments returning a fresh TrainState (params from `seed`)."""
   def init() -> TrainState:
     params = nn.meta.unbox(_boxed_init(model, seed, seq_len))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jax.random.PRNGKey(seed + 1))
+                      rng=jax.random.PRNGKey(seed + 1), guard=init_guard(spike_window))
   return init
 
 
@@ -57,7 +59,8 @@ def state_shardings(model: Decoder, tx: optax.GradientTransformation, mesh: Mesh
   opt_shardings = optax.tree_map_params(
       tx, lambda _, sharding: sharding, abstract_state.opt_state, param_shardings,
       transform_non_params=lambda _: whole)
-  return TrainState(step=whole, params=param_shardings, opt_state=opt_shardings, rng=whole)
+  return TrainState(step=whole, params=param_shardings, opt_state=opt_shardings, rng=whole,
+                    guard=jax.tree.map(lambda _: whole, abstract_state.guard))
 
 
 def abstract_with_shardings(abstract_state: TrainState, shardings: TrainState) -> TrainState:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 import optax
 
+from codex_jax.config.schema import TrainConfig
 from codex_jax.model.transformer import Decoder
 from codex_jax.objectives.text import next_token_loss
 from codex_jax.parallel.mesh import replicated
 from codex_jax.parallel.rules import sharding_scope
+from codex_jax.train import guard as guard_lib
 from codex_jax.train.state import TrainState
 
 
@@ -23,16 +26,33 @@ def loss_fn(params, batch: dict, *, model: Decoder, z_loss: float, rng: jax.Arra
 
 
 def train_step(state: TrainState, batch: dict, *, model: Decoder, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, z_loss: float) -> tuple[TrainState, dict]:
-  """One AdamW update on one global batch. Pure: the same inputs give bit-identical outputs."""
+               schedule: optax.Schedule, train: TrainConfig) -> tuple[TrainState, dict]:
+  """One AdamW update on one global batch, or none if the step is bad (see guard.py).
+
+  Pure: the same inputs give bit-identical outputs, and a step that is not skipped is bit-identical to
+  the unguarded update.
+  """
   step_rng = jax.random.fold_in(state.rng, state.step)
-  objective = functools.partial(loss_fn, batch=batch, model=model, z_loss=z_loss, rng=step_rng)
+  objective = functools.partial(loss_fn, batch=batch, model=model, z_loss=train.z_loss, rng=step_rng)
   (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": loss, **aux, "grad_norm": optax.tree.norm(grads),
-             "param_norm": optax.tree.norm(params), "learning_rate": schedule(state.step)}
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  grad_norm = optax.tree.norm(grads)
+  bad, threshold = guard_lib.is_bad(state.guard, loss, grad_norm, train)
+  updates, candidate_opt_state = tx.update(grads, state.opt_state, state.params)
+  candidate_params = optax.apply_updates(state.params, updates)
+  # A bad step leaves params and optimizer state bit-identical (its candidates may hold NaN).
+  params, opt_state = guard_lib.keep_if_bad(bad, (state.params, state.opt_state),
+                                            (candidate_params, candidate_opt_state))
+  guard = guard_lib.update_guard(state.guard, loss, bad)
+  # The step counts batches, not updates: a skipped step has still consumed its batch, so `step` keeps
+  # the data stream, fold_in(rng, step) and checkpoint numbering aligned with a run that skipped
+  # nothing. The optimizer's own count (Adam bias correction, the schedule inside tx) lives in
+  # opt_state and so counts applied updates only: after k skips the learning rate runs k steps
+  # behind, and the one reported here is the one tx actually applied.
+  metrics = {"loss": loss, **aux, "grad_norm": grad_norm, "param_norm": optax.tree.norm(params),
+             "learning_rate": schedule(state.step - state.guard.skipped),
+             "skipped": bad.astype(jnp.int32), "skipped_total": guard.skipped,
+             "consecutive_bad": guard.consecutive_bad, "spike_threshold": threshold}
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state, guard=guard), metrics
 
 
 def eval_step(params, batch: dict, *, model: Decoder, z_loss: float) -> dict:
@@ -41,9 +61,9 @@ def eval_step(params, batch: dict, *, model: Decoder, z_loss: float) -> dict:
   return {"ce_sum": aux["ce_loss"] * aux["tokens"], "tokens": aux["tokens"]}
 
 
-def jit_train_step(model, tx, schedule, z_loss, state_shardings, batch_sharding, mesh, rules):
+def jit_train_step(model, tx, schedule, train: TrainConfig, state_shardings, batch_sharding, mesh, rules):
   """train_step jitted once: explicit in/out shardings, the state donated, logical rules in scope."""
-  step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, z_loss=z_loss)
+  step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, train=train)
 
   def ruled_step(state, batch):
     with sharding_scope(mesh, rules):

@@ -1,0 +1,90 @@
+"""Lineage records: what each checkpoint is, hashed into a chain back to where the run started.
+
+  record = {"version": 1, "step", "content_root", "optimizer_root", "extra_root", "iterator_hash",
+            "manifest_hash", "config_hash", "code_version": {"package", "git"}, "eval": {...},
+            "parent": parent lineage hash}
+  lineage_hash = sha256(b"codex.lineage.v1\\n" + parent + b"\\n" + canonical JSON of the record
+                        without "lineage_hash")
+  The first record's parent is the hash of the start: sha256(b"codex.start.v1\\n" + canonical JSON of
+  {"kind": "init", "seed", "content_root"}) for a fresh run, or the lineage hash of the checkpoint
+  the run was initialised from.
+
+Canonical JSON: sorted keys, no whitespace, UTF-8, floats as Python's repr. Records live in each
+checkpoint's Orbax metadata and in WORKDIR/lineage.jsonl (every record, so the chain survives
+retention deleting old checkpoints).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from typing import Any
+
+import codex_jax
+
+LOG_FILE = "lineage.jsonl"
+_RECORD_TAG = b"codex.lineage.v1\n"
+_START_TAG = b"codex.start.v1\n"
+
+
+def canonical(obj: Any) -> bytes:
+  return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def start_hash(start: dict[str, Any]) -> str:
+  return hashlib.sha256(_START_TAG + canonical(start)).hexdigest()
+
+
+def record_hash(record: dict[str, Any]) -> str:
+  body = {k: v for k, v in record.items() if k != "lineage_hash"}
+  return hashlib.sha256(_RECORD_TAG + record["parent"].encode() + b"\n" + canonical(body)).hexdigest()
+
+
+def seal(record: dict[str, Any]) -> dict[str, Any]:
+  return {**record, "lineage_hash": record_hash(record)}
+
+
+def code_version() -> dict[str, str | None]:
+  """The package version, and the git commit when the package runs from a git checkout."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(codex_jax.__file__)))
+  try:
+    commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
+                            timeout=5, check=True).stdout.strip() or None
+  except (OSError, subprocess.SubprocessError):
+    commit = None
+  return {"package": getattr(codex_jax, "__version__", "unknown"), "git": commit}
+
+
+def config_hash(config: dict[str, Any]) -> str:
+  return hashlib.sha256(canonical(config)).hexdigest()
+
+
+def read_log(workdir: str) -> list[dict[str, Any]]:
+  path = os.path.join(workdir, LOG_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def append_log(workdir: str, record: dict[str, Any]) -> None:
+  with open(os.path.join(workdir, LOG_FILE), "a", encoding="utf-8") as f:
+    f.write(json.dumps(record, sort_keys=True) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def truncate_log(workdir: str, last_step: int | None) -> None:
+  """Drops records past the checkpoint a run resumes from (saves that never committed)."""
+  records = read_log(workdir)
+  keep = [r for r in records if last_step is not None and r.get("step", -1) <= last_step]
+  if last_step is not None and not any(r.get("step") == last_step and "files_of" not in r for r in keep):
+    keep = [r for r in keep if "start" in r]  # No record of the restored step: only the start is still valid.
+  if len(keep) == len(records):
+    return
+  path = os.path.join(workdir, LOG_FILE)
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in keep)
+  os.replace(path + ".tmp", path)

@@ -1,0 +1,376 @@
+"""Checkpoint integrity and lineage: Merkle format, flipped bytes, edited records, proofs, kills and SIGTERM."""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from codex_jax.checkpoint import lineage, merkle, verify
+from codex_jax.checkpoint.errors import CheckpointIntegrityError
+from codex_jax.checkpoint.manager import Checkpointer
+from codex_jax.config.schema import CheckpointConfig
+from codex_jax.data.default_corpus.build import build_default_corpus
+from tests.helpers import ROOT, RUN_OVERRIDES, run_train, train_process
+
+pytestmark = pytest.mark.slow
+
+OVERRIDES = {**RUN_OVERRIDES, "train.steps": 12, "checkpoint.every": 4, "eval.every": 4,
+             "checkpoint.max_to_keep": 2}
+
+
+# --- the hash format, re-derived with hashlib alone -----------------------------------------------
+
+def _leaf(path: str, array: np.ndarray) -> str:
+  """BUILD.md's leaf hash, written out independently of codex_jax."""
+  array = np.asarray(array)  # Not ascontiguousarray: that makes a scalar 1-d.
+  header = b"codex.leaf.v1\n" + path.encode() + b"\n" + array.dtype.name.encode() + b"\n"
+  header += ",".join(map(str, array.shape)).encode() + b"\n"
+  return hashlib.sha256(header + array.astype(array.dtype.newbyteorder("<")).tobytes(order="C")).hexdigest()
+
+
+def _root(hashes: list[str]) -> str:
+  level = [bytes.fromhex(h) for h in hashes]
+  if not level:
+    return hashlib.sha256(b"codex.empty.v1").hexdigest()
+  while len(level) > 1:
+    nxt = [hashlib.sha256(b"\x01" + level[i] + level[i + 1]).digest() for i in range(0, len(level) - 1, 2)]
+    level = nxt + ([level[-1]] if len(level) % 2 else [])
+  return level[0].hex()
+
+
+def test_merkle_format_matches_the_spec_and_proofs_verify():
+  rng = np.random.default_rng(0)
+  arrays = {"b/x": rng.normal(size=(3, 4)).astype(np.float32), "a": np.arange(5, dtype=np.int32),
+            "c": np.float32(2.5), "b/y": np.zeros((2, 0, 3), np.float32)}
+  for path, array in arrays.items():
+    assert merkle.leaf_hash(path, array) == _leaf(path, np.asarray(array))
+  assert merkle.leaf_hash("a", arrays["a"]) != merkle.leaf_hash("a", arrays["a"].astype(np.int64))
+  assert merkle.leaf_hash("a", arrays["a"]) != merkle.leaf_hash("a", arrays["a"].reshape(5, 1))
+  tree = {"b": {"x": arrays["b/x"], "y": arrays["b/y"]}, "a": arrays["a"], "c": arrays["c"]}
+  hashes = merkle.tree_leaf_hashes(tree)
+  assert list(hashes) == ["a", "b/x", "b/y", "c"]  # Canonical order: by path bytes.
+  for n in range(0, 10):
+    leaves = [hashlib.sha256(bytes([i])).hexdigest() for i in range(n)]
+    assert merkle.root(leaves) == _root(leaves)
+    for i in range(n):
+      assert merkle.root_from_proof(leaves[i], merkle.proof(leaves, i)) == merkle.root(leaves)
+      if n > 1:
+        assert merkle.root_from_proof(leaves[(i + 1) % n], merkle.proof(leaves, i)) != merkle.root(leaves)
+
+
+# --- a real run -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  build_default_corpus()
+  workdir = str(tmp_path_factory.mktemp("run"))
+  result = run_train(workdir, OVERRIDES)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def _copy(run, tmp_path) -> str:
+  dst = str(tmp_path / "copy")
+  shutil.copytree(run, dst)
+  return dst
+
+
+def _flip(path: str, at: float = 0.5) -> None:
+  data = bytearray(open(path, "rb").read())
+  data[int(len(data) * at)] ^= 0x04
+  with open(path, "wb") as f:
+    f.write(bytes(data))
+
+
+def _record(step_dir: str) -> dict:
+  with open(os.path.join(step_dir, "_CHECKPOINT_METADATA")) as f:
+    return json.load(f)["custom_metadata"]["lineage"]
+
+
+def _lineage_cli(*args):
+  return subprocess.run([sys.executable, "-m", "codex_jax", "lineage", *args], cwd=ROOT, capture_output=True,
+                        text=True, timeout=120)
+
+
+def test_retention_keeps_the_newest_and_the_chain_keeps_every_record(run):
+  assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["12", "8"]
+  steps = [r["step"] for r in lineage.read_log(run) if "lineage_hash" in r]
+  assert steps == [4, 8, 12]
+  result = _lineage_cli("verify", run, "--json")
+  assert result.returncode == 0, result.stderr[-2000:]
+  report = json.loads(result.stdout)
+  assert report["chain_length"] == 3 and [c["step"] for c in report["checkpoints"]] == [8, 12]
+  assert report["files_checked"] == 2
+  record = _record(os.path.join(run, "checkpoints", "12"))
+  assert record["eval"]["heldout_loss"] > 0 and record["manifest_hash"] and record["config_hash"]
+  assert record["code_version"]["package"] and len(record["content_root"]) == 64
+
+
+def test_a_third_party_rederives_the_content_root_with_orbax_and_hashlib(run):
+  step_dir = os.path.join(run, "checkpoints", "12")
+  state = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "state"))
+  flat = jax.tree_util.tree_flatten_with_path(state["params"])[0]
+  leaves = sorted(("/".join(str(getattr(k, "key", k)) for k in keys), np.asarray(v)) for keys, v in flat)
+  assert _root([_leaf(path, array) for path, array in leaves]) == _record(step_dir)["content_root"]
+
+
+@pytest.mark.parametrize("relative", [
+    "state/params.embedding/0.0", "state/params.layers.attention.q/.zarray", "state/_METADATA", "state/_sharding",
+    "state/array_metadatas/process_0", "state/opt_state.1.0.mu.unembed/0.0", "state/step/0", "meta/metadata",
+    "data/process_0-of-1.json", "_CHECKPOINT_METADATA", "commit_success.txt",
+])
+def test_one_flipped_byte_anywhere_fails_verification_naming_file_and_tensor(run, tmp_path, relative):
+  workdir = _copy(run, tmp_path)
+  _flip(os.path.join(workdir, "checkpoints", "12", relative))
+  with pytest.raises(CheckpointIntegrityError) as info:
+    verify.verify(workdir)
+  message = str(info.value)
+  assert relative in message
+  if relative.startswith("state/") and relative.count("/") == 2:
+    assert f"(tensor {relative.split('/')[1].replace('.', '/')})" in message
+
+
+def test_restore_refuses_a_flipped_bit_before_returning_any_array(run, tmp_path):
+  workdir = _copy(run, tmp_path)
+  step_dir = os.path.join(workdir, "checkpoints", "12")
+  # Flip inside the compressed chunk and hide the file list, so the tensor hash itself must catch it.
+  _flip(os.path.join(step_dir, "state", "params.unembed", "0.0"), at=0.9)
+  records = [r for r in lineage.read_log(workdir) if "files_of" not in r]
+  with open(os.path.join(workdir, lineage.LOG_FILE), "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in records)
+  checkpointer = Checkpointer(workdir, CheckpointConfig())
+  try:
+    meta = checkpointer.read_meta(12)
+    target = _target_from_metadata(step_dir)
+    with pytest.raises(CheckpointIntegrityError) as info:
+      checkpointer.restore(12, target, meta=meta)
+  finally:
+    checkpointer.close()
+  assert "params/unembed" in str(info.value) and "expected" in str(info.value)
+
+
+def _target_from_metadata(step_dir: str, **changes):
+  tree = ocp.StandardCheckpointer().metadata(os.path.join(step_dir, "state"))
+  tree = getattr(getattr(tree, "item_metadata", tree), "tree", tree)
+  device = jax.devices()[0]
+  sharding = jax.sharding.SingleDeviceSharding(device)
+
+  def spec(keys, leaf):
+    path = merkle.leaf_path(keys)
+    shape, dtype = changes.get(path, (leaf.shape, leaf.dtype))
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+  return jax.tree_util.tree_map_with_path(spec, tree)
+
+
+@pytest.mark.parametrize("change,expected", [
+    ({"params/embedding": ((512, 32), np.float32)}, r"params/embedding was saved with shape \(512, 64\)"),
+    ({"params/embedding": ((512, 64), jax.numpy.bfloat16)}, r"params/embedding was saved as float32.*bfloat16"),
+])
+def test_restore_refuses_another_shape_or_dtype_naming_the_tensor(run, change, expected):
+  checkpointer = Checkpointer(run, CheckpointConfig())
+  try:
+    step_dir = os.path.join(run, "checkpoints", "12")
+    with pytest.raises(CheckpointIntegrityError, match=expected):
+      checkpointer.restore(12, _target_from_metadata(step_dir, **change), meta=checkpointer.read_meta(12))
+  finally:
+    checkpointer.close()
+
+
+def _rewrite_log(workdir, edit):
+  records = lineage.read_log(workdir)
+  edit(records)
+  with open(os.path.join(workdir, lineage.LOG_FILE), "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def test_edited_resealed_or_reordered_records_fail_naming_the_first_broken_link(run, tmp_path):
+  steps = lambda records: [r for r in records if "lineage_hash" in r]
+  workdir = _copy(run, tmp_path)
+  _rewrite_log(workdir, lambda rs: steps(rs)[0]["eval"].update(heldout_loss=1.0))
+  with pytest.raises(CheckpointIntegrityError, match="the record of step 4 was edited"):
+    verify.verify(workdir)
+
+  workdir = _copy(run, tmp_path / "b")
+
+  def reseal(records):  # A consistent rewrite of step 4: the child's link catches it.
+    record = steps(records)[0]
+    record["eval"]["heldout_loss"] = 1.0
+    record["lineage_hash"] = lineage.record_hash(record)
+  _rewrite_log(workdir, reseal)
+  with pytest.raises(CheckpointIntegrityError, match="step 8 links to parent"):
+    verify.verify(workdir)
+
+  workdir = _copy(run, tmp_path / "c")
+
+  def swap(records):
+    i, j = [k for k, r in enumerate(records) if r.get("step") in (8, 12) and "lineage_hash" in r]
+    records[i], records[j] = records[j], records[i]
+  _rewrite_log(workdir, swap)
+  with pytest.raises(CheckpointIntegrityError, match="links to parent"):
+    verify.verify(workdir)
+
+  workdir = _copy(run, tmp_path / "d")  # An edited record inside the checkpoint itself.
+  path = os.path.join(workdir, "checkpoints", "12", "_CHECKPOINT_METADATA")
+  with open(path) as f:
+    data = json.load(f)
+  data["custom_metadata"]["lineage"]["manifest_hash"] = "0" * 64
+  with open(path, "w") as f:
+    json.dump(data, f)
+  result = _lineage_cli("verify", workdir)
+  assert result.returncode == 2 and "_CHECKPOINT_METADATA" in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_tensor_proof_verifies_without_the_checkpoint(run, tmp_path):
+  workdir = _copy(run, tmp_path)
+  proof_file = str(tmp_path / "proof.json")
+  made = _lineage_cli("prove", os.path.join(workdir, "checkpoints", "12"), "--tensor=params/layers/mlp/down",
+                      f"--out={proof_file}")
+  assert made.returncode == 0, made.stderr[-2000:]
+  shutil.rmtree(workdir)
+  proof = json.load(open(proof_file))
+  assert proof["root"] == _record(os.path.join(run, "checkpoints", "12"))["content_root"]
+  ok = _lineage_cli("verify", f"--proof={proof_file}", f"--root={proof['root']}")
+  assert ok.returncode == 0 and "proof ok" in ok.stdout
+  proof["siblings"][0]["hash"] = "0" * 64
+  with open(proof_file, "w") as f:
+    json.dump(proof, f)
+  bad = _lineage_cli("verify", f"--proof={proof_file}")
+  assert bad.returncode == 2 and "params/layers/mlp/down" in bad.stderr
+
+
+def test_no_checkpoint_is_written_with_a_non_finite_value(tmp_path):
+  checkpointer = Checkpointer(str(tmp_path), CheckpointConfig(async_save=False))
+  checkpointer.start_fresh({"kind": "init", "seed": 0, "content_root": merkle.EMPTY_ROOT})
+  iterator = iter(grain.MapDataset.range(4).to_iter_dataset())
+  state = {"params": {"w": np.array([1.0, np.nan], np.float32)}, "step": np.int32(1)}
+  try:
+    with pytest.raises(CheckpointIntegrityError, match="step 1: tensor params/w holds NaN"):
+      checkpointer.save(1, state, iterator, {}, {})
+  finally:
+    checkpointer.close()
+  assert checkpointer.all_steps() == []
+
+
+# --- kills and SIGTERM, against an uninterrupted reference ----------------------------------------
+
+def _final_state(workdir):
+  return ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", "12", "state"))
+
+
+def _assert_same_final_state(workdir, reference):
+  for got, want in zip(jax.tree.leaves(_final_state(workdir)), jax.tree.leaves(_final_state(reference)), strict=True):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_sigterm_checkpoints_the_current_step_exits_0_and_resumes_exactly(run, tmp_path):
+  workdir = str(tmp_path / "run")
+  process = train_process(workdir, OVERRIDES)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 300
+  while time.time() < deadline and process.poll() is None:
+    if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 5:
+      break
+    time.sleep(0.05)
+  process.send_signal(signal.SIGTERM)
+  out, err = process.communicate(timeout=120)
+  assert process.returncode == 0, err[-2000:]
+  summary = json.loads(out)
+  assert summary["preempted"] and summary["final_step"] < 12
+  assert summary["checkpoints"][-1] == summary["final_step"]
+  resumed = run_train(workdir, OVERRIDES)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert json.loads(resumed.stdout)["start_step"] == summary["final_step"]
+  _assert_same_final_state(workdir, run)
+  assert verify.verify(workdir)["ok"]
+
+
+def test_kill_9_during_an_async_save_resumes_from_the_last_committed_step(run, tmp_path):
+  workdir = str(tmp_path / "run")
+  process = train_process(workdir, OVERRIDES)
+  checkpoints = os.path.join(workdir, "checkpoints")
+  deadline = time.time() + 300
+  while time.time() < deadline and process.poll() is None:  # The second save's temporary directory.
+    if os.path.isdir(checkpoints) and any(name.startswith("8.") for name in os.listdir(checkpoints)):
+      break
+    time.sleep(0.002)
+  assert process.poll() is None, "the run ended before the save could be interrupted"
+  process.send_signal(signal.SIGKILL)
+  process.communicate()
+  committed = Checkpointer(workdir, CheckpointConfig())
+  try:
+    steps = committed.all_steps()
+  finally:
+    committed.close()
+  assert 12 not in steps and all(s in (4, 8) for s in steps)  # The partial save is never listed.
+  resumed = run_train(workdir, OVERRIDES)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert json.loads(resumed.stdout)["start_step"] in (4, 8)
+  _assert_same_final_state(workdir, run)
+  assert verify.verify(workdir)["ok"]
+
+
+def test_re_seeding_instead_of_restoring_the_rng_changes_the_state_hash(run):
+  """Negative control for the resume tests: they compare every leaf, the RNG key included."""
+  from codex_jax.checkpoint.manager import roots, state_leaf_hashes
+  state = _final_state(run)
+  reseeded = {**state, "rng": np.asarray(jax.random.PRNGKey(12345))}
+  same, other = roots(state_leaf_hashes(state)), roots(state_leaf_hashes(reseeded))
+  assert same["content_root"] == other["content_root"] and same["extra_root"] != other["extra_root"]
+
+
+def test_saving_a_step_that_exists_is_refused(run, tmp_path):
+  workdir = _copy(run, tmp_path)
+  checkpointer = Checkpointer(workdir, CheckpointConfig(async_save=False))
+  meta = checkpointer.read_meta(12)
+  state = _final_state(workdir)
+  iterator = iter(grain.MapDataset.range(4).to_iter_dataset())
+  try:
+    with pytest.raises(CheckpointIntegrityError, match="checkpoints/12 already exists: a committed step is never"):
+      checkpointer.save(12, state, iterator, {k: v for k, v in meta.items() if k not in ("leaves", "lineage")}, {})
+  finally:
+    checkpointer.close()
+  assert verify.verify(workdir)["ok"]  # The committed step 12 is untouched.
+
+
+def test_three_kills_including_one_during_restore_and_compile_still_end_bit_identical(run, tmp_path):
+  workdir = str(tmp_path / "run")
+  checkpoints = os.path.join(workdir, "checkpoints")
+
+  def kill_when(ready, timeout=300):
+    process = train_process(workdir, OVERRIDES)
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None and not ready():
+      time.sleep(0.01)
+    assert process.poll() is None, "the run ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+
+  committed = lambda: os.path.isdir(checkpoints) and any(d.isdigit() for d in os.listdir(checkpoints))
+  kill_when(committed)  # 1: after the first commit.
+  started = time.time()
+  kill_when(lambda: time.time() - started > 4)  # 2: early in the restart: setup, restore or compile.
+  started = time.time()
+  kill_when(lambda: time.time() - started > 8)  # 3: later in the next restart.
+  resumed = run_train(workdir, OVERRIDES)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  _assert_same_final_state(workdir, run)
+  assert verify.verify(workdir)["ok"]
+
+
+def test_consecutive_bad_steps_stop_the_run_with_a_clear_error(tmp_path):
+  # A learning rate of 1e12 blows the weights up on the first update; every later step is non-finite.
+  result = run_train(str(tmp_path / "run"), {**OVERRIDES, "optimizer.learning_rate": 1e12, "train.steps": 12,
+                                             "train.max_consecutive_bad": 3, "checkpoint.every": 100})
+  assert result.returncode == 2
+  last = result.stderr.strip().splitlines()[-1]
+  assert "consecutive steps skipped as numerically bad" in last and "train.max_consecutive_bad=3" in last
