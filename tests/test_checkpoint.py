@@ -374,3 +374,46 @@ def test_consecutive_bad_steps_stop_the_run_with_a_clear_error(tmp_path):
   assert result.returncode == 2
   last = result.stderr.strip().splitlines()[-1]
   assert "consecutive steps skipped as numerically bad" in last and "train.max_consecutive_bad=3" in last
+
+
+def test_a_background_write_error_surfaces_at_the_next_save_and_the_step_is_never_listed(tmp_path, monkeypatch):
+  import errno
+
+  from orbax.checkpoint._src.path import atomicity
+  real_rename = atomicity.async_path.rename
+
+  async def full_disk(src, dst):
+    if str(dst).endswith("/2"):
+      raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+    return await real_rename(src, dst)
+
+  monkeypatch.setattr(atomicity.async_path, "rename", full_disk)
+  workdir = str(tmp_path)
+  checkpointer = Checkpointer(workdir, CheckpointConfig(async_save=True, max_to_keep=5))
+  checkpointer.start_fresh({"kind": "init", "seed": 0, "content_root": merkle.EMPTY_ROOT})
+  iterator = iter(grain.MapDataset.range(4).to_iter_dataset())
+  state = lambda v: {"params": {"w": np.full(3, v, np.float32)}, "step": np.int32(v)}
+  try:
+    checkpointer.save(1, state(1), iterator, {}, {})
+    checkpointer.save(2, state(2), iterator, {}, {})  # Fails in the background writer.
+    with pytest.raises(Exception, match="No space left on device"):
+      checkpointer.save(3, state(3), iterator, {}, {})
+    assert 2 not in checkpointer.all_steps()
+    checkpointer.save(3, state(3), iterator, {}, {})  # The disk has room again: the next save is valid.
+  finally:
+    checkpointer.close()
+  assert checkpointer.all_steps() == [1, 3]
+  assert [c["step"] for c in verify.verify(workdir)["checkpoints"]] == [1, 3]
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_a_deleted_or_truncated_file_is_named(run, tmp_path, damage):
+  workdir = _copy(run, tmp_path)
+  path = os.path.join(workdir, "checkpoints", "12", "state", "params.feature_in", "0.0")
+  if damage == "delete":
+    os.remove(path)
+  else:
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
+  with pytest.raises(CheckpointIntegrityError, match=r"params.feature_in/0.0 \(tensor params/feature_in\)"):
+    verify.verify(workdir)
