@@ -16,6 +16,7 @@ retention deleting old checkpoints).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -23,14 +24,14 @@ import subprocess
 from typing import Any
 
 import codex_jax
+from codex_jax.hashing import canonical_json
 
 LOG_FILE = "lineage.jsonl"
 _RECORD_TAG = b"codex.lineage.v1\n"
 _START_TAG = b"codex.start.v1\n"
 
 
-def canonical(obj: Any) -> bytes:
-  return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+canonical = canonical_json
 
 
 def start_hash(start: dict[str, Any]) -> str:
@@ -46,6 +47,7 @@ def seal(record: dict[str, Any]) -> dict[str, Any]:
   return {**record, "lineage_hash": record_hash(record)}
 
 
+@functools.cache
 def code_version() -> dict[str, str | None]:
   """The package version, and the git commit when the package runs from a git checkout."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(codex_jax.__file__)))

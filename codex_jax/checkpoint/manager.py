@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import os
 import re
 from typing import Any
@@ -23,6 +24,7 @@ import orbax.checkpoint as ocp
 from codex_jax.checkpoint import lineage, merkle
 from codex_jax.checkpoint.errors import CheckpointIntegrityError
 from codex_jax.config.schema import CheckpointConfig
+from codex_jax.hashing import sha256_file
 
 STATE_GROUPS = ("params", "opt_state")  # Hashed into their own roots; every other leaf into extra_root.
 
@@ -41,13 +43,19 @@ def roots(leaf_hashes: dict[str, str]) -> dict[str, str]:
           "extra_root": merkle.root(by_group["extra"])}
 
 
-def state_leaf_hashes(state) -> dict[str, str]:
+def state_leaf_hashes(state, refuse_non_finite_at: int | None = None) -> dict[str, str]:
   """Full path -> leaf hash. Params and optimizer leaves are hashed under paths relative to their group,
-  so the content root is the weights' own (the same tree exported or imported elsewhere)."""
+  so the content root is the weights' own (the same tree exported or imported elsewhere).
+
+  With `refuse_non_finite_at=step`, the same single pass over the host copies refuses a NaN or Inf.
+  """
   hashes = {}
   for path, leaf in merkle.host_leaves(state):
+    array = merkle.to_host(leaf)
+    if refuse_non_finite_at is not None and array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+      raise CheckpointIntegrityError(f"refusing to save step {refuse_non_finite_at}: tensor {path} holds NaN or Inf")
     group, _, rest = path.partition("/")
-    hashes[path] = merkle.leaf_hash(rest if group in STATE_GROUPS else path, merkle.to_host(leaf))
+    hashes[path] = merkle.leaf_hash(rest if group in STATE_GROUPS else path, array)
   return hashes
 
 
@@ -63,7 +71,7 @@ def meta_hash(meta: dict) -> str:
 def tensor_files(step_dir: str, path: str) -> list[str]:
   """The files Orbax wrote for one tensor (its zarr folder, named by the dotted tree path)."""
   folder = os.path.join(step_dir, "state", path.replace("/", "."))
-  return sorted(glob.glob(os.path.join(folder, "**", "*"), recursive=True) + glob.glob(folder + "*"))
+  return sorted(glob.glob(os.path.join(folder, "**", "*"), recursive=True))
 
 
 class Checkpointer:
@@ -72,7 +80,6 @@ class Checkpointer:
   def __init__(self, workdir: str, cfg: CheckpointConfig):
     self.workdir = os.path.abspath(workdir)
     self.directory = os.path.join(self.workdir, "checkpoints")
-    self.cfg = cfg
     options = ocp.CheckpointManagerOptions(
         max_to_keep=cfg.max_to_keep, enable_async_checkpointing=cfg.async_save, create=True)
     self.manager = ocp.CheckpointManager(
@@ -108,8 +115,7 @@ class Checkpointer:
     if self.parent is None:
       raise CheckpointIntegrityError("no lineage start: call start_fresh() or restore() before the first save")
     self._record_committed_files()
-    leaves = state_leaf_hashes(state)
-    _refuse_non_finite(state, step)
+    leaves = state_leaf_hashes(state, refuse_non_finite_at=step)
     record = lineage.seal({"version": 1, "step": step, **roots(leaves),
                            "iterator_hash": iterator_hash(data_iterator.get_state()), "meta_hash": meta_hash(meta),
                            "code_version": lineage.code_version(), **fields, "parent": self.parent})
@@ -136,19 +142,7 @@ class Checkpointer:
     self._unrecorded = []
 
   def read_meta(self, step: int) -> dict:
-    try:
-      meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    except Exception as e:  # A damaged meta file: name it.
-      raise CheckpointIntegrityError(f"{self.step_dir(step)}/meta: cannot be read ({type(e).__name__}: {e})") from e
-    check_meta(meta, self.step_dir(step), self._record(step))
-    return meta
-
-  def _record(self, step: int) -> dict | None:
-    try:
-      custom = self.manager.metadata(step).custom_metadata or {}
-    except Exception as e:
-      raise CheckpointIntegrityError(f"{self.step_dir(step)}/_CHECKPOINT_METADATA: cannot be read ({e})") from e
-    return custom.get("lineage")
+    return load_meta(self.step_dir(step))[0]
 
   def restore(self, step: int, abstract_state, data_iterator=None, *, meta: dict, allow_dtype_change: bool = False):
     """The state at `step` in `abstract_state`'s shardings, verified tensor by tensor; the iterator is set in place."""
@@ -193,16 +187,8 @@ def _short(e: Exception) -> str:
 
 def file_hashes(step_dir: str) -> dict[str, str]:
   """sha256 of every file of a committed step, by path relative to the step directory."""
-  out = {}
-  for folder, _, names in os.walk(step_dir):
-    for name in names:
-      path = os.path.join(folder, name)
-      h = hashlib.sha256()
-      with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-          h.update(chunk)
-      out[os.path.relpath(path, step_dir)] = h.hexdigest()
-  return dict(sorted(out.items()))
+  paths = (os.path.join(folder, name) for folder, _, names in os.walk(step_dir) for name in names)
+  return dict(sorted((os.path.relpath(path, step_dir), sha256_file(path)) for path in paths))
 
 
 def check_files(recorded: dict[str, str], step_dir: str) -> None:
@@ -217,11 +203,20 @@ def check_files(recorded: dict[str, str], step_dir: str) -> None:
       raise CheckpointIntegrityError(f"{os.path.join(step_dir, rel)}{tensor} {what}")
 
 
-def _refuse_non_finite(state, step: int) -> None:
-  for path, leaf in merkle.host_leaves(state):
-    array = merkle.to_host(leaf)
-    if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
-      raise CheckpointIntegrityError(f"refusing to save step {step}: tensor {path} holds NaN or Inf")
+def load_meta(step_dir: str) -> tuple[dict, dict]:
+  """(meta item, lineage record of Orbax's step metadata), read from the files and checked against each other."""
+  try:
+    with open(os.path.join(step_dir, "meta", "metadata")) as f:
+      meta = json.load(f)
+  except (OSError, ValueError) as e:
+    raise CheckpointIntegrityError(f"{step_dir}/meta/metadata: cannot be read ({e})") from e
+  try:
+    with open(os.path.join(step_dir, "_CHECKPOINT_METADATA")) as f:
+      record = (json.load(f).get("custom_metadata") or {}).get("lineage")
+  except (OSError, ValueError, AttributeError) as e:
+    raise CheckpointIntegrityError(f"{step_dir}/_CHECKPOINT_METADATA: cannot be read ({e})") from e
+  check_meta(meta, step_dir, record)
+  return meta, record
 
 
 def check_meta(meta: dict, step_dir: str, record: dict | None) -> None:

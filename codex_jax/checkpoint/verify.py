@@ -18,34 +18,18 @@ from codex_jax.checkpoint.manager import (
   STATE_GROUPS,
   check_files,
   check_leaves,
-  check_meta,
   iterator_hash,
+  load_meta,
   state_leaf_hashes,
 )
 
 ROOT_OF_GROUP = {"params": "content_root", "opt_state": "optimizer_root"}
 
 
-def _load_meta(step_dir: str) -> tuple[dict, dict]:
-  """(meta item, lineage record of the step metadata), each checked against the other."""
-  try:
-    with open(os.path.join(step_dir, "meta", "metadata")) as f:
-      meta = json.load(f)
-  except (OSError, ValueError) as e:
-    raise CheckpointIntegrityError(f"{step_dir}/meta/metadata: cannot be read ({e})") from e
-  try:
-    with open(os.path.join(step_dir, "_CHECKPOINT_METADATA")) as f:
-      record = (json.load(f).get("custom_metadata") or {}).get("lineage")
-  except (OSError, ValueError) as e:
-    raise CheckpointIntegrityError(f"{step_dir}/_CHECKPOINT_METADATA: cannot be read ({e})") from e
-  check_meta(meta, step_dir, record)
-  return meta, record
-
-
 def verify_checkpoint(step_dir: str) -> dict[str, Any]:
   """Re-hashes every stored tensor and the iterator state; returns the verified lineage record."""
   step_dir = os.path.abspath(step_dir)
-  meta, record = _load_meta(step_dir)
+  meta, record = load_meta(step_dir)
   try:
     state = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "state"))
   except Exception as e:
@@ -124,7 +108,7 @@ def verify(path: str) -> dict[str, Any]:
 def prove(step_dir: str, tensor: str) -> dict[str, Any]:
   """A Merkle inclusion proof of one tensor (e.g. "params/layers/attention/q") in its checkpoint's root."""
   step_dir = os.path.abspath(step_dir)
-  meta, record = _load_meta(step_dir)
+  meta, record = load_meta(step_dir)
   leaves = meta["leaves"]
   group = tensor.split("/", 1)[0]
   if group not in STATE_GROUPS or tensor not in leaves:

@@ -16,13 +16,10 @@ import os
 import tempfile
 
 from codex_jax.data.records import cache_dir
+from codex_jax.hashing import canonical_json
+from codex_jax.hashing import sha256_file as _hash_stream
 
-_CHUNK = 1 << 20
 _CACHE_VERSION = "v1"
-
-
-def canonical_json(obj) -> bytes:
-  return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -36,14 +33,6 @@ def _stat_key(path: str) -> str:
 
 def _cache_path(key: str) -> str:
   return os.path.join(cache_dir(), "fingerprints", key[:2], key + ".json")
-
-
-def _hash_stream(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    while chunk := f.read(_CHUNK):
-      h.update(chunk)
-  return h.hexdigest()
 
 
 def file_sha256(path: str) -> str:
