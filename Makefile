@@ -36,6 +36,7 @@ bench: install
 	@JAX_PLATFORMS=cpu $(BIN)/codex bench --config=experiments/codex.py:bench --name=bench --checkpoint --json
 	@$(BIN)/codex data build-default > /dev/null
 	@JAX_PLATFORMS=cpu $(BIN)/codex data bench --config=experiments/codex.py:tiny --batches=$${BENCH_BATCHES:-100} --json
+	@XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu $(BIN)/codex bench --config=experiments/codex.py:tiny --name=tiny-layouts --config.model.num_heads=8 --config.model.num_kv_heads=8 --layouts --steps=$${BENCH_STEPS:-3} --json
 
 lint: install
 	$(BIN)/python -m pip install --quiet "ruff>=0.8,<1"

@@ -105,7 +105,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.mesh.data = -1                  # -1: all devices left after tensor and pipeline.
   config.mesh.tensor = 1
   config.mesh.pipeline = 1
-  config.mesh.fsdp = False
+  config.mesh.fsdp = False               # ZeRO-3: parameters and optimizer state sharded over `data`.
+  config.mesh.sequence_parallel = False  # Residual stream's length sharded over `tensor` between blocks.
+  config.mesh.schedule = "gpipe"         # Pipeline schedule when mesh.pipeline > 1: gpipe | circular | 1f1b.
+  config.mesh.microbatches = 0           # Pipeline microbatches per step; 0: 4 per stage.
+  config.mesh.repeats = 1                # circular: layer chunks per stage (>= 2); gpipe and 1f1b: 1.
+  config.mesh.auto = False               # True: the topology adapter picks the layout (see `codex mesh`).
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every = 100

@@ -1,6 +1,5 @@
-"""Checkpoint integrity and lineage: Merkle format, flipped bytes, edited records, proofs, kills and SIGTERM."""
+"""Checkpoint integrity and lineage: a real content root re-derived, flipped bytes, edited records, proofs, kills."""
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,51 +20,12 @@ from codex_jax.checkpoint.manager import Checkpointer
 from codex_jax.config.schema import CheckpointConfig
 from codex_jax.data.default_corpus.build import build_default_corpus
 from tests.helpers import ROOT, RUN_OVERRIDES, run_train, train_process
+from tests.test_merkle import spec_leaf, spec_root  # BUILD.md's hash format, written out with hashlib.
 
 pytestmark = pytest.mark.slow
 
 OVERRIDES = {**RUN_OVERRIDES, "train.steps": 12, "checkpoint.every": 4, "eval.every": 4,
              "checkpoint.max_to_keep": 2}
-
-
-# --- the hash format, re-derived with hashlib alone -----------------------------------------------
-
-def _leaf(path: str, array: np.ndarray) -> str:
-  """BUILD.md's leaf hash, written out independently of codex_jax."""
-  array = np.asarray(array)  # Not ascontiguousarray: that makes a scalar 1-d.
-  header = b"codex.leaf.v1\n" + path.encode() + b"\n" + array.dtype.name.encode() + b"\n"
-  header += ",".join(map(str, array.shape)).encode() + b"\n"
-  return hashlib.sha256(header + array.astype(array.dtype.newbyteorder("<")).tobytes(order="C")).hexdigest()
-
-
-def _root(hashes: list[str]) -> str:
-  level = [bytes.fromhex(h) for h in hashes]
-  if not level:
-    return hashlib.sha256(b"codex.empty.v1").hexdigest()
-  while len(level) > 1:
-    nxt = [hashlib.sha256(b"\x01" + level[i] + level[i + 1]).digest() for i in range(0, len(level) - 1, 2)]
-    level = nxt + ([level[-1]] if len(level) % 2 else [])
-  return level[0].hex()
-
-
-def test_merkle_format_matches_the_spec_and_proofs_verify():
-  rng = np.random.default_rng(0)
-  arrays = {"b/x": rng.normal(size=(3, 4)).astype(np.float32), "a": np.arange(5, dtype=np.int32),
-            "c": np.float32(2.5), "b/y": np.zeros((2, 0, 3), np.float32)}
-  for path, array in arrays.items():
-    assert merkle.leaf_hash(path, array) == _leaf(path, np.asarray(array))
-  assert merkle.leaf_hash("a", arrays["a"]) != merkle.leaf_hash("a", arrays["a"].astype(np.int64))
-  assert merkle.leaf_hash("a", arrays["a"]) != merkle.leaf_hash("a", arrays["a"].reshape(5, 1))
-  tree = {"b": {"x": arrays["b/x"], "y": arrays["b/y"]}, "a": arrays["a"], "c": arrays["c"]}
-  hashes = merkle.tree_leaf_hashes(tree)
-  assert list(hashes) == ["a", "b/x", "b/y", "c"]  # Canonical order: by path bytes.
-  for n in range(0, 10):
-    leaves = [hashlib.sha256(bytes([i])).hexdigest() for i in range(n)]
-    assert merkle.root(leaves) == _root(leaves)
-    for i in range(n):
-      assert merkle.root_from_proof(leaves[i], merkle.proof(leaves, i)) == merkle.root(leaves)
-      if n > 1:
-        assert merkle.root_from_proof(leaves[(i + 1) % n], merkle.proof(leaves, i)) != merkle.root(leaves)
 
 
 # --- a real run -----------------------------------------------------------------------------------
@@ -121,7 +81,7 @@ def test_a_third_party_rederives_the_content_root_with_orbax_and_hashlib(run):
   state = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "state"))
   flat = jax.tree_util.tree_flatten_with_path(state["params"])[0]
   leaves = sorted(("/".join(str(getattr(k, "key", k)) for k in keys), np.asarray(v)) for keys, v in flat)
-  assert _root([_leaf(path, array) for path, array in leaves]) == _record(step_dir)["content_root"]
+  assert spec_root([spec_leaf(path, array) for path, array in leaves]) == _record(step_dir)["content_root"]
 
 
 @pytest.mark.parametrize("relative", [

@@ -74,8 +74,11 @@ def test_tensor_axis_must_divide_heads():
   assert "config.model.num_heads=4: must be divisible by the tensor axis size 8" in message
 
 
-def test_pipeline_larger_than_one_is_refused_until_built():
-  assert "config.mesh.pipeline=2: pipeline execution is not built yet" in _problems(**{"mesh.pipeline": 2})
+def test_pipeline_stages_need_the_batch_to_split_into_microbatches_on_every_data_shard():
+  # tiny: global batch 16; 8 devices with pipeline 2 leave data 4, and the default is 4 microbatches a stage.
+  assert ("config.train.global_batch=16: must be divisible by the data axis size x pipeline microbatches = 4 x 8"
+          in _problems(**{"mesh.pipeline": 2}))
+  config_load.load(config_dict("tiny", **{"mesh.pipeline": 2, "mesh.microbatches": 4}), num_devices=8)
 
 
 def test_unknown_keys_and_groups_are_refused():

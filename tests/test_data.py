@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from codex_jax.config.schema import DataConfig
-from codex_jax.data import encode, packing, pipeline
+from codex_jax.data import encode, packing, pipeline, sample_ids
 from codex_jax.data import tokenizer as tok_lib
 from codex_jax.data.accounting import TokenAccountant
 from codex_jax.data.errors import DataError
@@ -112,14 +112,16 @@ def test_clip_and_embodied_layouts(plan):
 @pytest.mark.parametrize("lengths", [[5, 7, 60, 3], [SEQ_LEN], [SEQ_LEN + 1, 2], [3 * SEQ_LEN + 5, 40, 30, SEQ_LEN]])
 def test_rows_hold_the_stream_in_order_and_cut_only_what_a_row_cannot_hold(lengths):
   examples, start = [], 0
-  for n in lengths:
+  for k, n in enumerate(lengths):
     ids = np.arange(start, start + n, dtype=np.int32)
     examples.append({"inputs": ids, "targets": ids + 1, "loss_mask": np.ones(n, np.float32),
                      "modality_ids": np.ones(n, np.int32), "source_ids": np.ones(n, np.int32),
-                     "features": np.zeros((n, 2), np.float32) + ids[:, None]})
+                     "features": np.zeros((n, 2), np.float32) + ids[:, None],
+                     "example_ids": np.full(n, 100 + k, np.int64), "example_positions": np.arange(n, dtype=np.int32)})
     start += n
   rows = list(packing.SourceRows(grain.MapDataset.source(examples).to_iter_dataset(), SEQ_LEN))
   assert all(r["inputs"].shape == (SEQ_LEN,) and r["features"].shape == (SEQ_LEN, 2) for r in rows)
+  owner = lambda pos: int(np.searchsorted(np.cumsum(lengths), pos, side="right"))  # Example holding a token.
   parts = []  # Every segment, in order: together they are the examples, in order, with nothing lost.
   for r in rows:
     seg = r["segment_ids"]
@@ -130,19 +132,26 @@ def test_rows_hold_the_stream_in_order_and_cut_only_what_a_row_cannot_hold(lengt
       np.testing.assert_array_equal(r["positions"][idx], np.arange(idx.size))
       np.testing.assert_array_equal(r["features"][idx, 0], r["inputs"][idx])
       parts.append(r["inputs"][idx])
+      # Every part knows its example and where in it it starts, also when the example was cut.
+      k = owner(r["inputs"][idx[0]])
+      assert (r["example_ids"][idx] == 100 + k).all()
+      np.testing.assert_array_equal(r["example_positions"][idx], r["inputs"][idx] - sum(lengths[:k]))
+    assert not r["example_ids"][seg == 0].any()
   np.testing.assert_array_equal(np.concatenate(parts), np.arange(start))
+  assert [tuple(s[1:]) for r in rows for s in sample_ids.batch_samples({k: v[None] for k, v in r.items()})] == [
+      (int(p[0]) - sum(lengths[:owner(p[0])]), len(p)) for p in parts]
   # Only examples longer than a row are cut; a short one that does not fit starts a new row.
   boundaries = set(np.cumsum([len(p) for p in parts])[:-1])
   ends = set(np.cumsum(lengths)[:-1])
   cut = [b for b in boundaries if b not in ends]
-  owner = lambda pos: int(np.searchsorted(np.cumsum(lengths), pos, side="right"))
   assert all(lengths[owner(b)] > SEQ_LEN for b in cut)
 
 
 def test_row_packer_state_round_trips_mid_example():
   examples = [{"inputs": np.arange(n, dtype=np.int32), "targets": np.arange(n, dtype=np.int32),
                "loss_mask": np.ones(n, np.float32), "modality_ids": np.ones(n, np.int32),
-               "source_ids": np.ones(n, np.int32), "features": np.zeros((n, 1), np.float32)}
+               "source_ids": np.ones(n, np.int32), "features": np.zeros((n, 1), np.float32),
+               "example_ids": np.full(n, n, np.int64), "example_positions": np.arange(n, dtype=np.int32)}
               for n in [10, 150, 30, 20, 200, 5, 64, 64, 1]]
   ds = packing.SourceRows(grain.MapDataset.source(examples).to_iter_dataset(), SEQ_LEN)
   reference = list(ds)
@@ -222,11 +231,22 @@ def test_eval_stream_ends_padded_and_counts_every_record_once(plan, cfg):
   out = list(batches(plan, cfg, split="eval", num_epochs=1))
   assert out and all(b["inputs"].shape == (BATCH, SEQ_LEN) for b in out)
   spec = pipeline.encode_spec(cfg, FEATURES)
-  expected = 0  # Every position of every held-out record, encoded directly.
+  lengths = {}  # Every held-out record, encoded directly: its sample id -> its number of positions.
   for s in plan.sources:
-    read = pipeline.ReadExample(s, encode.Encoder(plan.tokenizer, spec, s.source_id, s.source.exchange_rates))
-    expected += sum(len(read.map(entry)["inputs"]) for entry in s.records["eval"])
-  assert sum(int((b["segment_ids"] > 0).sum()) for b in out) == expected
+    read = pipeline.ReadExample(s, encode.Encoder(plan.tokenizer, spec, s.source_id, s.source.exchange_rates),
+                                len(s.records["eval"]))
+    for i, entry in enumerate(s.records["eval"]):
+      lengths[sample_ids.example_id(s.source_id, 0, i)] = len(read.map_with_index(i, (*entry, i))["inputs"])
+  assert sum(int((b["segment_ids"] > 0).sum()) for b in out) == sum(lengths.values())
+  # By sample id: the parts of every record tile it exactly once, and nothing else was drawn.
+  parts = {}
+  for b in out:
+    for sample_id, start, n in sample_ids.batch_samples(b):
+      parts.setdefault(sample_id, []).append((start, n))
+  assert parts.keys() == {i for i, n in lengths.items() if n}
+  for sample_id, spans in parts.items():
+    starts = np.cumsum([0] + [n for _, n in sorted(spans)])
+    assert [start for start, _ in sorted(spans)] == list(starts[:-1]) and starts[-1] == lengths[sample_id]
 
 
 def test_process_shards_are_disjoint_and_cover(plan):
@@ -256,6 +276,40 @@ def few_clips(tmp_path_factory, cfg):
   manifest = write_corpus(root, clips=4, manifest_name="few.yaml", sources=sources)
   return build_plan(dataclasses.replace(cfg, eval_fraction=0.0), vocab_size=VOCAB, feature_dim=FEATURES,
                     manifest_path=manifest)
+
+
+def test_sample_ids_show_each_record_once_per_epoch_and_epochs_in_order(few_clips, cfg):
+  """By sample id, over several epochs of the 4 clips: every epoch trains every record once, whole,
+  and a record of epoch e+1 comes only after every record of epoch e, or in the same shuffle window
+  as the last of them (the window shuffle permutes rows within a window, never across windows)."""
+  plan, per_window = few_clips, cfg.shuffle_window // BATCH
+  parts = {}  # id -> [(first position, length, batch number)]
+  for k, b in enumerate(batches(plan, cfg, 12 * per_window)):  # Whole windows only.
+    for sample_id, start, n in sample_ids.batch_samples(b):
+      parts.setdefault(sample_id, []).append((start, n, k))
+  spec = pipeline.encode_spec(cfg, FEATURES)
+  for s in plan.sources:
+    records = s.records["train"]
+    read = pipeline.ReadExample(s, encode.Encoder(plan.tokenizer, spec, s.source_id, s.source.exchange_rates),
+                                len(records))
+    ids = np.array(sorted(parts), np.int64)
+    source, epoch, record = sample_ids.split_id(ids)
+    ids, epoch, record = ids[source == s.source_id], epoch[source == s.source_id], record[source == s.source_id]
+    for sample_id in ids:  # No position of a sample is trained twice.
+      spans = sorted(parts[sample_id])
+      assert all(a[0] + a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))
+    for e in range(int(epoch.max())):  # Every epoch before the one in progress is complete.
+      assert sorted(record[epoch == e].tolist()) == list(range(len(records)))
+      for sample_id, r in zip(ids[epoch == e], record[epoch == e], strict=True):
+        spans = sorted(parts[sample_id])
+        n = len(read.map_with_index(int(r), (*records[r], int(r)))["inputs"])
+        assert [a for a, _, _ in spans] == list(np.cumsum([0] + [m for _, m, _ in spans])[:-1])
+        assert sum(m for _, m, _ in spans) == n
+      last = max(k for i in ids[epoch == e] for _, _, k in parts[i])
+      first_next = min(k for i in ids[epoch == e + 1] for _, _, k in parts[i])
+      assert first_next // per_window >= last // per_window
+    if s.source.name == "clips":
+      assert epoch.max() >= 3  # The test did cross epoch boundaries.
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import time
 
+import grain
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -13,6 +14,9 @@ import yaml
 
 from codex_jax.cache import cache_dir
 from codex_jax.data.default_corpus.build import build_default_corpus
+from codex_jax.data.sample_ids import split_id
+from codex_jax.data.stream import EpochBlockShuffle
+from codex_jax.train.ledger import SampleLedger, ledger_path, read_ledger
 from tests.helpers import ROOT, RUN_OVERRIDES, run_env, run_train, train_command
 
 pytestmark = pytest.mark.slow
@@ -39,6 +43,58 @@ def _losses(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]
   return {row["step"]: row["loss"] for row in rows if "loss" in row}
+
+
+def _stream_orders(workdir):
+  """source id -> its train records' indices in the order its stream draws them (epoch 0, one process)."""
+  data_cfg = json.load(open(os.path.join(workdir, "config.json")))["data"]
+  record = json.load(open(os.path.join(workdir, "data", "manifest.json")))
+  orders = {}
+  for source_id, name in enumerate(record["included"], start=1):
+    n = record["records"][name]["train"]
+    epoch = EpochBlockShuffle(grain.MapDataset.range(n), block=data_cfg["shuffle_block"],
+                              seed=data_cfg["seed"] * 1_000_003 + source_id, num_epochs=1)
+    orders[source_id] = [epoch[i] for i in range(n)]
+  return orders
+
+
+def assert_each_sample_trained_once_in_stream_order(workdir):
+  """What the ledger of one run must show (sample ids: data/sample_ids.py).
+
+  - No position of any record is trained twice: the parts of a sample id never overlap.
+  - Epochs: 40 steps draw far less than one epoch of any source (the smallest has 374 records), so
+    every id is of epoch 0; the epoch order itself is checked in tests/test_data.py.
+  - None lost: the steps before the mixture-phase switch that fill whole shuffle windows are exactly the
+    mixture's first rows, so each source trained there a prefix of its stream order, each record's parts
+    from its first position on with no gap. (At the switch, rows left in the window are dropped by
+    design, and the run ends with rows still in a window: the later steps need not be a prefix.)
+  """
+  ledger, cfg = read_ledger(ledger_path(workdir)), json.load(open(os.path.join(workdir, "config.json")))
+  parts = {}  # id -> [(start, length, step)]
+  for step, samples in ledger.items():
+    assert len(samples) >= cfg["train"]["global_batch"]  # At least one part per row.
+    for sample_id, start, length in samples:
+      assert length > 0
+      parts.setdefault(sample_id, []).append((start, length, step))
+  source, epoch, record = split_id(np.array(sorted(parts), np.int64))
+  assert set(source.tolist()) == set(_stream_orders(workdir)) and not epoch.any()
+  for spans in parts.values():
+    spans.sort()
+    assert all(a[0] + a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)), spans
+  rows_per_window = cfg["data"]["shuffle_window"] // cfg["train"]["global_batch"]
+  whole = PHASE_SWITCH // rows_per_window * rows_per_window  # Steps 1..whole: whole main-phase windows.
+  assert whole >= 16
+  orders, early = _stream_orders(workdir), {}
+  for sample_id, spans in parts.items():
+    starts = [(start, length) for start, length, step in spans if step <= whole]
+    if starts:
+      early[int(sample_id)] = starts
+  early_source, _, early_record = split_id(np.array(list(early), np.int64))
+  for source_id, order in orders.items():
+    trained = set(early_record[early_source == source_id].tolist())
+    assert trained and trained == set(order[:len(trained)]), source_id
+  for spans in early.values():
+    assert spans[0][0] == 0 and all(a[0] + a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False)), spans
 
 
 def _leaves(tree):
@@ -80,7 +136,8 @@ def test_a_run_leaves_everything_a_user_looks_at(reference):
   assert summary["last_loss"] < summary["first_loss"]
   assert np.isfinite(summary["eval_loss"])
   names = set(os.listdir(workdir))
-  assert {"config.json", "tokenizer.json", "metrics.jsonl", "loss.png", "checkpoints", "data"} <= names
+  assert {"config.json", "tokenizer.json", "metrics.jsonl", "samples.jsonl", "loss.png", "checkpoints",
+          "data"} <= names
   assert any(name.startswith("events.out.tfevents") for name in names)
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]
@@ -124,6 +181,32 @@ def test_kill_9_then_resume_is_bit_identical_to_an_uninterrupted_run(reference, 
   losses, ref_losses = _losses(workdir), _losses(ref_dir)
   assert list(losses) == list(range(1, 41))  # Steps past the checkpoint were dropped, then redone once.
   assert losses == ref_losses  # Every step's loss bit-equal, before and after the resume point.
+  # The samples trained, by id (samples.jsonl): the same as the reference's, step by step, so the kill
+  # lost and repeated none; and the reference itself trains each sample once, in stream order.
+  ledger, ref_ledger = read_ledger(ledger_path(workdir)), read_ledger(ledger_path(ref_dir))
+  assert list(ledger) == list(range(1, 41))
+  for step in ref_ledger:
+    assert ledger[step] == ref_ledger[step], f"step {step} trained other samples after the resume"
+  assert_each_sample_trained_once_in_stream_order(ref_dir)
+
+
+def test_sample_ledger_is_cut_back_to_the_resumed_step(tmp_path):
+  workdir = str(tmp_path)
+  ledger = SampleLedger(workdir, 0, resume_step=0)
+  for step in range(1, 7):
+    ledger.write(step, [[step << 40 | 7, 0, 64]])
+  ledger.close()
+  with open(ledger_path(workdir), "a") as f:
+    f.write('{"step": 7, "samples": [[1, 0')  # Torn by a kill mid-write.
+  resumed = SampleLedger(workdir, 0, resume_step=4)  # Restored from checkpoint 4: steps 5.. are redone.
+  assert read_ledger(ledger_path(workdir)) == {step: [[step << 40 | 7, 0, 64]] for step in range(1, 5)}
+  resumed.write(5, [[99, 0, 3]])
+  resumed.close()
+  assert read_ledger(ledger_path(workdir))[5] == [[99, 0, 3]] and list(read_ledger(ledger_path(workdir))) == [
+      1, 2, 3, 4, 5]
+  SampleLedger(workdir, 0, resume_step=0).close()  # A fresh start (no checkpoint) keeps nothing.
+  assert read_ledger(ledger_path(workdir)) == {}
+  assert ledger_path(workdir, 3) == os.path.join(workdir, "samples.p3.jsonl")  # Other processes: own files.
 
 
 def test_changed_config_on_resume_is_refused_with_a_diff_and_nothing_is_touched(reference):

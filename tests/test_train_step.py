@@ -103,11 +103,11 @@ def test_state_is_born_sharded_by_the_rules_table():
   cfg = load("tiny", num_devices=8, **{**MICRO, "mesh.data": 4, "mesh.tensor": 2, "mesh.fsdp": True})
   trainer = build_trainer(cfg, build_mesh(cfg.mesh))
   state = trainer.init_state()
-  assert state.params["layers"]["mlp"]["gate_up"].sharding.spec == P(None, "data", None, "tensor")
-  assert state.params["layers"]["attention"]["o"].sharding.spec == P(None, "tensor", None, "data")
+  assert state.params["layers"]["mlp"]["gate_up"].sharding.spec == P("pipeline", "data", None, "tensor")
+  assert state.params["layers"]["attention"]["o"].sharding.spec == P("pipeline", "tensor", None, "data")
   assert state.params["embedding"].sharding.spec == P("tensor", "data")
   gate_mu = state.opt_state[1][0].mu["layers"]["mlp"]["gate_up"]
-  assert gate_mu.sharding.spec == P(None, "data", None, "tensor")  # Adam moments shard like their params.
+  assert gate_mu.sharding.spec == P("pipeline", "data", None, "tensor")  # Adam moments shard like their params.
   shard = state.params["layers"]["mlp"]["gate_up"].addressable_shards[0].data
   assert shard.shape == (2, 64 // 4, 2, 128 // 2)
 

@@ -1,6 +1,6 @@
 """Lineage records: what each checkpoint is, hashed into a chain back to where the run started.
 
-  record = {"version": 1, "step", "content_root", "optimizer_root", "extra_root", "iterator_hash",
+  record = {"version": 2, "step", "content_root", "optimizer_root", "extra_root", "iterator_hash",
             "manifest_hash", "config_hash", "code_version": {"package", "git"}, "eval": {...},
             "parent": parent lineage hash}
   lineage_hash = sha256(b"codex.lineage.v1\\n" + parent + b"\\n" + canonical JSON of the record
@@ -27,6 +27,8 @@ import codex_jax
 from codex_jax.hashing import canonical_json
 
 LOG_FILE = "lineage.jsonl"
+# 2: tensor leaves hashed over 1 MiB blocks (merkle.py, leaf v2); 1 hashed whole tensors (leaf v1).
+RECORD_VERSION = 2
 _RECORD_TAG = b"codex.lineage.v1\n"
 _START_TAG = b"codex.start.v1\n"
 

@@ -18,6 +18,8 @@ import re
 from typing import Any
 
 import grain
+import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -47,16 +49,30 @@ def state_leaf_hashes(state, refuse_non_finite_at: int | None = None) -> dict[st
   """Full path -> leaf hash. Params and optimizer leaves are hashed under paths relative to their group,
   so the content root is the weights' own (the same tree exported or imported elsewhere).
 
-  With `refuse_non_finite_at=step`, the same single pass over the host copies refuses a NaN or Inf.
+  One tensor at a time: a host-local one from its host copy, one spread over processes block-wise
+  without gathering it (`merkle.sharded_leaf_hash`). With `refuse_non_finite_at=step`, a NaN or Inf is
+  refused (on the host copy, or on device for a distributed tensor).
   """
   hashes = {}
   for path, leaf in merkle.host_leaves(state):
-    array = merkle.to_host(leaf)
-    if refuse_non_finite_at is not None and array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+    array = leaf if merkle.is_distributed(leaf) else np.asarray(jax.device_get(leaf))
+    if refuse_non_finite_at is not None and jnp.issubdtype(array.dtype, jnp.inexact) and not _finite(array):
       raise CheckpointIntegrityError(f"refusing to save step {refuse_non_finite_at}: tensor {path} holds NaN or Inf")
     group, _, rest = path.partition("/")
-    hashes[path] = merkle.leaf_hash(rest if group in STATE_GROUPS else path, array)
+    hashes[path] = merkle.array_leaf_hash(rest if group in STATE_GROUPS else path, array)
   return hashes
+
+
+def _finite(array) -> bool:
+  """No NaN or Inf: a host copy checked in numpy, a distributed tensor on its devices."""
+  if isinstance(array, np.ndarray):
+    return bool(np.all(np.isfinite(array)))
+  return bool(_all_finite(array))
+
+
+@jax.jit
+def _all_finite(x):
+  return jnp.all(jnp.isfinite(x))
 
 
 def iterator_hash(state: Any) -> str:
@@ -87,6 +103,9 @@ class Checkpointer:
         item_handlers={"state": ocp.StandardCheckpointHandler(use_ocdbt=False),
                        "data": grain.checkpoint.CheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
     self.parent: str | None = None  # Lineage hash the next record links to.
+    # Process 0 writes lineage.jsonl, and its data iterator is the one the records hash (every process
+    # saves its own shards and iterator file through Orbax).
+    self.primary = jax.process_index() == 0
     self._unrecorded: list[dict] = []  # Records whose files are not yet hashed (their save may be in flight).
 
   def latest_step(self) -> int | None:
@@ -101,8 +120,9 @@ class Checkpointer:
   def start_fresh(self, start: dict[str, Any]) -> None:
     """A new run: its first record links to `start` (init seed and content root, or a parent checkpoint)."""
     self.parent = start["lineage_hash"] if "lineage_hash" in start else lineage.start_hash(start)
-    lineage.truncate_log(self.workdir, None)
-    lineage.append_log(self.workdir, {"start": start, "hash": self.parent})
+    if self.primary:
+      lineage.truncate_log(self.workdir, None)
+      lineage.append_log(self.workdir, {"start": start, "hash": self.parent})
 
   def save(self, step: int, state, data_iterator, meta: dict, fields: dict[str, Any]) -> dict:
     """Hashes the state, seals the lineage record, then starts saving (async when configured).
@@ -116,14 +136,15 @@ class Checkpointer:
       raise CheckpointIntegrityError("no lineage start: call start_fresh() or restore() before the first save")
     self._record_committed_files()
     leaves = state_leaf_hashes(state, refuse_non_finite_at=step)
-    record = lineage.seal({"version": 1, "step": step, **roots(leaves),
+    record = lineage.seal({"version": lineage.RECORD_VERSION, "step": step, **roots(leaves),
                            "iterator_hash": iterator_hash(data_iterator.get_state()), "meta_hash": meta_hash(meta),
                            "code_version": lineage.code_version(), **fields, "parent": self.parent})
     meta = {**meta, "leaves": leaves, "lineage": record}
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator),
         meta=ocp.args.JsonSave(meta)), custom_metadata={"lineage": record}, force=True)
-    lineage.append_log(self.workdir, record)
+    if self.primary:
+      lineage.append_log(self.workdir, record)
     self.parent = record["lineage_hash"]
     self._unrecorded.append(record)
     return record
@@ -136,7 +157,7 @@ class Checkpointer:
     self.manager.wait_until_finished()  # Raises a background write error here, before the next save.
     for record in self._unrecorded:
       step_dir = self.step_dir(record["step"])
-      if os.path.isdir(step_dir):
+      if self.primary and os.path.isdir(step_dir):
         lineage.append_log(self.workdir, {"files_of": record["lineage_hash"], "step": record["step"],
                                           "files": file_hashes(step_dir)})
     self._unrecorded = []
@@ -159,13 +180,14 @@ class Checkpointer:
     except Exception as e:
       raise CheckpointIntegrityError(f"{step_dir}: restore failed ({type(e).__name__}: {_short(e)})") from e
     check_leaves(meta["leaves"], state_leaf_hashes(restored.state), step_dir)
-    if data_iterator is not None:
+    if data_iterator is not None and self.primary:
       got = iterator_hash(data_iterator.get_state())
       if got != meta["lineage"]["iterator_hash"]:
         raise CheckpointIntegrityError(f"{step_dir}/data: the data-iterator state hashes to {got}, the lineage "
                                        f"record says {meta['lineage']['iterator_hash']}")
     self.parent = meta["lineage"]["lineage_hash"]
-    lineage.truncate_log(self.workdir, step)
+    if self.primary:
+      lineage.truncate_log(self.workdir, step)
     return restored.state
 
   def close(self) -> None:
@@ -224,6 +246,11 @@ def check_meta(meta: dict, step_dir: str, record: dict | None) -> None:
   stored = meta.get("lineage", {})
   if record is None:
     raise CheckpointIntegrityError(f"{step_dir}/_CHECKPOINT_METADATA: no lineage record")
+  if record.get("version") != lineage.RECORD_VERSION:
+    raise CheckpointIntegrityError(
+        f"{step_dir}/_CHECKPOINT_METADATA: lineage record version {record.get('version')!r}; this codex-jax reads "
+        f"version {lineage.RECORD_VERSION} (tensor hashes over 1 MiB blocks, BUILD.md 'Hash format'). Version 1 "
+        "checkpoints hashed whole tensors: verify or convert them with the codex-jax release that wrote them")
   if lineage.record_hash(record) != record.get("lineage_hash"):
     raise CheckpointIntegrityError(f"{step_dir}/_CHECKPOINT_METADATA: the lineage record was edited "
                                    f"(its hash is {lineage.record_hash(record)}, it says {record.get('lineage_hash')})")

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 from codex_jax.checkpoint import lineage, merkle
@@ -31,7 +33,7 @@ def verify_checkpoint(step_dir: str) -> dict[str, Any]:
   step_dir = os.path.abspath(step_dir)
   meta, record = load_meta(step_dir)
   try:
-    state = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "state"))
+    state = read_state(os.path.join(step_dir, "state"))
   except Exception as e:
     raise CheckpointIntegrityError(f"{step_dir}/state: cannot be read ({type(e).__name__}: "
                                    f"{' '.join(str(e).split())[:300]})") from e
@@ -48,6 +50,16 @@ def verify_checkpoint(step_dir: str) -> dict[str, Any]:
       raise CheckpointIntegrityError(f"{path}: the iterator state hashes to {got}, the record says "
                                      f"{record['iterator_hash']}")
   return record
+
+
+def read_state(state_dir: str):
+  """The stored arrays, each on this host's first device: a checkpoint saved by many processes (other
+  device ids, other hosts) reads back on one machine, where its saved shardings would not resolve."""
+  tree = ocp.StandardCheckpointHandler().metadata(pathlib.Path(state_dir))  # The item's own _METADATA only.
+  tree = getattr(getattr(tree, "item_metadata", tree), "tree", tree)
+  here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  as_stored = lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here) if hasattr(m, "dtype") else m
+  return ocp.StandardCheckpointer().restore(state_dir, jax.tree.map(as_stored, tree))
 
 
 def verify_chain(records: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:

@@ -24,4 +24,7 @@ def load_config(flag_values, num_devices: int | None, num_processes: int = 1):
     where = config_flags.get_config_filename(flag_values["config"])
     raise flags.ValidationError(f"--config={where}: cannot load the experiment file: "
                                 f"{str(e).strip().splitlines()[-1].strip()}") from e
+  if as_dict.get("mesh", {}).get("auto") and num_devices is not None:
+    from codex_jax.cli import auto_layout
+    as_dict = auto_layout.resolve(as_dict, num_devices, num_processes)  # The chosen layout is what is recorded.
   return config_load.load(as_dict, num_devices=num_devices, num_processes=num_processes), as_dict

@@ -20,6 +20,7 @@ COMMANDS = {
     "train": ("train", "train (or resume) an experiment in a workdir"),
     "config": ("show_config", "validate an experiment config and print it resolved"),
     "bench": ("bench", "measure tokens/s, model TFLOP/s and MFU of configs, one JSON line each"),
+    "mesh": ("mesh", "rank parallel layouts by predicted memory and step time, here or on a hypothetical cluster"),
     "lineage": ("lineage", "`lineage verify WORKDIR|CKPT`, `lineage prove CKPT --tensor=PATH`, `verify --proof=F`"),
     "data": ("data", "`data manifest FILE`: sources, licences, shares, hash; `data build-default`: the corpus"),
 }

@@ -15,6 +15,9 @@ def run(flag_values):
     raise flags.ValidationError("--workdir is required, e.g. --workdir=runs/tiny")
   import jax  # After flag parsing, so `codex --help` and config errors stay fast.
 
+  from codex_jax.parallel import distributed
+  distributed.initialize()  # Before any device is touched: one process of many joins the others here.
+
   cfg, as_dict = common.load_config(flag_values, jax.device_count(), jax.process_count())
   from codex_jax.train.loop import train
   return train(cfg, as_dict, flag_values.workdir, progress=flag_values.progress)

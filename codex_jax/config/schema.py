@@ -6,6 +6,7 @@ import dataclasses
 
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+PIPELINE_SCHEDULES = ("gpipe", "circular", "1f1b")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 MALFORMED_POLICIES = ("fail", "skip")
 
@@ -97,12 +98,17 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Device mesh sizes; one of them may be -1 to take the remaining devices."""
+  """The parallel layout: mesh sizes (one may be -1 to take the remaining devices) and how each is used."""
 
   data: int = -1
   tensor: int = 1
   pipeline: int = 1
   fsdp: bool = False  # Shard parameters and optimizer state over `data` (ZeRO-3).
+  sequence_parallel: bool = False  # Shard the residual stream's length over `tensor` between blocks.
+  schedule: str = "gpipe"  # Pipeline schedule: gpipe | circular | 1f1b (activation memory bounded by stages).
+  microbatches: int = 0  # Pipeline microbatches per step; 0: 4 x pipeline stages (1 when not pipelined).
+  repeats: int = 1  # Circular schedule: layer chunks per stage (each microbatch goes round `repeats` times).
+  auto: bool = False  # Let the topology adapter choose data/tensor/pipeline/fsdp/microbatches (`codex mesh`).
 
 
 @dataclasses.dataclass(frozen=True)

@@ -94,8 +94,16 @@ def validate(cfg: schema.Config, num_devices: int | None = None, num_processes: 
     need(size == -1 or size > 0, f"mesh.{axis}", size, "must be a positive size or -1 (fill in)")
   fills = [axis for axis, size in sizes.items() if size == -1]
   need(len(fills) <= 1, f"mesh.{fills[-1] if fills else 'data'}", -1, f"only one axis may be -1, got {fills}")
-  need(mesh.pipeline in (1, -1), "mesh.pipeline", mesh.pipeline,
-       "pipeline execution is not built yet (3D-parallelism issue); use 1")
+  need(mesh.schedule in schema.PIPELINE_SCHEDULES, "mesh.schedule", mesh.schedule,
+       f"must be one of {schema.PIPELINE_SCHEDULES}")
+  need(mesh.microbatches >= 0, "mesh.microbatches", mesh.microbatches, "must not be negative (0: 4 x stages)")
+  need(mesh.repeats >= 1, "mesh.repeats", mesh.repeats, "must be at least 1")
+  if mesh.schedule == "circular":
+    need(mesh.repeats >= 2, "mesh.repeats", mesh.repeats,
+         "must be at least 2 with mesh.schedule='circular' (one repeat is the gpipe schedule)")
+  else:
+    need(mesh.repeats == 1, "mesh.repeats", mesh.repeats,
+         f"must be 1 with mesh.schedule={mesh.schedule!r}; layer chunks per stage need 'circular'")
   if problems:
     return problems
   resolved = resolve_mesh_shape(mesh, num_devices)
@@ -105,9 +113,22 @@ def validate(cfg: schema.Config, num_devices: int | None = None, num_processes: 
          f"data*tensor*pipeline={product} must equal the {num_devices} available devices")
     if problems:
       return problems
-  data_size, tensor_size = resolved["data"], resolved["tensor"]
+  data_size, tensor_size, stages = resolved["data"], resolved["tensor"], resolved["pipeline"]
   need(t.global_batch % data_size == 0, "train.global_batch", t.global_batch,
        f"must be divisible by the data axis size {data_size}")
+  if stages > 1:
+    microbatches = resolve_microbatches(mesh, stages)
+    need(m.scan_layers, "model.scan_layers", m.scan_layers, "must be True with pipeline stages (the layers are stacked)")
+    need(m.num_layers % (stages * mesh.repeats) == 0, "model.num_layers", m.num_layers,
+         f"must be divisible by pipeline stages x mesh.repeats = {stages} x {mesh.repeats}")
+    need(t.global_batch % (data_size * microbatches) == 0, "train.global_batch", t.global_batch,
+         f"must be divisible by the data axis size x pipeline microbatches = {data_size} x {microbatches}")
+    if mesh.schedule == "circular":
+      need(microbatches >= stages, "mesh.microbatches", microbatches,
+           f"must be at least the {stages} pipeline stages with the circular schedule")
+  if mesh.sequence_parallel:
+    need(d.seq_len % tensor_size == 0, "data.seq_len", d.seq_len,
+         f"must be divisible by the tensor axis size {tensor_size} when mesh.sequence_parallel is on")
   need(t.global_batch % num_processes == 0, "train.global_batch", t.global_batch,
        f"must be divisible by the {num_processes} JAX processes")
   for key, value in (("num_heads", m.num_heads), ("num_kv_heads", m.num_kv_heads),
@@ -118,6 +139,13 @@ def validate(cfg: schema.Config, num_devices: int | None = None, num_processes: 
       need(value % data_size == 0, f"model.{key}", value,
            f"must be divisible by the data axis size {data_size} when mesh.fsdp is on")
   return problems
+
+
+def resolve_microbatches(mesh: schema.MeshConfig, stages: int) -> int:
+  """Pipeline microbatches per step: mesh.microbatches, or 4 per stage by default; 1 without a pipeline."""
+  if stages <= 1:
+    return 1
+  return mesh.microbatches or 4 * stages
 
 
 def resolve_mesh_shape(mesh: schema.MeshConfig, num_devices: int | None) -> dict[str, int]:

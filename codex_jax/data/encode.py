@@ -29,6 +29,7 @@ from codex_jax.data.tokenizer import EOS_ID, PAD_ID
 EXAMPLE_FEATURES: dict[str, type] = {  # name -> dtype; each [n] except features [n, F].
     "inputs": np.int32, "targets": np.int32, "loss_mask": np.float32, "modality_ids": np.int32,
     "source_ids": np.int32, "features": np.float32,
+    "example_ids": np.int64, "example_positions": np.int32,  # Identity: see data/sample_ids.py.
 }
 
 
@@ -166,12 +167,13 @@ class Encoder:
       return self._text(record) + self._steps(record)
     return self._media(record) + self._text(record)
 
-  def __call__(self, record: Record) -> dict[str, np.ndarray]:
-    return assemble(self.spans(record), self.spec.feature_dim, self.source_id)
+  def __call__(self, record: Record, example_id: int = 0) -> dict[str, np.ndarray]:
+    return assemble(self.spans(record), self.spec.feature_dim, self.source_id, example_id)
 
 
-def assemble(spans: list[tuple[str, np.ndarray]], feature_dim: int, source_id: int) -> dict[str, np.ndarray]:
-  """Concatenates spans (text: ids [n]; others: features [n, d]) into one example."""
+def assemble(spans: list[tuple[str, np.ndarray]], feature_dim: int, source_id: int,
+             example_id: int = 0) -> dict[str, np.ndarray]:
+  """Concatenates spans (text: ids [n]; others: features [n, d]) into one example (id: sample_ids.py)."""
   total = sum(len(values) for _, values in spans)
   ids_n = np.zeros(total, np.int32)  # PAD_ID at non-text positions.
   modality_n = np.zeros(total, np.int32)
@@ -195,7 +197,8 @@ def assemble(spans: list[tuple[str, np.ndarray]], feature_dim: int, source_id: i
   # positions, as for plain language modelling. A final action or frame stays: other objectives use it.
   n = total - 1 if modality_n[-1] == MODALITY_IDS["text"] else total
   return {"inputs": ids_n[:n], "targets": targets[:n], "loss_mask": next_is_text[:n].astype(np.float32),
-          "modality_ids": modality_n[:n], "source_ids": np.full(n, source_id, np.int32), "features": features_nF[:n]}
+          "modality_ids": modality_n[:n], "source_ids": np.full(n, source_id, np.int32), "features": features_nF[:n],
+          "example_ids": np.full(n, example_id, np.int64), "example_positions": np.arange(n, dtype=np.int32)}
 
 
 def effective_tokens(example: dict[str, np.ndarray], rates_by_id: np.ndarray) -> float:

@@ -24,7 +24,7 @@ import numpy as np
 from codex_jax.data.encode import EXAMPLE_FEATURES
 
 # The packed row format (L = seq_len, F = model.feature_dim); padding is all zeros (PAD token,
-# segment 0, modality 0, source 0, mask 0).
+# segment 0, modality 0, source 0, mask 0, example id 0).
 ROW_FEATURES: dict[str, type] = {
     "inputs": np.int32,  # Token ids fed to the model (PAD at non-text positions).
     "targets": np.int32,  # The next token after each position, from the same record.
@@ -34,8 +34,12 @@ ROW_FEATURES: dict[str, type] = {
     "modality_ids": np.int32,  # records.MODALITY_IDS per position; 0 for padding.
     "source_ids": np.int32,  # 1-based index of the manifest source (accounting only; never on device).
     "features": np.float32,  # [B, L, F]: patch / audio / proprio / action values; zeros for text.
+    # Which sample each position is (data/sample_ids.py; the trainer's samples.jsonl; never on device):
+    "example_ids": np.int64,  # Source, epoch and record of the position's example; 0 for padding.
+    "example_positions": np.int32,  # Index of the position within its example (a cut one continues).
 }
-MODEL_FIELDS = tuple(name for name in ROW_FEATURES if name != "source_ids")  # What the step receives.
+HOST_FIELDS = ("source_ids", "example_ids", "example_positions")  # Accounting and the sample ledger only.
+MODEL_FIELDS = tuple(name for name in ROW_FEATURES if name not in HOST_FIELDS)  # What the step receives.
 
 
 def make_row(parts: list[dict[str, np.ndarray]], seq_len: int) -> dict[str, np.ndarray]:

@@ -3,7 +3,7 @@
 Chain, per process:
 
   per source: MapDataset(this split's records, this process's share) .block-shuffle per epoch
-              .map(read + encode)  -> IndexedStream (workers: data.num_workers per source)
+              .map(read + encode + sample id)  -> IndexedStream (workers: data.num_workers per source)
               -> SourceRows (packed rows of seq_len, in stream order)
   -> EffectiveTokenMix(shares of the phase, exchange rates), row by row
   -> window shuffle of rows -> batch.
@@ -28,6 +28,7 @@ from codex_jax.data.mixture import EffectiveTokenMix, with_source_states
 from codex_jax.data.packing import ROW_FEATURES, SourceRows
 from codex_jax.data.plan import SPLITS, DataPlan, SourcePlan
 from codex_jax.data.records import MODALITY_IDS
+from codex_jax.data.sample_ids import check_source, example_id
 from codex_jax.data.stream import EpochBlockShuffle, IndexedStream
 
 
@@ -53,17 +54,23 @@ def rates_by_modality_id(rates: dict[str, float]) -> np.ndarray:
   return table
 
 
-class ReadExample(grain.transforms.Map):
-  """(file number, locator) -> the decoded, encoded example; picklable for worker processes."""
+class ReadExample(grain.transforms.MapWithIndex):
+  """(stream index, (file number, locator, record index)) -> the decoded, encoded example with its id.
 
-  def __init__(self, source: SourcePlan, encoder: Encoder):
-    self._paths, self._encoder = source.paths, encoder
+  The id (sample_ids.py) takes the epoch from the stream index: `num_records` records per epoch.
+  Picklable for worker processes.
+  """
+
+  def __init__(self, source: SourcePlan, encoder: Encoder, num_records: int):
+    self._paths, self._encoder, self._num_records = source.paths, encoder, num_records
+    self._source_id = source.source_id
     self._format = get_format(source.source.format)
     self._options = validate_options(source.source.format, source.source.options)
 
-  def map(self, entry) -> dict[str, np.ndarray]:
-    file_no, locator = entry
-    return self._encoder(self._format.read(self._paths[file_no], locator, self._options))
+  def map_with_index(self, index: int, entry) -> dict[str, np.ndarray]:
+    file_no, locator, record = entry
+    return self._encoder(self._format.read(self._paths[file_no], locator, self._options),
+                         example_id(self._source_id, index // self._num_records, record))
 
 
 def source_stream(plan: DataPlan, source: SourcePlan, data_cfg: DataConfig, spec: EncodeSpec, *, split: str,
@@ -74,13 +81,17 @@ def source_stream(plan: DataPlan, source: SourcePlan, data_cfg: DataConfig, spec
   Records are packed into rows before mixing, so the mixture interleaves sources row by row and a long
   file cannot put its source ahead of its share by more than one row.
   """
-  records = source.records[split][process_index::process_count]
+  split_records = source.records[split]
+  check_source(source.source_id, len(split_records), source.source.name)
+  # (file number, locator, index in the split): the index is the record's part of its sample id.
+  records = [(*split_records[i], i) for i in range(process_index, len(split_records), process_count)]
   if not records:
     return None
   encoder = Encoder(plan.tokenizer, spec, source.source_id, source.source.exchange_rates)
   examples = EpochBlockShuffle(grain.MapDataset.source(records), block=data_cfg.shuffle_block,
                                seed=seed * 1_000_003 + source.source_id, num_epochs=num_epochs)
-  return SourceRows(IndexedStream(examples.map(ReadExample(source, encoder)), data_cfg.num_workers), data_cfg.seq_len)
+  read = ReadExample(source, encoder, len(records))
+  return SourceRows(IndexedStream(examples.map_with_index(read), data_cfg.num_workers), data_cfg.seq_len)
 
 
 @dataclasses.dataclass

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from codex_jax.config.schema import ModelConfig
 from codex_jax.model.layers import Attention, RMSNorm, SwiGLU
 
-ACT_BLD = ("act_batch", "act_length", "act_embed")
+ACT_BLD = ("act_batch", "act_seq", "act_embed")  # The residual stream between blocks.
 # Modality ids of a packed row (data/records.py): 0 padding, 1 text, then the non-text modalities.
 TEXT_MODALITY_ID, NUM_MODALITY_IDS = 1, 7
 
@@ -106,6 +106,10 @@ class Decoder(nn.Module):
       logits_BLV = jnp.einsum("BLD,DV->BLV", x_BLD, self.unembed.astype(dt))
     logits_BLV = nn.with_logical_constraint(logits_BLV, ("act_batch", "act_length", "act_vocab"))
     return logits_BLV.astype(jnp.float32)
+
+  def head(self, x_BLD):
+    """Logits from the last block's output: final norm, then the output projection."""
+    return self.logits(self.final_norm(x_BLD))
 
   def __call__(self, tokens_BL, segment_ids_BL, positions_BL, features_BLF=None, modality_ids_BL=None):
     return self.logits(self.hidden(tokens_BL, segment_ids_BL, positions_BL, features_BLF, modality_ids_BL))

@@ -122,7 +122,7 @@ def _cached_probe(kind: str, dtype: str) -> float:
 
 def _measure(dtype: str) -> float:
   """Best-of-N FLOP/s of n x n matmuls on the first device."""
-  n, device = _PROBE_N, jax.devices()[0]
+  n, device = _PROBE_N, jax.local_devices()[0]  # Not jax.devices()[0]: in process 1 of many it is remote.
   rng = np.random.default_rng(0)  # numpy: jax.random would spend a compilation on the inputs.
   x, w = (jax.device_put(jnp.asarray(rng.standard_normal((n, n), np.float32), dtype), device)
           for _ in range(2))

@@ -34,7 +34,9 @@ def synthetic_batch(cfg: Config, local_batch: int, seed: int = 0) -> dict[str, n
           "segment_ids": np.ones(shape, np.int32),
           "positions": np.broadcast_to(np.arange(length, dtype=np.int32), shape).copy(),
           "loss_mask": (np.arange(length) >= media - 1).astype(np.float32)[None].repeat(local_batch, 0),
-          "modality_ids": modality_ids, "source_ids": np.ones(shape, np.int32), "features": features}
+          "modality_ids": modality_ids, "source_ids": np.ones(shape, np.int32), "features": features,
+          "example_ids": np.ones(shape, np.int64), "example_positions": np.broadcast_to(
+              np.arange(length, dtype=np.int32), shape).copy()}
 
 
 def timed_steps(compiled, state, batch, n: int):

@@ -11,12 +11,14 @@ from absl import logging
 from codex_jax.checkpoint.lineage import config_hash
 from codex_jax.checkpoint.manager import Checkpointer, roots, state_leaf_hashes
 from codex_jax.config.schema import Config
+from codex_jax.data.sample_ids import batch_samples
 from codex_jax.parallel.mesh import build_mesh
 from codex_jax.telemetry import flops, params_table, peak, plot
 from codex_jax.telemetry.progress import Progress
 from codex_jax.telemetry.writer import MetricsWriter
 from codex_jax.train import feed, guard
 from codex_jax.train.inputs import TrainInputs
+from codex_jax.train.ledger import SampleLedger
 from codex_jax.train.preemption import Preemption
 from codex_jax.train.report import Reporter
 from codex_jax.train.setup import build_trainer, xla_model_flops
@@ -47,6 +49,10 @@ def train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: b
   # 4. Model, optimizer, the state's shardings and the jitted steps (nothing allocated yet).
   trainer = build_trainer(cfg, mesh)
   to_global = lambda batch: feed.to_global(batch, trainer.data_sharding)  # noqa: E731
+  if trainer.pipeline is not None:
+    s = trainer.pipeline.schedule
+    logging.info("Pipeline: %s schedule, %d stages x %d repeat(s), %d microbatches, %d ticks, bubble %.1f%%",
+                 s.kind, s.stages, s.repeats, s.microbatches, s.ticks, 100 * s.bubble_fraction)
 
   # 5. Resume: (a) latest committed checkpoint, (b) its data record checked (process count, manifest
   #    hash, run phase), (c) state into its shardings, (d) the iterator position.
@@ -82,7 +88,8 @@ def train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: b
   reporter = Reporter(MetricsWriter(workdir, enabled=is_main, resume_step=start),
                       Progress(total_steps, start, tokens_per_step, enabled=is_main and progress),
                       tokens_per_step=tokens_per_step, model_flops=model_flops, xla_flops=xla_flops,
-                      peak_flops=peak_flops, log_every=cfg.train.log_every)
+                      peak_flops=peak_flops, log_every=cfg.train.log_every,
+                      ledger=SampleLedger(workdir, jax.process_index(), resume_step=start))
 
   # 7. The step loop. Step i+1 is dispatched before step i's metrics are fetched. Eval comes before the
   #    save of the same step, so its score goes into the lineage record. On any error the checkpointer
@@ -95,7 +102,7 @@ def train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: b
       if pending is not None:
         reporter.step(*pending)
         guard.check_consecutive(reporter.last, cfg.train.max_consecutive_bad, pending[0])
-      done, pending = step + 1, (step + 1, metrics, data_metrics)
+      done, pending = step + 1, (step + 1, metrics, data_metrics, batch_samples(batch))
       if evaluating and (done % cfg.eval.every == 0 or done == total_steps):
         eval_loss = _evaluate(trainer.eval_step, train_state.params, inputs.eval_iterator(done), cfg.eval.batches,
                               to_global)
@@ -129,7 +136,9 @@ def train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: b
              "peak_flops": peak_flops.total, "manifest_hash": inputs.plan.manifest_hash,
              "data_sources": [s.source.name for s in inputs.plan.sources],
              "data_excluded": {e.source: e.reason for e in inputs.plan.exclusions},
-             "data_share_error": reporter.summary_value("data/max_share_error")}
+             "data_share_error": reporter.summary_value("data/max_share_error"),
+             "mesh": dict(mesh.shape),
+             "pipeline_bubble": None if trainer.pipeline is None else trainer.pipeline.schedule.bubble_fraction}
   metrics_file = os.path.join(workdir, "metrics.jsonl")
   if is_main and os.path.exists(metrics_file):
     summary["plot"] = plot.plot_metrics(metrics_file, os.path.join(workdir, "loss.png"))

@@ -11,24 +11,31 @@ from absl import logging
 from codex_jax.telemetry import peak
 from codex_jax.telemetry.progress import Progress
 from codex_jax.telemetry.writer import MetricsWriter
+from codex_jax.train.ledger import SampleLedger
 
 
 class Reporter:
-  """Turns each step's device metrics into TensorBoard / metrics.jsonl rows, a log line and the bar."""
+  """Turns each step's device metrics into TensorBoard / metrics.jsonl rows, a log line and the bar.
+
+  With a `ledger`, each step's trained samples go to samples.jsonl at the same moment (train/ledger.py).
+  """
 
   def __init__(self, writer: MetricsWriter, bar: Progress, *, tokens_per_step: int, model_flops: float,
-               xla_flops: float | None, peak_flops: peak.PeakFlops, log_every: int):
-    self.writer, self.bar = writer, bar
+               xla_flops: float | None, peak_flops: peak.PeakFlops, log_every: int,
+               ledger: SampleLedger | None = None):
+    self.writer, self.bar, self.ledger = writer, bar, ledger
     self.tokens_per_step, self.model_flops, self.xla_flops = tokens_per_step, model_flops, xla_flops
     self.peak_flops, self.log_every = peak_flops, log_every
     self.last: dict | None = None
     self.first_loss: float | None = None
     self.last_time = time.perf_counter()
 
-  def step(self, step: int, metrics, host_metrics: dict[str, float] | None = None) -> None:
+  def step(self, step: int, metrics, host_metrics: dict[str, float] | None = None,
+           samples: list[list[int]] | None = None) -> None:
     """Blocks until `metrics` (of update number `step`) are on the host; the next step is already queued.
 
-    `host_metrics` are the step's host-side numbers (the data accounting), written alongside.
+    `host_metrics` are the step's host-side numbers (the data accounting), written alongside;
+    `samples` its ledger entries (data/sample_ids.batch_samples).
     """
     scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
     scalars.update(host_metrics or {})
@@ -42,6 +49,8 @@ class Reporter:
     if not math.isfinite(scalars["loss"]):
       logging.warning("Step %d: non-finite loss %s", step, scalars["loss"])
     self.writer.write(step, scalars)
+    if self.ledger is not None and samples is not None:
+      self.ledger.write(step, samples)
     self.bar.update(step, loss=scalars["loss"])
     if self.first_loss is None:
       self.first_loss = scalars["loss"]
@@ -66,3 +75,5 @@ class Reporter:
   def close(self) -> None:
     self.bar.close()
     self.writer.close()
+    if self.ledger is not None:
+      self.ledger.close()

@@ -7,12 +7,15 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
 from codex_jax.config.schema import Config
+from codex_jax.config.validate import resolve_microbatches
 from codex_jax.model.transformer import Decoder
 from codex_jax.parallel.mesh import batch_sharding
+from codex_jax.parallel.pipeline import LAYERS, Pipeline, Schedule
 from codex_jax.parallel.rules import logical_axis_rules
 from codex_jax.telemetry import flops
 from codex_jax.train import optimizer
@@ -31,6 +34,7 @@ class Trainer:
   data_sharding: NamedSharding
   train_step: Any   # jitted (state, batch) -> (state, metrics), state donated.
   eval_step: Any    # jitted (params, batch) -> {ce_sum, tokens}.
+  pipeline: Pipeline | None = None  # The layer stack's schedule over `pipeline`, when that axis is > 1.
 
   def init_state(self) -> state_lib.TrainState:
     """A fresh state, born sharded: each device only ever holds its own shards."""
@@ -41,9 +45,10 @@ class Trainer:
 
 
 def build_trainer(cfg: Config, mesh: Mesh) -> Trainer:
-  rules = logical_axis_rules(cfg.mesh.fsdp)
+  rules = logical_axis_rules(cfg.mesh.fsdp, cfg.mesh.sequence_parallel)
   seq_len, total_steps = cfg.data.seq_len, cfg.train.steps
   model = Decoder(cfg.model)
+  pipeline = build_pipeline(cfg, mesh, model)
   schedule = optimizer.learning_rate_schedule(cfg.optimizer, total_steps)
   tx = optimizer.make_optimizer(cfg.optimizer, total_steps)
   init = state_lib.init_fn(model, tx, cfg.train.seed, seq_len, cfg.train.spike_window)
@@ -51,9 +56,21 @@ def build_trainer(cfg: Config, mesh: Mesh) -> Trainer:
   shardings = state_lib.state_shardings(model, tx, mesh, rules, abstract_state, seq_len)
   data_sharding = batch_sharding(mesh)
   train_step = step_lib.jit_train_step(model, tx, schedule, cfg.train, shardings, data_sharding, mesh,
-                                       rules)
-  eval_step = step_lib.jit_eval_step(model, cfg.train.z_loss, shardings.params, data_sharding, mesh, rules)
-  return Trainer(model, tx, schedule, init, abstract_state, shardings, data_sharding, train_step, eval_step)
+                                       rules, pipeline)
+  eval_step = step_lib.jit_eval_step(model, cfg.train.z_loss, shardings.params, data_sharding, mesh, rules,
+                                     pipeline)
+  return Trainer(model, tx, schedule, init, abstract_state, shardings, data_sharding, train_step, eval_step,
+                 pipeline)
+
+
+def build_pipeline(cfg: Config, mesh: Mesh, model: Decoder) -> Pipeline | None:
+  """The layer stack's pipeline over the mesh's `pipeline` axis; None when that axis has one device."""
+  stages = mesh.shape["pipeline"]
+  if stages == 1:
+    return None
+  schedule = Schedule(cfg.mesh.schedule, stages, resolve_microbatches(cfg.mesh, stages), cfg.mesh.repeats)
+  stack_specs = state_lib.param_logical_specs(model, cfg.data.seq_len)[LAYERS]
+  return Pipeline(model, schedule, stack_specs)
 
 
 def xla_model_flops(cfg: Config, mesh: Mesh, batch) -> float | None:
@@ -63,9 +80,14 @@ def xla_model_flops(cfg: Config, mesh: Mesh, batch) -> float | None:
   number of layers, remat adds recomputation that model FLOPs leave out, and chunked attention skips
   the masked blocks that the PaLM convention counts. So the count is taken from the same step
   unrolled, without remat, with whole attention; lowered but never compiled (the unpartitioned
-  program: global FLOPs, no device multiplier).
+  program: global FLOPs, no device multiplier). A pipeline's ticks would count its bubble too, so the
+  count is of the same model on one device.
   """
   counted = dataclasses.replace(cfg, model=dataclasses.replace(
-      cfg.model, scan_layers=False, remat="none", attention_chunks=1))
-  trainer = build_trainer(counted, mesh)
-  return flops.xla_flops(trainer.train_step.lower(trainer.restore_target(), batch))
+      cfg.model, scan_layers=False, remat="none", attention_chunks=1),
+      mesh=dataclasses.replace(cfg.mesh, data=1, tensor=1, pipeline=1))
+  one_device = Mesh(np.asarray(mesh.devices).reshape(-1)[:1].reshape(1, 1, 1), mesh.axis_names,
+                    axis_types=mesh.axis_types)
+  trainer = build_trainer(counted, one_device)
+  abstract_batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), batch)
+  return flops.xla_flops(trainer.train_step.lower(trainer.restore_target(), abstract_batch))

@@ -12,29 +12,52 @@ from codex_jax.config.schema import TrainConfig
 from codex_jax.model.transformer import Decoder
 from codex_jax.objectives.text import next_token_loss
 from codex_jax.parallel.mesh import replicated
+from codex_jax.parallel.pipeline import LAYERS, Pipeline
 from codex_jax.parallel.rules import sharding_scope
 from codex_jax.train import guard as guard_lib
 from codex_jax.train.state import TrainState
 
 
-def loss_fn(params, batch: dict, *, model: Decoder, z_loss: float, rng: jax.Array | None = None):
+def logits_fn(params, batch: dict, *, model: Decoder, pipeline: Pipeline | None = None,
+              rng: jax.Array | None = None) -> jax.Array:
+  """Next-token logits [B, L, V] of one batch; with a pipeline, the layer stack runs over its stages."""
+  if pipeline is None:
+    return model.apply({"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"],
+                       batch.get("features"), batch.get("modality_ids"),
+                       rngs=None if rng is None else {"dropout": rng})
+  x_BLD = model.apply({"params": params}, batch["inputs"], batch.get("features"), batch.get("modality_ids"),
+                      method=Decoder.embed)
+  x_BLD = pipeline.stack(params[LAYERS], x_BLD, batch["segment_ids"], batch["positions"])
+  return model.apply({"params": params}, x_BLD, method=Decoder.head)
+
+
+def loss_fn(params, batch: dict, *, model: Decoder, z_loss: float, rng: jax.Array | None = None,
+            pipeline: Pipeline | None = None):
   """(loss, aux metrics) of `params` on one batch: the objective every step differentiates."""
-  logits_BLV = model.apply({"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"],
-                           batch.get("features"), batch.get("modality_ids"),
-                           rngs=None if rng is None else {"dropout": rng})
+  logits_BLV = logits_fn(params, batch, model=model, pipeline=pipeline, rng=rng)
   return next_token_loss(logits_BLV, batch["targets"], batch["loss_mask"], z_loss)
 
 
+def value_and_grad(params, batch: dict, *, model: Decoder, z_loss: float, rng: jax.Array | None = None,
+                   pipeline: Pipeline | None = None):
+  """((loss, aux), grads): by autodiff, or interleaved by hand under the 1F1B-memory schedule."""
+  if pipeline is not None and pipeline.schedule.kind == "1f1b":
+    return pipeline.value_and_grad(params, batch, z_loss)
+  objective = functools.partial(loss_fn, batch=batch, model=model, z_loss=z_loss, rng=rng, pipeline=pipeline)
+  return jax.value_and_grad(objective, has_aux=True)(params)
+
+
 def train_step(state: TrainState, batch: dict, *, model: Decoder, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, train: TrainConfig) -> tuple[TrainState, dict]:
+               schedule: optax.Schedule, train: TrainConfig,
+               pipeline: Pipeline | None = None) -> tuple[TrainState, dict]:
   """One AdamW update on one global batch, or none if the step is bad (see guard.py).
 
   Pure: the same inputs give bit-identical outputs, and a step that is not skipped is bit-identical to
   the unguarded update.
   """
   step_rng = jax.random.fold_in(state.rng, state.step)
-  objective = functools.partial(loss_fn, batch=batch, model=model, z_loss=train.z_loss, rng=step_rng)
-  (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+  (loss, aux), grads = value_and_grad(state.params, batch, model=model, z_loss=train.z_loss, rng=step_rng,
+                                      pipeline=pipeline)
   grad_norm = optax.tree.norm(grads)
   bad, threshold = guard_lib.is_bad(state.guard, loss, grad_norm, train)
   updates, candidate_opt_state = tx.update(grads, state.opt_state, state.params)
@@ -55,15 +78,16 @@ def train_step(state: TrainState, batch: dict, *, model: Decoder, tx: optax.Grad
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state, guard=guard), metrics
 
 
-def eval_step(params, batch: dict, *, model: Decoder, z_loss: float) -> dict:
+def eval_step(params, batch: dict, *, model: Decoder, z_loss: float, pipeline: Pipeline | None = None) -> dict:
   """Held-out loss of `params` on one batch (sums, so batches combine exactly)."""
-  _, aux = loss_fn(params, batch, model=model, z_loss=z_loss)
+  _, aux = loss_fn(params, batch, model=model, z_loss=z_loss, pipeline=pipeline)
   return {"ce_sum": aux["ce_loss"] * aux["tokens"], "tokens": aux["tokens"]}
 
 
-def jit_train_step(model, tx, schedule, train: TrainConfig, state_shardings, batch_sharding, mesh, rules):
+def jit_train_step(model, tx, schedule, train: TrainConfig, state_shardings, batch_sharding, mesh, rules,
+                   pipeline: Pipeline | None = None):
   """train_step jitted once: explicit in/out shardings, the state donated, logical rules in scope."""
-  step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, train=train)
+  step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, train=train, pipeline=pipeline)
 
   def ruled_step(state, batch):
     with sharding_scope(mesh, rules):
@@ -73,9 +97,9 @@ def jit_train_step(model, tx, schedule, train: TrainConfig, state_shardings, bat
                  out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
 
 
-def jit_eval_step(model, z_loss, param_shardings, batch_sharding, mesh, rules):
+def jit_eval_step(model, z_loss, param_shardings, batch_sharding, mesh, rules, pipeline: Pipeline | None = None):
   def ruled_eval(params, batch):
     with sharding_scope(mesh, rules):
-      return eval_step(params, batch, model=model, z_loss=z_loss)
+      return eval_step(params, batch, model=model, z_loss=z_loss, pipeline=pipeline)
 
   return jax.jit(ruled_eval, in_shardings=(param_shardings, batch_sharding), out_shardings=replicated(mesh))

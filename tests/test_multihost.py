@@ -1,0 +1,182 @@
+"""Multi-host through jax.distributed: environment detection, and 2 CPU processes x 4 devices on localhost
+matching 1 process x 8 devices (losses, gradient norms, final parameters), then a 2-process `codex train`."""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from codex_jax.checkpoint import verify
+from codex_jax.config.errors import ConfigError
+from codex_jax.data.default_corpus.build import build_default_corpus
+from codex_jax.parallel.distributed import Launch, detect, initialize
+from tests.helpers import ROOT, RUN_OVERRIDES, train_command
+from tests.multihost_worker import FAST_MODEL
+
+EXPLICIT = {"CODEX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "CODEX_NUM_PROCESSES": "2", "CODEX_PROCESS_ID": "1"}
+SLURM = {"SLURM_JOB_ID": "42", "SLURM_NTASKS": "16", "SLURM_STEP_NODELIST": "node[001-002]", "SLURM_PROCID": "3",
+         "SLURM_LOCALID": "3"}
+TIMEOUT_S = 240  # Per run of processes; a hung coordinator fails the test instead of the session.
+# Both sides of a comparison compile alike, so the cheapest settings do: XLA's backend optimisations off
+# and, in the model, no remat and whole attention (FAST_MODEL) compile about 3x faster on 2 cores.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+
+
+# --- Which launch the environment asks for (no process is started) ---
+
+def test_a_plain_machine_is_one_process():
+  assert detect({}) is None
+  assert detect({"SLURM_JOB_ID": "42", "SLURM_NTASKS": "1"}) is None  # One task: nothing to join.
+  assert detect({"TPU_WORKER_HOSTNAMES": "a,b"}) is None  # TPU variables without a TPU VM.
+  assert initialize({}) is None  # Nothing asked: jax.distributed is left alone.
+
+
+def test_explicit_variables_give_coordinator_count_and_id():
+  assert detect(EXPLICIT) == Launch("explicit", {"coordinator_address": "10.0.0.1:1234", "num_processes": 2,
+                                                 "process_id": 1})
+  jax_named = {**EXPLICIT, "JAX_COORDINATOR_ADDRESS": EXPLICIT["CODEX_COORDINATOR_ADDRESS"]}
+  del jax_named["CODEX_COORDINATOR_ADDRESS"]
+  assert detect(jax_named).kwargs["coordinator_address"] == "10.0.0.1:1234"  # jax's own name works too.
+  assert detect({**SLURM, "CODEX_NUM_PROCESSES": "1"}) is None  # Explicit wins: the opt-out of detection.
+
+
+@pytest.mark.parametrize("env, named", [
+    ({"CODEX_PROCESS_ID": "0"}, ["CODEX_NUM_PROCESSES is unset", "CODEX_COORDINATOR_ADDRESS is unset"]),
+    ({**EXPLICIT, "CODEX_PROCESS_ID": "2"}, ["CODEX_PROCESS_ID=2: must be below CODEX_NUM_PROCESSES=2"]),
+    ({**EXPLICIT, "CODEX_PROCESS_ID": "-1"}, ["CODEX_PROCESS_ID='-1': expected an integer >= 0"]),
+    ({**EXPLICIT, "CODEX_NUM_PROCESSES": "two"}, ["CODEX_NUM_PROCESSES='two': expected an integer >= 1"]),
+    ({**EXPLICIT, "CODEX_COORDINATOR_ADDRESS": "10.0.0.1"}, ["CODEX_COORDINATOR_ADDRESS='10.0.0.1': expected host:port"]),
+    ({"CODEX_NUM_PROCESSES": "2", "CODEX_COORDINATOR_ADDRESS": "h:1"}, ["CODEX_PROCESS_ID is unset"]),
+    ({"JAX_COORDINATOR_ADDRESS": "h:1"}, ["JAX_COORDINATOR_ADDRESS=h:1 is set but no cluster was detected"]),
+    ({**SLURM, "SLURM_STEP_NODELIST": None}, ["SLURM_NTASKS=16 but ['SLURM_STEP_NODELIST'] are unset", "srun"]),
+])
+def test_bad_or_incomplete_variables_are_named(env, named):
+  env = {k: v for k, v in env.items() if v is not None}
+  with pytest.raises(ConfigError) as e:
+    detect(env)
+  for text in named:
+    assert text in str(e.value)
+
+
+def test_codex_train_names_a_bad_variable_in_one_line(tmp_path):
+  env = {**os.environ, **EXPLICIT, "CODEX_PROCESS_ID": "2", "CODEX_COORDINATOR_ADDRESS": "127.0.0.1:1"}
+  result = subprocess.run(train_command(str(tmp_path / "run"), {}), cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert result.stderr.strip().splitlines()[-1] == \
+      "codex train: error: CODEX_PROCESS_ID=2: must be below CODEX_NUM_PROCESSES=2"
+  assert not os.path.exists(tmp_path / "run")  # Refused before anything was written.
+
+
+def test_clusters_are_left_to_jax_own_detection():
+  assert detect(SLURM) == Launch("slurm", {"cluster_detection_method": "slurm"})
+  assert detect({"OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:1", "OMPI_COMM_WORLD_SIZE": "4"}).source == "open mpi"
+  assert detect({}, on_cloud_tpu=True) == Launch("tpu", {})  # GCE: jax reads the slice from the metadata server.
+  assert detect({"TPU_WORKER_HOSTNAMES": "a,b", "TPU_SKIP_MDS_QUERY": "1"}, on_cloud_tpu=True).source == "tpu"
+  assert detect({"TPU_SKIP_MDS_QUERY": "1"}, on_cloud_tpu=True) is None
+
+
+# --- Real processes on localhost ---
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _run_groups(command: list[str], groups: list[tuple[int, int]], logs: str) -> list[list[tuple[str, str]]]:
+  """Runs groups of (processes, devices each) copies of `command` at once; a group of several is joined
+  by jax.distributed on a free localhost port. Returns each process's (stdout, stderr), by group. Any
+  failure or the timeout kills every process started here: no orphan survives the test."""
+  os.makedirs(logs, exist_ok=True)
+  base = {k: v for k, v in os.environ.items() if not k.startswith(("CODEX_NUM_PROCESSES", "CODEX_PROCESS_ID",
+                                                                   "CODEX_COORDINATOR", "JAX_COORDINATOR"))}
+  base.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+  procs, files = [], []
+  try:
+    for g, (processes, devices) in enumerate(groups):
+      env = {**base, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"}
+      if processes > 1:
+        env.update(CODEX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", CODEX_NUM_PROCESSES=str(processes))
+      for i in range(processes):
+        out, err = (open(os.path.join(logs, f"{g}.{i}.{kind}"), "w+") for kind in ("out", "err"))
+        files.append((out, err))
+        own = {"CODEX_PROCESS_ID": str(i)} if processes > 1 else {}
+        procs.append(subprocess.Popen(command, cwd=ROOT, env={**env, **own}, stdout=out, stderr=err, text=True,
+                                      start_new_session=True))
+    deadline = time.monotonic() + TIMEOUT_S
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+      if any(p.poll() not in (None, 0) for p in procs):
+        break
+      time.sleep(0.2)
+  finally:
+    for p in procs:  # Each runs in its own session: kill the process and anything it started, even if it exited.
+      try:
+        os.killpg(p.pid, signal.SIGKILL)
+      except ProcessLookupError:
+        pass
+      p.wait()
+  outputs = []
+  for out, err in files:
+    out.seek(0), err.seek(0)
+    outputs.append((out.read(), err.read()))
+    out.close(), err.close()
+  failed = [i for i, p in enumerate(procs) if p.returncode != 0]
+  assert not failed, f"killed after {TIMEOUT_S} s, or after another process failed; " + " | ".join(
+      f"process {i} exit {procs[i].returncode}, stderr: {outputs[i][1][-2000:]}" for i in failed)
+  by_group, first = [], 0
+  for processes, _ in groups:
+    by_group.append(outputs[first:first + processes])
+    first += processes
+  return by_group
+
+
+def _last_json(stdout: str) -> dict:
+  """The last stdout line: gloo (JAX's CPU collectives) prints its connection lines on stdout too."""
+  return json.loads(stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path):
+  """Each of 2 processes feeds its half of one global batch; losses, gradient norms and the final
+  parameters equal those of one process holding all 8 devices, for data=8 and for data=4 x tensor=2."""
+  command = [sys.executable, "-m", "tests.multihost_worker", "8:1", "4:2"]
+  one, two = _run_groups(command, [(1, 8), (2, 4)], str(tmp_path))
+  one, two = _last_json(one[0][0]), [_last_json(out) for out, _ in two]
+  assert (one["process_count"], one["devices"]) == (1, 8)
+  assert [(r["process_index"], r["process_count"], r["local_devices"], r["devices"]) for r in two] == \
+      [(0, 2, 4, 8), (1, 2, 4, 8)]
+  for layout, want in one["results"].items():
+    assert want["losses"][-1] < want["losses"][0]  # It trained.
+    for got in (r["results"][layout] for r in two):
+      for key in ("losses", "grad_norms", "param_sum"):
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-5, err_msg=f"{layout} {key}")
+
+
+@pytest.mark.slow
+def test_two_process_codex_train_checkpoints_a_verifiable_run(tmp_path):
+  build_default_corpus()  # Once per cache dir; a no-op after that.
+  workdir = str(tmp_path / "run")
+  overrides = {**RUN_OVERRIDES, "train.steps": 10, "checkpoint.every": 10, "eval.batches": 0, **FAST_MODEL}
+  results = _run_groups(train_command(workdir, overrides), [(2, 4)], str(tmp_path / "logs"))[0]
+  summaries = [_last_json(out) for out, _ in results]
+  for summary in summaries:
+    assert summary["final_step"] == 10 and summary["checkpoints"] == [10]
+  assert summaries[0]["last_loss"] == summaries[1]["last_loss"] < summaries[0]["first_loss"]
+  (_, err0), (_, err1) = results
+  assert "Multi-host (explicit): 2 processes, 4 local / 8 global cpu devices" in err0
+  step_line = re.compile(r"\] step \d+ loss ")
+  assert len(step_line.findall(err0)) >= 3 and not step_line.findall(err1), "only process 0 logs the steps"
+  step_dir = os.path.join(workdir, "checkpoints", "10")
+  assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(os.path.join(step_dir, "data")))
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    assert [json.loads(line)["step"] for line in f] == list(range(1, 11))  # One writer.
+  result = verify.verify(workdir)  # What `codex lineage verify WORKDIR` runs.
+  assert result["ok"] and [c["step"] for c in result["checkpoints"]] == [10]
