@@ -207,3 +207,11 @@ def test_two_processes_hash_tensors_neither_holds_whole_to_the_host_hash():
   results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
   assert results[0] == results[1] and len(results[0]) == 16
   assert all(host == distributed for host, distributed in results[0])
+
+
+def test_a_version_1_record_is_refused_by_name_not_reported_as_tampered():
+  from codex_jax.checkpoint.errors import CheckpointIntegrityError
+  from codex_jax.checkpoint.manager import check_meta
+  with pytest.raises(CheckpointIntegrityError, match=r"ckpt/7/_CHECKPOINT_METADATA: lineage record version 1; "
+                                                     r"this codex-jax reads version 2"):
+    check_meta({}, "ckpt/7", {"version": 1, "step": 7})

@@ -22,6 +22,8 @@ COMMANDS = {
     "bench": ("bench", "measure tokens/s, model TFLOP/s and MFU of configs, one JSON line each"),
     "mesh": ("mesh", "rank parallel layouts by predicted memory and step time, here or on a hypothetical cluster"),
     "lineage": ("lineage", "`lineage verify WORKDIR|CKPT`, `lineage prove CKPT --tensor=PATH`, `verify --proof=F`"),
+    "plan": ("plan", "compute-optimal N, D, loss, shape and batch for --flops; inference-adjusted; --write-config"),
+    "scaling": ("scaling", "`scaling fit RUNS...`: fit E, A, B, alpha, beta with bootstrap intervals, FIT.json + PNG"),
     "data": ("data", "`data manifest FILE`: sources, licences, shares, hash; `data build-default`: the corpus"),
 }
 flags.DEFINE_bool("verbose", False, "Also show the INFO logs of jax, Orbax, Grain and Flax.")
