@@ -19,15 +19,14 @@ def run(flag_values):
   else:
     devices, processes = flag_values.devices, flag_values.processes
   cfg, _ = common.load_config(flag_values, devices, processes)
-  from codex_jax.config.validate import resolve_mesh_shape, resolve_microbatches
+  from codex_jax.config.validate import resolve_mesh_shape
   from codex_jax.parallel.pipeline import Schedule
   from codex_jax.telemetry.flops import param_counts
   resolved = dataclasses.asdict(cfg)
   sizes = resolve_mesh_shape(cfg.mesh, devices)
   resolved["mesh"]["resolved"] = sizes
   if sizes["pipeline"] > 1:
-    schedule = Schedule(cfg.mesh.schedule, sizes["pipeline"], resolve_microbatches(cfg.mesh, sizes["pipeline"]),
-                        cfg.mesh.repeats)
+    schedule = Schedule.of(cfg.mesh, sizes["pipeline"])
     resolved["mesh"]["pipeline_ticks"] = schedule.ticks
     resolved["mesh"]["pipeline_bubble"] = round(schedule.bubble_fraction, 4)
   resolved["params"] = param_counts(cfg.model)

@@ -20,6 +20,7 @@ import numpy as np
 
 from codex_jax.config import schema
 from codex_jax.config.validate import validate
+from codex_jax.parallel.pipeline import Schedule
 from codex_jax.parallel.topology import Topology
 from codex_jax.telemetry import flops
 
@@ -152,12 +153,13 @@ def estimate(cfg: schema.Config, layout: Layout, topo: Topology) -> Estimate:
   # Memory: activations kept for the backward, one layer's working set, the logits.
   saved, working = _layer_activations(m, rows, seq, t_sz, layout.remat, c_bytes, seq_div)
   stage_in = rows * seq * m.d_model * c_bytes / seq_div
-  if s_sz == 1:
+  schedule = Schedule(layout.schedule, s_sz, mb, reps) if s_sz > 1 else None
+  if schedule is None:
     stash = m.num_layers * saved
   elif layout.schedule == "1f1b":
     stash = 2 * s_sz * stage_in + layers_here * saved  # 2S stage inputs + one microbatch's backward.
-  else:
-    stash = (reps * mb + s_sz - 1) * (layers_here // reps) * max(saved, stage_in)
+  else:  # Every tick's inputs of the chunk's layers.
+    stash = schedule.ticks * (layers_here // reps) * max(saved, stage_in)
   # f32 logits, their softmax and gradient; gpipe / circular run the head on all microbatches at once.
   head_rows = rows * mb if s_sz > 1 and layout.schedule != "1f1b" else rows
   logits = 3 * head_rows * seq * m.vocab_size / t_sz * 4
@@ -180,14 +182,10 @@ def estimate(cfg: schema.Config, layout: Layout, topo: Topology) -> Estimate:
   activations_s = (2 * stash + 2 * passes * layers_here * working * mb + 2 * logits * mb * rows / head_rows) / hbm
   update_s = 7 * local * 4 / hbm  # AdamW reads param, grad, mu, nu and writes three of them.
   hbm_s = activations_s + update_s
-  if s_sz == 1:
+  if schedule is None:
     ticks, bubble, stretch = 1, 0.0, 1.0
-  elif layout.schedule == "1f1b":
-    ticks = mb + 2 * s_sz - 1
-    bubble, stretch = (2 * s_sz - 1) / ticks, ticks / mb
   else:
-    ticks = reps * mb + s_sz - 1
-    bubble, stretch = (s_sz - 1) / ticks, ticks / (reps * mb)
+    ticks, bubble, stretch = schedule.ticks, schedule.bubble_fraction, schedule.ticks / schedule.busy_ticks
   busy_s = (matmul_s + activations_s) * stretch + update_s
 
   # Time: collectives, unoverlapped, over the link each axis maps to.

@@ -29,7 +29,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from codex_jax.config.schema import ModelConfig
+from codex_jax.config.schema import MeshConfig, ModelConfig
+from codex_jax.config.validate import resolve_microbatches
 from codex_jax.model.transformer import REMAT_POLICIES, Block, Decoder
 from codex_jax.objectives import text
 
@@ -46,6 +47,11 @@ class Schedule:
   microbatches: int
   repeats: int = 1
 
+  @classmethod
+  def of(cls, mesh: MeshConfig, stages: int) -> Schedule:
+    """The schedule a config's `mesh` group asks for on `stages` pipeline stages."""
+    return cls(mesh.schedule, stages, resolve_microbatches(mesh, stages), mesh.repeats)
+
   @property
   def ticks(self) -> int:
     if self.kind == "1f1b":
@@ -53,9 +59,14 @@ class Schedule:
     return self.repeats * self.microbatches + self.stages - 1
 
   @property
+  def busy_ticks(self) -> int:
+    """Ticks in which a stage works on a microbatch (each microbatch passes each stage `repeats` times)."""
+    return self.repeats * self.microbatches
+
+  @property
   def bubble_fraction(self) -> float:
     """Share of a stage's ticks spent on no microbatch."""
-    return 1.0 - self.repeats * self.microbatches / self.ticks
+    return 1.0 - self.busy_ticks / self.ticks
 
 
 def stage_fn(cfg: ModelConfig):
@@ -85,11 +96,6 @@ def from_microbatches(x_M):
 
 def _take(tree, index):
   return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False), tree)
-
-
-def _per_stage(tree, index_S):
-  """Row index_S[s] of every [M, ...] leaf for each stage s: [S, ...]."""
-  return jax.tree.map(lambda a: a[index_S], tree)
 
 
 def _select(ok, new, old):

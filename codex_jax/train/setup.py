@@ -12,7 +12,6 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from codex_jax.config.schema import Config
-from codex_jax.config.validate import resolve_microbatches
 from codex_jax.model.transformer import Decoder
 from codex_jax.parallel.mesh import batch_sharding
 from codex_jax.parallel.pipeline import LAYERS, Pipeline, Schedule
@@ -68,7 +67,7 @@ def build_pipeline(cfg: Config, mesh: Mesh, model: Decoder) -> Pipeline | None:
   stages = mesh.shape["pipeline"]
   if stages == 1:
     return None
-  schedule = Schedule(cfg.mesh.schedule, stages, resolve_microbatches(cfg.mesh, stages), cfg.mesh.repeats)
+  schedule = Schedule.of(cfg.mesh, stages)
   stack_specs = state_lib.param_logical_specs(model, cfg.data.seq_len)[LAYERS]
   return Pipeline(model, schedule, stack_specs)
 
