@@ -165,8 +165,13 @@ class Checkpointer:
   def read_meta(self, step: int) -> dict:
     return load_meta(self.step_dir(step))[0]
 
-  def restore(self, step: int, abstract_state, data_iterator=None, *, meta: dict, allow_dtype_change: bool = False):
-    """The state at `step` in `abstract_state`'s shardings, verified tensor by tensor; the iterator is set in place."""
+  def restore(self, step: int, abstract_state, data_iterator=None, *, meta: dict, allow_dtype_change: bool = False,
+              resume: bool = True):
+    """The state at `step` in `abstract_state`'s shardings, verified tensor by tensor; the iterator is set in place.
+
+    With resume=True the run continues from `step` (the next record links to it and lineage.jsonl is cut
+    back to it); resume=False only reads (eval, export, averaging) and leaves the workdir untouched.
+    """
     step_dir = self.step_dir(step)
     recorded = [r["files"] for r in lineage.read_log(self.workdir) if r.get("files_of") == meta["lineage"]["lineage_hash"]]
     if recorded:
@@ -185,9 +190,10 @@ class Checkpointer:
       if got != meta["lineage"]["iterator_hash"]:
         raise CheckpointIntegrityError(f"{step_dir}/data: the data-iterator state hashes to {got}, the lineage "
                                        f"record says {meta['lineage']['iterator_hash']}")
-    self.parent = meta["lineage"]["lineage_hash"]
-    if self.primary:
-      lineage.truncate_log(self.workdir, step)
+    if resume:
+      self.parent = meta["lineage"]["lineage_hash"]
+      if self.primary:
+        lineage.truncate_log(self.workdir, step)
     return restored.state
 
   def close(self) -> None:

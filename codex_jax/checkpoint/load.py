@@ -1,0 +1,91 @@
+"""Read-only access to a run's checkpoints: its config and the verified parameters at a step.
+
+Used by everything that reads a finished or running workdir without training it (`codex eval`,
+`codex average`, `codex export`, `codex generate`). Parameters are restored onto one device whatever
+mesh wrote them (a stacked layer tensor has the same shape under every layout), every tensor checked
+against its lineage hash; nothing in the workdir is written.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh
+
+from codex_jax.checkpoint.errors import CheckpointIntegrityError
+from codex_jax.checkpoint.manager import Checkpointer
+from codex_jax.config import load as config_load
+from codex_jax.config.schema import Config
+from codex_jax.parallel.rules import MESH_AXES
+from codex_jax.train.workdir import CONFIG_FILE
+
+# The layout a read-only load uses: one device, no pipeline; everything else as the run had it.
+ONE_DEVICE_MESH = {"data": 1, "tensor": 1, "pipeline": 1, "fsdp": False, "sequence_parallel": False,
+                   "schedule": "gpipe", "microbatches": 0, "repeats": 1, "auto": False}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedStep:
+  cfg: Config                # The run's config, re-laid out for one device.
+  config: dict[str, Any]     # The run's config as saved in WORKDIR/config.json (its real layout).
+  step: int
+  params: Any                # The parameter tree, on one device.
+  record: dict[str, Any]     # The checkpoint's lineage record.
+
+
+def read_config(workdir: str) -> tuple[Config, dict[str, Any]]:
+  """The run's saved config, validated, with its mesh replaced by one device (see ONE_DEVICE_MESH)."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: no saved config; is {workdir!r} a codex train workdir?")
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise CheckpointIntegrityError(f"{path}: cannot read the run's config ({e})") from e
+  one_device = copy.deepcopy(saved)
+  one_device["mesh"] = {**one_device.get("mesh", {}), **ONE_DEVICE_MESH}
+  return config_load.load(one_device, num_devices=1), saved
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  """The committed checkpoint steps of `workdir`, ascending."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"{directory}: no checkpoints; has `codex train --workdir={workdir}` saved one?")
+  steps = sorted(int(name) for name in os.listdir(directory)
+                 if name.isdigit() and os.path.isdir(os.path.join(directory, name)))
+  if not steps:
+    raise FileNotFoundError(f"{directory}: no committed checkpoint")
+  return steps
+
+
+def load_step(workdir: str, step: int | None = None, cfg: Config | None = None) -> LoadedStep:
+  """The verified parameters of checkpoint `step` (default: the latest) of `workdir`, on one device."""
+  from codex_jax.train.setup import build_trainer  # Late: train.setup imports the model stack.
+
+  if cfg is None:
+    cfg, saved = read_config(workdir)
+  else:
+    saved = read_config(workdir)[1]
+  steps = checkpoint_steps(workdir)
+  step = steps[-1] if step is None else step
+  if step not in steps:
+    raise FileNotFoundError(f"{workdir}/checkpoints/{step}: no such checkpoint; committed steps are {steps}")
+  device = jax.devices()[0]
+  mesh = Mesh(np.asarray([device]).reshape(1, 1, 1), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+  trainer = build_trainer(cfg, mesh)
+  checkpointer = Checkpointer(workdir, cfg.checkpoint)
+  try:
+    meta = checkpointer.read_meta(step)
+    state = checkpointer.restore(step, trainer.restore_target(), meta=meta,
+                                 allow_dtype_change=cfg.checkpoint.allow_dtype_change, resume=False)
+  finally:
+    checkpointer.close()
+  return LoadedStep(cfg, saved, step, state.params, meta["lineage"])
