@@ -47,6 +47,8 @@ RUN_OVERRIDES = {
     "model.num_kv_heads": 2, "model.mlp_dim": 128, "data.seq_len": 64, "data.tokenizer_train_bytes": 300_000,
     "data.shuffle_window": 64, "train.global_batch": 8, "train.steps": 40, "train.log_every": 5,
     "checkpoint.every": 10, "eval.every": 20, "eval.batches": 2,
+    # Snapshot averaging and the task suite have their own tests (test_eval.py); off here to keep runs short.
+    "checkpoint.average_every": 0, "eval.tasks": "",
 }
 
 
@@ -70,3 +72,13 @@ def train_process(workdir: str, overrides: dict) -> subprocess.Popen:
 def run_train(workdir: str, overrides: dict) -> subprocess.CompletedProcess:
   return subprocess.run(train_command(workdir, overrides), cwd=ROOT, env=run_env(), capture_output=True, text=True,
                         timeout=600)
+
+
+def trained_workdir(tmp_path_factory, name: str, overrides: dict) -> tuple[str, subprocess.CompletedProcess]:
+  """A finished `codex train` run on the embedded corpus in a fresh temporary workdir (module fixtures)."""
+  from codex_jax.data.default_corpus.build import build_default_corpus
+  build_default_corpus()
+  workdir = str(tmp_path_factory.mktemp(name))
+  result = run_train(workdir, overrides)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir, result

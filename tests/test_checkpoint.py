@@ -18,8 +18,7 @@ from codex_jax.checkpoint import lineage, merkle, verify
 from codex_jax.checkpoint.errors import CheckpointIntegrityError
 from codex_jax.checkpoint.manager import Checkpointer
 from codex_jax.config.schema import CheckpointConfig
-from codex_jax.data.default_corpus.build import build_default_corpus
-from tests.helpers import ROOT, RUN_OVERRIDES, run_train, train_process
+from tests.helpers import ROOT, RUN_OVERRIDES, run_train, train_process, trained_workdir
 from tests.test_merkle import spec_leaf, spec_root  # BUILD.md's hash format, written out with hashlib.
 
 pytestmark = pytest.mark.slow
@@ -32,11 +31,7 @@ OVERRIDES = {**RUN_OVERRIDES, "train.steps": 12, "checkpoint.every": 4, "eval.ev
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-  build_default_corpus()
-  workdir = str(tmp_path_factory.mktemp("run"))
-  result = run_train(workdir, OVERRIDES)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return workdir
+  return trained_workdir(tmp_path_factory, "run", OVERRIDES)[0]
 
 
 def _copy(run, tmp_path) -> str:

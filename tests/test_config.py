@@ -41,6 +41,13 @@ def test_negative_or_zero_sizes_are_refused(key, value):
   assert f"config.{key}={value!r}: must be positive" in message
 
 
+@pytest.mark.parametrize("key,value,rule", [
+    ("checkpoint.average_every", -1, "must not be negative"), ("checkpoint.average_count", 0, "must be positive"),
+    ("checkpoint.ema_decay", 1.0, "must be in [0, 1)"), ("eval.task_examples", -2, "must not be negative")])
+def test_averaging_and_task_keys_are_checked(key, value, rule):
+  assert f"config.{key}={value!r}: {rule}" in _problems(**{key: value})
+
+
 def test_heads_must_divide_model_width():
   message = _problems(**{"model.num_heads": 3})
   assert "config.model.num_heads=3: must divide model.d_model=128" in message
@@ -113,9 +120,9 @@ def test_resume_refuses_changes_outside_the_allow_list(tmp_path):
   assert check_config(workdir, config_dict("tiny")) == []
   assert not os.listdir(workdir)  # Checking writes nothing.
   write_config(workdir, config_dict("tiny"))
-  allowed = config_dict("tiny", **{"train.steps": 500, "eval.every": 50})
+  allowed = config_dict("tiny", **{"train.steps": 500, "eval.every": 25})
   changes = check_config(workdir, allowed)
-  assert changes == ["eval.every: 100 -> 50", "train.steps: 300 -> 500"]
+  assert changes == ["eval.every: 50 -> 25", "train.steps: 300 -> 500"]
   write_config(workdir, allowed)
   with pytest.raises(ConfigError) as info:
     check_config(workdir, config_dict("tiny", **{"train.steps": 500, "model.d_model": 64}))

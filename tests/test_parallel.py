@@ -51,7 +51,8 @@ def _run(overrides, devices=None, steps=3):
 
   def objective(params, batch):
     with sharding_scope(mesh, logical_axis_rules(cfg.mesh.fsdp, cfg.mesh.sequence_parallel)):
-      return value_and_grad(params, batch, model=trainer.model, z_loss=cfg.train.z_loss, pipeline=trainer.pipeline)
+      return value_and_grad(params, batch, model=trainer.model, z_loss=cfg.train.z_loss, pipeline=trainer.pipeline,
+                            mtp_weight=cfg.train.mtp_weight)
 
   def update(grads, opt_state, params):
     updates, opt_state = trainer.tx.update(grads, opt_state, params)
@@ -73,12 +74,20 @@ def one_device():
   return _run(_layout(1, 1, 1), jax.devices()[:1])
 
 
+MTP = {"model.mtp_depth": 1}  # Multi-token prediction after the stages (1f1b: in its per-microbatch head).
+
+
+@pytest.fixture(scope="module")
+def one_device_mtp():
+  return _run({**_layout(1, 1, 1), **MTP}, jax.devices()[:1])
+
+
 @pytest.mark.parametrize("layout", [
-    _layout(8, 1, 1),
+    _layout(8, 1, 1, fsdp=True),
     _layout(1, 8, 1),
     {**_layout(2, 2, 2, schedule="gpipe", microbatches=4, sequence_parallel=True), **REMAT},
     _layout(2, 2, 2, schedule="circular", repeats=2, microbatches=4),
-    _layout(2, 2, 2, schedule="1f1b", microbatches=4, fsdp=True),
+    {**_layout(2, 2, 2, schedule="1f1b", microbatches=4, fsdp=True), **MTP},
     _layout(4, 1, 2, schedule="gpipe", microbatches=2),
     _layout(4, 1, 2, schedule="circular", repeats=2, microbatches=2),
     _layout(1, 2, 4, schedule="gpipe", microbatches=4),
@@ -86,8 +95,8 @@ def one_device():
     {**_layout(1, 2, 4, schedule="1f1b", microbatches=4), **REMAT},
 ], ids=lambda o: "x".join(str(o[f"mesh.{a}"]) for a in ("data", "tensor", "pipeline")) + "-" + "-".join(
     f"{k.split('.')[1]}={v}" for k, v in o.items() if k.split(".")[1] not in ("data", "tensor", "pipeline")))
-def test_layout_matches_one_device(one_device, layout):
-  ref_losses, ref_grads = one_device
+def test_layout_matches_one_device(request, layout):
+  ref_losses, ref_grads = request.getfixturevalue("one_device_mtp" if layout.get("model.mtp_depth") else "one_device")
   losses, grads = _run(layout)
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
   # rtol 1e-5 per element, plus an atol of 1e-6 of the largest gradient: an element that is a sum with

@@ -4,14 +4,16 @@ token counts and the approach-3 fit (codex_jax/planning/)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import yaml
 
 from codex_jax.config import load as config_load
-from codex_jax.planning import exchange, fit, inference, laws, shape
+from codex_jax.planning import exchange, exchange_rate, fit, inference, laws, shape, sweep
 from tests import data_fixtures
 from tests.helpers import ROOT
 
@@ -100,6 +102,12 @@ def test_fit_recovers_a_known_law_within_its_intervals(tmp_path):
   # FIT.json round-trips into a law `codex plan --law` accepts.
   (tmp_path / "FIT.json").write_text(json.dumps(result))
   assert laws.load_law(str(tmp_path / "FIT.json")).constants() == result["constants"]
+  assert result["unidentified"] == []
+  # Losses that depend on D alone (a sweep whose sizes all sit past their IsoFLOP minima): the N term is
+  # driven to nothing and its constants are reported as undetermined, not given as certain.
+  d = np.geomspace(4e4, 9e5, 8)
+  only_d = np.stack([np.geomspace(6e5, 4e6, 8)[::-1], d, 1 + 30 * d ** -0.2], axis=1)
+  assert fit.fit(only_d, bootstrap=5, grid=grid)["unidentified"] == ["A", "alpha"]
 
 
 def test_runs_files_and_law_files_name_the_problem(tmp_path):
@@ -156,6 +164,73 @@ def test_plan_cli_json_config_and_errors(tmp_path):
                       (["--flops=1e21", "--critical-batch-tokens=-1"], "--critical-batch-tokens")):
     proc = codex("plan", *args)
     assert proc.returncode == 2 and named in proc.stderr, proc.stderr
+
+
+def test_sweep_plans_isoflop_runs_and_a_rerun_skips_finished_ones(tmp_path):
+  runs = sweep.plan_runs([1e12, 1e13], 4, (5e5, 4e6), vocab_size=4096, tokens_per_step=4096)
+  assert len(runs) == 8 and len({r.name for r in runs}) == 8
+  for r in runs:  # Each run spends its budget: 6 N D within one step's worth of C.
+    assert abs(6 * r.shape.params * r.tokens - r.flops) <= 6 * r.shape.params * 4096 / 2 + 1
+    assert r.steps >= sweep.MIN_STEPS and r.tokens == r.steps * 4096
+  sizes = sorted({r.shape.params for r in runs})
+  assert len(sizes) == 4 and 4e5 < sizes[0] and sizes[-1] < 5e6
+  trained = []
+
+  def fake_train(run, workdir):
+    trained.append(run.name)
+    return {"eval_loss": 10.0 / run.shape.params ** 0.1}
+
+  first = sweep.sweep(str(tmp_path), runs[:5], fake_train, log=lambda s: None)
+  assert trained == [r.name for r in runs[:5]] and len(first) == 5
+  again = sweep.sweep(str(tmp_path), runs, fake_train, log=lambda s: None)  # Only the three new ones train.
+  assert trained[5:] == [r.name for r in runs[5:]] and [r["name"] for r in again] == [r.name for r in runs]
+  assert fit.read_runs([str(tmp_path / "RUNS.jsonl")]).shape == (8, 3)
+  with pytest.raises(ValueError, match="without a finite held-out loss"):
+    sweep.sweep(str(tmp_path / "bad"), runs[:1], lambda run, workdir: {"eval_loss": None}, log=lambda s: None)
+
+
+def test_exchange_rate_is_read_off_the_text_only_curve(tmp_path):
+  # Text-only held-out loss 5 D^-0.1; the mixed run saw 1.5e5 text tokens and 5e4 image positions, and
+  # scored what 1.5e5 + 0.4 * 5e4 text tokens would have: the rate is 0.4.
+  law = lambda d: 5 * d ** -0.1  # noqa: E731
+  out = exchange_rate.rate((1e5, law(1e5)), (2e5, law(2e5)), (1.5e5, 5e4, law(1.5e5 + 0.4 * 5e4)))
+  assert out["rate"] == pytest.approx(0.4, rel=1e-6) and out["text_curve"]["k"] == pytest.approx(0.1)
+  # Images that cost text loss give a negative rate; a loss that rose with text tokens is refused.
+  assert exchange_rate.rate((1e5, law(1e5)), (2e5, law(2e5)), (1.5e5, 5e4, law(1.2e5)))["rate"] < 0
+  with pytest.raises(ValueError, match="did not fall"):
+    exchange_rate.rate((1e5, 3.0), (2e5, 3.1), (1.5e5, 5e4, 3.0))
+  text, mixed = exchange_rate.manifests(f"{ROOT}/experiments/data/default.yaml", str(tmp_path), "image", 0.25)
+  shares = {}
+  for path in (text, mixed):
+    m = yaml.safe_load(open(path))
+    assert [p["name"] for p in m["phases"]] == ["main"]
+    shares[path] = {src["name"]: src["share"]["main"] for src in m["sources"]}
+  assert "digits-captions" not in shares[text] and sum(shares[text].values()) == pytest.approx(1)
+  assert shares[mixed]["digits-captions"] == pytest.approx(0.25) and sum(shares[mixed].values()) == pytest.approx(1)
+  assert shares[mixed]["python-stdlib-code"] == pytest.approx(0.75 * shares[text]["python-stdlib-code"])
+  # The procedure: each run trained once, counts read from its metrics, all scored on the text manifest.
+  trained, tokens = [], {"text-half": (1e5, 0), "text": (2e5, 0), "mixed": (1.5e5, 5e4)}
+
+  def fake_train(workdir, overrides):
+    trained.append((os.path.basename(workdir), overrides["train.steps"], overrides.get("data.tokenizer_path")))
+    os.makedirs(workdir)
+    text_tokens, images = tokens[os.path.basename(workdir)]
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:  # Two logged steps, halves of the counts.
+      for _ in range(2):
+        f.write(json.dumps({"data/modality/text/raw_tokens": text_tokens / 2,
+                            "data/modality/image/raw_tokens": images / 2}) + "\n")
+
+  def fake_heldout(workdir, manifest):
+    assert manifest == text
+    text_tokens, images = tokens[os.path.basename(workdir)]
+    return law(text_tokens + 0.4 * images)
+
+  result = exchange_rate.measure(str(tmp_path), f"{ROOT}/experiments/data/default.yaml", "image", 0.25, 40,
+                                 fake_train, fake_heldout, log=lambda s: None)
+  pinned = str(tmp_path / "text-half" / "tokenizer.json")
+  assert trained == [("text-half", 20, None), ("text", 40, pinned), ("mixed", 40, pinned)]
+  assert result["rate"] == pytest.approx(0.4, rel=1e-6)
+  assert json.load(open(tmp_path / "EXCHANGE_RATE.json"))["rate"] == pytest.approx(0.4, rel=1e-6)
 
 
 def _get_config(path: str):

@@ -1,5 +1,6 @@
 """The train step: schedule, decay mask, a golden step, and sharded layouts equal to one device."""
 
+import dataclasses
 import json
 import os
 
@@ -29,6 +30,17 @@ def test_schedule_warms_up_over_two_percent_then_decays_to_the_floor():
   assert float(schedule(20)) == pytest.approx(1e-3)  # End of warmup: the peak.
   assert float(schedule(510)) == pytest.approx(0.55e-3, rel=1e-3)  # Cosine midpoint.
   assert float(schedule(1000)) == pytest.approx(1e-4)  # End: peak * min_lr_ratio.
+
+
+def test_wsd_holds_the_peak_then_anneals_linearly_over_its_fraction():
+  cfg = OptimizerConfig(learning_rate=1e-3, min_lr_ratio=0.1, warmup_fraction=0.02, decay="wsd", decay_fraction=0.2)
+  schedule = optimizer.learning_rate_schedule(cfg, 1000)
+  assert float(schedule(10)) == pytest.approx(0.5e-3)  # The same warmup as cosine.
+  assert float(schedule(20)) == pytest.approx(1e-3) and float(schedule(799)) == pytest.approx(1e-3)
+  assert float(schedule(900)) == pytest.approx(0.55e-3)  # Halfway down the linear anneal.
+  assert float(schedule(1000)) == pytest.approx(1e-4)
+  no_anneal = optimizer.learning_rate_schedule(dataclasses.replace(cfg, decay_fraction=0.0), 1000)
+  assert float(no_anneal(1000)) == pytest.approx(1e-3)  # Held to the end: averaging replaces the anneal.
 
 
 def test_weight_decay_spares_norms_and_embeddings():
@@ -82,14 +94,11 @@ def test_golden_train_steps(single_device):
   assert losses[-1] < losses[0]  # Updates on the same batch reduce its loss.
 
 
-@pytest.mark.parametrize("layout,devices", [
-    ({"mesh.data": 2, "mesh.tensor": 2}, 4),
-    ({"mesh.data": 8, "mesh.fsdp": True}, 8),
-    ({"mesh.data": 2, "mesh.tensor": 2, "mesh.fsdp": True}, 4),
-])
-def test_sharded_layouts_match_one_device(single_device, layout, devices):
+def test_a_sharded_train_step_matches_one_device(single_device):
+  """The whole jitted train_step (guard, AdamW) under data x tensor x FSDP; tests/test_parallel.py checks
+  losses and gradients of every other layout, pipelines included."""
   ref_state, ref_losses, ref_norms, ref_grads = single_device
-  state, losses, norms, grads = _run(layout, jax.devices()[:devices])
+  state, losses, norms, grads = _run({"mesh.data": 2, "mesh.tensor": 2, "mesh.fsdp": True}, jax.devices()[:4])
   np.testing.assert_allclose(losses, ref_losses, rtol=2e-6)
   np.testing.assert_allclose(norms, ref_norms, rtol=2e-5)
   chex.assert_trees_all_close(grads, ref_grads, atol=1e-7, rtol=1e-4)
@@ -112,7 +121,7 @@ def test_state_is_born_sharded_by_the_rules_table():
   assert shard.shape == (2, 64 // 4, 2, 128 // 2)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"model.tie_embeddings": True, "model.num_kv_heads": 1}])
+@pytest.mark.parametrize("overrides", [{}, {"model.tie_embeddings": True, "model.num_kv_heads": 1, "model.mtp_depth": 1}])
 def test_analytic_flops_match_what_xla_counts_for_the_real_step(overrides):
   from codex_jax.telemetry.flops import train_flops_per_token
   from codex_jax.train.setup import xla_model_flops

@@ -7,7 +7,9 @@
                         without "lineage_hash")
   The first record's parent is the hash of the start: sha256(b"codex.start.v1\\n" + canonical JSON of
   {"kind": "init", "seed", "content_root"}) for a fresh run, or the lineage hash of the checkpoint
-  the run was initialised from.
+  the run was initialised from. An averaged checkpoint's record (kind "average", checkpoint/average.py) also
+  lists `parents`, the lineage hashes of every checkpoint averaged; its `parent` is the newest of them, and
+  the chain's links skip it (a side branch).
 
 Canonical JSON: sorted keys, no whitespace, UTF-8, floats as Python's repr. Records live in each
 checkpoint's Orbax metadata and in WORKDIR/lineage.jsonl (every record, so the chain survives

@@ -96,8 +96,9 @@ class Checkpointer:
   def __init__(self, workdir: str, cfg: CheckpointConfig):
     self.workdir = os.path.abspath(workdir)
     self.directory = os.path.join(self.workdir, "checkpoints")
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=cfg.max_to_keep, enable_async_checkpointing=cfg.async_save, create=True)
+    # Averaging keeps at least its window of snapshots, whatever max_to_keep says (checkpoint/average.py).
+    keep = max(cfg.max_to_keep, cfg.average_count if cfg.average_every > 0 else 0)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=cfg.async_save, create=True)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(use_ocdbt=False),

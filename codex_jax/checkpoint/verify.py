@@ -25,6 +25,7 @@ from codex_jax.checkpoint.manager import (
   state_leaf_hashes,
 )
 
+AVERAGED_DIR = "averaged"  # As checkpoint/average.py writes it (importing it here would load the model stack).
 ROOT_OF_GROUP = {"params": "content_root", "opt_state": "optimizer_root"}
 
 
@@ -38,6 +39,8 @@ def verify_checkpoint(step_dir: str) -> dict[str, Any]:
     raise CheckpointIntegrityError(f"{step_dir}/state: cannot be read ({type(e).__name__}: "
                                    f"{' '.join(str(e).split())[:300]})") from e
   check_leaves(meta["leaves"], state_leaf_hashes(state), step_dir)
+  if record.get("kind") == "average":  # Parameters only: no optimizer, no data iterator.
+    return record
   data_files = sorted(f for f in os.listdir(os.path.join(step_dir, "data")) if f.endswith(".json"))
   for name in data_files[:1]:  # Process 0's iterator state; the record hashes that one.
     path = os.path.join(step_dir, "data", name)
@@ -69,16 +72,24 @@ def verify_chain(records: list[dict[str, Any]], where: str) -> list[dict[str, An
   start = records[0]
   if lineage.start_hash(start["start"]) != start["hash"] and start["start"].get("lineage_hash") != start["hash"]:
     raise CheckpointIntegrityError(f"{where}: the start record was edited")
-  parent, steps = start["hash"], []
+  parent, steps, seen = start["hash"], [], set()
   for record in records[1:]:
     step = record.get("step")
     if lineage.record_hash(record) != record.get("lineage_hash"):
       raise CheckpointIntegrityError(f"{where}: the record of step {step} was edited (it hashes to "
                                      f"{lineage.record_hash(record)}, it says {record.get('lineage_hash')})")
+    if "parents" in record:  # An average: a side branch off the chain whose parents must all be in it.
+      missing = [p for p in record["parents"] if p not in seen]
+      if missing or record["parent"] not in record["parents"]:
+        raise CheckpointIntegrityError(f"{where}: the average at step {step} names parent(s) {missing or record['parent']} "
+                                       "that are not checkpoints of the chain before it")
+      steps.append(record)
+      continue
     if record["parent"] != parent:
       raise CheckpointIntegrityError(f"{where}: step {step} links to parent {record['parent']}, but the record before "
                                      f"it is {parent} (a record was removed, swapped or rewritten)")
     parent = record["lineage_hash"]
+    seen.add(parent)
     steps.append(record)
   return steps
 
@@ -98,12 +109,12 @@ def verify(path: str) -> dict[str, Any]:
   by_hash = {}
   if log:
     by_hash = {r["lineage_hash"]: r for r in verify_chain(log, os.path.join(workdir, lineage.LOG_FILE))}
-  ckpt_root = os.path.join(workdir, "checkpoints")
-  dirs = [only] if only else sorted((os.path.join(ckpt_root, d) for d in os.listdir(ckpt_root) if d.isdigit()),
-                                    key=lambda d: int(os.path.basename(d)))
+  dirs = [only] if only else [d for folder in ("checkpoints", AVERAGED_DIR) for d in _step_dirs(workdir, folder)]
   checked = []
   for step_dir in dirs:
-    recorded = [f for h, f in files.items() if by_hash.get(h, {}).get("step") == int(os.path.basename(step_dir))]
+    average = os.path.basename(os.path.dirname(step_dir)) == AVERAGED_DIR
+    recorded = [f for h, f in files.items() if by_hash.get(h, {}).get("step") == int(os.path.basename(step_dir))
+                and ("parents" in by_hash[h]) == average]
     if recorded:
       check_files(recorded[-1], step_dir)  # Names the exact file first; then tensors and records below.
     record = verify_checkpoint(step_dir)
@@ -111,10 +122,16 @@ def verify(path: str) -> dict[str, Any]:
       raise CheckpointIntegrityError(f"{step_dir}: its lineage record is not in the run's chain "
                                      f"({os.path.join(workdir, lineage.LOG_FILE)})")
     checked.append({"step": record["step"], "lineage_hash": record["lineage_hash"],
-                    "content_root": record["content_root"]})
+                    "content_root": record["content_root"], **({"parents": record["parents"]} if average else {})})
   return {"ok": True, "workdir": workdir, "chain_length": len(by_hash), "checkpoints": checked,
           "files_checked": sum(1 for c in checked if c["lineage_hash"] in files),
           "head": checked[-1]["lineage_hash"] if checked else None}
+
+
+def _step_dirs(workdir: str, folder: str) -> list[str]:
+  root = os.path.join(workdir, folder)
+  names = os.listdir(root) if os.path.isdir(root) else []
+  return sorted((os.path.join(root, d) for d in names if d.isdigit()), key=lambda d: int(os.path.basename(d)))
 
 
 def prove(step_dir: str, tensor: str) -> dict[str, Any]:

@@ -26,7 +26,8 @@ def run(flag_values, args: list[str]):
   if args[:1] == ["verify"] and len(args) == 2:
     result = verify.verify(args[1])
     for c in result["checkpoints"]:
-      _say(flag_values, f"step {c['step']}: ok (content {c['content_root'][:16]}..., lineage {c['lineage_hash'][:16]}...)")
+      what = f"step {c['step']}" + (f" (average of {len(c['parents'])})" if "parents" in c else "")
+      _say(flag_values, f"{what}: ok (content {c['content_root'][:16]}..., lineage {c['lineage_hash'][:16]}...)")
     _say(flag_values, f"lineage ok: {result['chain_length']} record(s) back to the start, "
                       f"{len(result['checkpoints'])} checkpoint(s) re-hashed")
     return result

@@ -23,8 +23,14 @@ COMMANDS = {
     "mesh": ("mesh", "rank parallel layouts by predicted memory and step time, here or on a hypothetical cluster"),
     "lineage": ("lineage", "`lineage verify WORKDIR|CKPT`, `lineage prove CKPT --tensor=PATH`, `verify --proof=F`"),
     "plan": ("plan", "compute-optimal N, D, loss, shape and batch for --flops; inference-adjusted; --write-config"),
-    "scaling": ("scaling", "`scaling fit RUNS...`: fit E, A, B, alpha, beta with bootstrap intervals, FIT.json + PNG"),
+    "scaling": ("scaling", "`scaling fit RUNS...`: the loss law with bootstrap intervals; `scaling sweep DIR`: an "
+                "IsoFLOP sweep of tiny models, then the fit; `scaling exchange-rate DIR`: measure a modality's rate"),
     "data": ("data", "`data manifest FILE`: sources, licences, shares, hash; `data build-default`: the corpus"),
+    "eval": ("eval", "held-out loss per source and task scores of a checkpoint (--average=K), by training stage"),
+    "average": ("average", "write the parameter average of the last checkpoints with a multi-parent lineage record"),
+    "export": ("export", "`export hf --workdir=W [--step=N | --average=K] --out=DIR`: a Hugging Face Llama model"),
+    "import": ("import_hf", "`import hf DIR --workdir=W --config=...`: a Llama model as checkpoint 0 of a new run"),
+    "generate": ("generate", "sample a completion of --prompt from a checkpoint (KV cache; greedy at temperature 0)"),
 }
 flags.DEFINE_bool("verbose", False, "Also show the INFO logs of jax, Orbax, Grain and Flax.")
 EXPECTED_ERRORS = (ConfigError, DataError, CheckpointIntegrityError, NumericsError, flags.Error, FileNotFoundError,

@@ -33,6 +33,7 @@ class ModelConfig:
   attention_impl: str = "auto"
   attention_chunks: int = 1  # Query chunks that skip masked blocks; >1 pays where no fused kernel does.
   feature_dim: int = 0  # Values per non-text position (patches, audio, proprio, action); 0: text only.
+  mtp_depth: int = 0  # Multi-token prediction modules (DeepSeek-V3), depth k predicts token t+k+1; 0: off.
 
   @property
   def resolved_head_dim(self) -> int:
@@ -68,11 +69,13 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-  """AdamW with linear warmup then cosine decay."""
+  """AdamW with linear warmup then cosine or warmup-stable-decay (WSD)."""
 
   learning_rate: float = 3e-3
   min_lr_ratio: float = 0.1
   warmup_fraction: float = 0.02
+  decay: str = "cosine"  # cosine | wsd (hold the peak, decay linearly over the last decay_fraction).
+  decay_fraction: float = 0.2  # wsd only; 0: no anneal (evaluate an average of snapshots instead).
   b1: float = 0.9
   b2: float = 0.95
   eps: float = 1e-8
@@ -94,6 +97,12 @@ class TrainConfig:
   spike_sigmas: float = 6.0  # A loss above mean + spike_sigmas * std of the window skips its update.
   spike_min_steps: int = 20  # Losses the window must hold before it judges spikes.
   max_consecutive_bad: int = 5  # Skipped steps in a row (non-finite or spike) that stop the run.
+  mtp_weight: float = 0.3  # MTP loss weight lambda (loss += lambda / mtp_depth * sum_k CE_k) ...
+  mtp_weight_final: float = 0.1  # ... and from mtp_weight_switch * steps on (DeepSeek-V3: 0.3 -> 0.1).
+  mtp_weight_switch: float = 0.68  # Fraction of train.steps at which mtp_weight becomes mtp_weight_final.
+  noise_scale_every: int = 0  # Log the gradient noise scale B_simple every this many steps; 0: off.
+  noise_scale_microbatches: int = 4  # k: rows split in k micro-batches (B_small = global_batch / k, B_big).
+  noise_scale_ema: float = 0.9  # Decay of the moving averages of |G|^2 and tr(Sigma) before their ratio.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,14 +128,21 @@ class CheckpointConfig:
   max_to_keep: int = 3
   async_save: bool = True
   allow_dtype_change: bool = False  # Restore tensors saved in another dtype, converting them.
+  # Checkpoint averaging: snapshots every `average_every` steps before each eval (and the last step), the
+  # newest `average_count` kept whatever max_to_keep says, their parameter mean evaluated (checkpoint/average.py).
+  average_count: int = 4
+  average_every: int = 0  # Steps between snapshots; 0: no snapshots, no in-loop average.
+  ema_decay: float = 0.0  # 0: plain mean; else snapshot i (0 = newest) weighs ema_decay**i.
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-  """Held-out loss cadence."""
+  """Held-out loss and task cadence (codex_jax/eval)."""
 
   every: int = 100
   batches: int = 4
+  tasks: str = "builtin"  # Comma-separated: "builtin" and/or folders of *.jsonl task files; "": none.
+  task_examples: int = 64  # Examples per task in the training loop (`codex eval` scores all).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +175,14 @@ RESUME_MUTABLE = frozenset({
     "checkpoint.async_save",
     "eval.every",
     "eval.batches",
+    "eval.tasks",
+    "eval.task_examples",
+    "train.noise_scale_every",  # The noise-scale probe only measures and logs; it never touches the state.
+    "train.noise_scale_microbatches",
+    "train.noise_scale_ema",
+    "checkpoint.average_count",
+    "checkpoint.average_every",
+    "checkpoint.ema_decay",
     "data.num_workers",
     # The data may change only with a new data.phase; the manifest hash in the checkpoint enforces it.
     "data.manifest",

@@ -24,17 +24,18 @@ def validate(cfg: schema.Config, num_devices: int | None = None, num_processes: 
       ("data", d, ("seq_len", "image_size", "patch_size", "video_frames", "tubelet_frames", "audio_sample_rate",
                    "audio_mels", "audio_patch_frames")),
       ("train", t, ("steps", "global_batch", "log_every", "spike_sigmas", "max_consecutive_bad")),
-      ("checkpoint", c, ("every", "max_to_keep")),
+      ("checkpoint", c, ("every", "max_to_keep", "average_count")),
       ("eval", e, ("every",)),
   ):
     for key in keys:
       need(getattr(obj, key) > 0, f"{group}.{key}", getattr(obj, key), "must be positive")
   for group, obj, keys in (
-      ("model", m, ("head_dim", "feature_dim")),
+      ("model", m, ("head_dim", "feature_dim", "mtp_depth")),
       ("data", d, ("tokenizer_train_bytes", "num_workers", "shuffle_window", "shuffle_block")),
       ("optimizer", o, ("weight_decay", "min_lr_ratio")),
-      ("train", t, ("z_loss", "seed", "spike_window")),
-      ("eval", e, ("batches",)),
+      ("train", t, ("z_loss", "seed", "spike_window", "mtp_weight", "mtp_weight_final")),
+      ("eval", e, ("batches", "task_examples")),
+      ("checkpoint", c, ("average_every",)),
   ):
     for key in keys:
       need(getattr(obj, key) >= 0, f"{group}.{key}", getattr(obj, key), "must not be negative")
@@ -57,6 +58,19 @@ def validate(cfg: schema.Config, num_devices: int | None = None, num_processes: 
   need(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be positive")
   need(m.init_std > 0, "model.init_std", m.init_std, "must be positive")
 
+  if m.mtp_depth > 0 and d.seq_len > 0:
+    need(m.mtp_depth < d.seq_len - 1, "model.mtp_depth", m.mtp_depth,
+         f"must be below data.seq_len - 1 = {d.seq_len - 1} (depth k predicts k + 1 tokens ahead)")
+  need(t.noise_scale_every >= 0, "train.noise_scale_every", t.noise_scale_every, "must not be negative (0: off)")
+  if t.noise_scale_every > 0:
+    need(t.noise_scale_microbatches >= 2 and t.global_batch % t.noise_scale_microbatches == 0,
+         "train.noise_scale_microbatches", t.noise_scale_microbatches,
+         f"must be at least 2 and divide train.global_batch={t.global_batch} (B_small < B_big)")
+    need(0 <= t.noise_scale_ema < 1, "train.noise_scale_ema", t.noise_scale_ema, "must be in [0, 1)")
+  need(0 <= t.mtp_weight_switch <= 1, "train.mtp_weight_switch", t.mtp_weight_switch,
+       "must be in [0, 1] (a fraction of train.steps)")
+
+  need(0 <= c.ema_decay < 1, "checkpoint.ema_decay", c.ema_decay, "must be in [0, 1) (0: a plain mean)")
   if m.attention_chunks > 0 and d.seq_len > 0:
     need(d.seq_len % m.attention_chunks == 0, "model.attention_chunks", m.attention_chunks,
          f"must divide data.seq_len={d.seq_len}")
@@ -78,6 +92,9 @@ def validate(cfg: schema.Config, num_devices: int | None = None, num_processes: 
   need(o.learning_rate > 0, "optimizer.learning_rate", o.learning_rate, "must be positive")
   need(0 <= o.warmup_fraction < 1, "optimizer.warmup_fraction", o.warmup_fraction, "must be in [0, 1)")
   need(o.min_lr_ratio <= 1, "optimizer.min_lr_ratio", o.min_lr_ratio, "must be at most 1")
+  need(o.decay in ("cosine", "wsd"), "optimizer.decay", o.decay, "expected cosine or wsd")
+  need(0 <= o.decay_fraction <= 1 - o.warmup_fraction, "optimizer.decay_fraction", o.decay_fraction,
+       "must be in [0, 1 - optimizer.warmup_fraction]")
   need(0 <= o.b1 < 1, "optimizer.b1", o.b1, "must be in [0, 1)")
   need(0 <= o.b2 < 1, "optimizer.b2", o.b2, "must be in [0, 1)")
   need(o.eps > 0, "optimizer.eps", o.eps, "must be positive")

@@ -66,7 +66,10 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BLD, segment_ids_BL, positions_BL):
+  def __call__(self, x_BLD, segment_ids_BL, positions_BL, cache=None):
+    """With `cache` (k [B, S, G, K], v [B, S, G, K], index: positions filled so far), decoding one
+    unpadded sequence per row: this call's keys and values go in at [index, index + L), the queries
+    attend to the cache up to themselves, and (output, (k, v, index)) comes back (model/decode.py)."""
     cfg = self.cfg
     D, H, G, K = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
     init = nn.initializers.normal(cfg.init_std)
@@ -86,6 +89,16 @@ class Attention(nn.Module):
     k_BLGK = rope(k_BLGK, positions_BL, cfg.rope_theta)
     # jax.nn.dot_product_attention may pick a fused kernel on TPU/GPU ("auto").
     impl = None if cfg.attention_impl == "auto" else cfg.attention_impl
+    if cache is not None:
+      k_BSGK, v_BSGK, index = cache
+      k_BSGK = jax.lax.dynamic_update_slice_in_dim(k_BSGK, k_BLGK.astype(k_BSGK.dtype), index, axis=1)
+      v_BSGK = jax.lax.dynamic_update_slice_in_dim(v_BSGK, v_BLGK.astype(v_BSGK.dtype), index, axis=1)
+      # Causal from `index` on masks the unfilled tail of the cache as well.
+      mask = attention_mask(jnp.ones_like(segment_ids_BL), jnp.ones_like(segment_ids_BL, shape=k_BSGK.shape[:2]),
+                            q_offset=index)
+      out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BSGK.astype(dt), v_BSGK.astype(dt), mask=mask,
+                                              implementation=impl)
+      return jnp.einsum("BLHK,HKD->BLD", out_BLHK, w_o_HKD.astype(dt)), (k_BSGK, v_BSGK, index)
     out_BLHK = causal_attention(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, cfg.attention_chunks, impl)
     return jnp.einsum("BLHK,HKD->BLD", out_BLHK, w_o_HKD.astype(dt))
 

@@ -8,6 +8,8 @@ import jax.numpy as jnp
 
 from codex_jax.config.schema import ModelConfig
 from codex_jax.model.layers import Attention, RMSNorm, SwiGLU
+from codex_jax.model.mtp import MTP, MultiTokenPrediction
+from codex_jax.model.mtp import inference_params as inference_params  # Re-exported: export, generation.
 
 ACT_BLD = ("act_batch", "act_seq", "act_embed")  # The residual stream between blocks.
 # Modality ids of a packed row (data/records.py): 0 padding, 1 text, then the non-text modalities.
@@ -27,21 +29,24 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BLD, segment_ids_BL, positions_BL):
+  def __call__(self, x_BLD, segment_ids_BL, positions_BL, cache=None):
     x_BLD = nn.with_logical_constraint(x_BLD, ACT_BLD)
     h_BLD = Attention(self.cfg, name="attention")(RMSNorm(self.cfg, name="attention_norm")(x_BLD),
-                                                   segment_ids_BL, positions_BL)
+                                                   segment_ids_BL, positions_BL, cache=cache)
+    if cache is not None:  # Decoding (model/decode.py): the attention also returns the updated KV cache.
+      h_BLD, cache = h_BLD
     x_BLD = nn.with_logical_constraint(x_BLD + h_BLD, ACT_BLD)
     h_BLD = SwiGLU(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x_BLD))
     x_BLD = nn.with_logical_constraint(x_BLD + h_BLD, ACT_BLD)
-    return x_BLD, None  # (carry, per-layer output) as nn.scan expects.
+    return x_BLD, cache  # (carry, per-layer output) as nn.scan expects; the cache is None unless decoding.
 
 
-def _block_class(cfg: ModelConfig):
+def _block_class(cfg: ModelConfig, scanned: bool | None = None):
   if cfg.remat == "none":
     return Block
   # prevent_cse is only needed outside scan, where XLA could otherwise merge the recomputation away.
-  return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+  scanned = cfg.scan_layers if scanned is None else scanned
+  return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not scanned)
 
 
 class Decoder(nn.Module):
@@ -72,6 +77,8 @@ class Decoder(nn.Module):
                                                              ("modalities", "embed")),
           (NUM_MODALITY_IDS, cfg.d_model), jnp.dtype(cfg.param_dtype))
     self.final_norm = RMSNorm(cfg, name="final_norm")
+    if cfg.mtp_depth:
+      self.mtp = MultiTokenPrediction(cfg, _block_class(cfg, scanned=False), name=MTP)
     if not cfg.tie_embeddings:
       self.unembed = self.param(
           "unembed", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("embed", "vocab")),
@@ -88,15 +95,19 @@ class Decoder(nn.Module):
       x_BLD = jnp.where(is_media_BL[..., None], media_BLD, x_BLD)
     return nn.with_logical_constraint(x_BLD, ACT_BLD)
 
-  def hidden(self, tokens_BL, segment_ids_BL, positions_BL, features_BLF=None, modality_ids_BL=None):
-    """The final-norm hidden states [B, L, D] (before the output projection)."""
+  def trunk(self, tokens_BL, segment_ids_BL, positions_BL, features_BLF=None, modality_ids_BL=None):
+    """The last block's output [B, L, D] (before the final norm)."""
     x_BLD = self.embed(tokens_BL, features_BLF, modality_ids_BL)
     if self.cfg.scan_layers:
       x_BLD, _ = self.layers(x_BLD, segment_ids_BL, positions_BL)
     else:
       for block in self.blocks:
         x_BLD, _ = block(x_BLD, segment_ids_BL, positions_BL)
-    return self.final_norm(x_BLD)
+    return x_BLD
+
+  def hidden(self, tokens_BL, segment_ids_BL, positions_BL, features_BLF=None, modality_ids_BL=None):
+    """The final-norm hidden states [B, L, D] (before the output projection)."""
+    return self.final_norm(self.trunk(tokens_BL, segment_ids_BL, positions_BL, features_BLF, modality_ids_BL))
 
   def logits(self, x_BLD):
     dt = self.cfg.compute_dtype
@@ -111,5 +122,17 @@ class Decoder(nn.Module):
     """Logits from the last block's output: final norm, then the output projection."""
     return self.logits(self.final_norm(x_BLD))
 
+  def mtp_logits(self, x_BLD, tokens_BL, segment_ids_BL, positions_BL) -> list[jax.Array]:
+    """Logits of each MTP depth from the last block's output `x_BLD` (model/mtp.py); [] when off."""
+    if not self.cfg.mtp_depth:
+      return []
+    return self.mtp(x_BLD, self.embed, self.logits, tokens_BL, segment_ids_BL, positions_BL)
+
+  def train_outputs(self, tokens_BL, segment_ids_BL, positions_BL, features_BLF=None, modality_ids_BL=None):
+    """(next-token logits, [logits of each MTP depth]): what training needs, and what init creates."""
+    x_BLD = self.trunk(tokens_BL, segment_ids_BL, positions_BL, features_BLF, modality_ids_BL)
+    return self.head(x_BLD), self.mtp_logits(x_BLD, tokens_BL, segment_ids_BL, positions_BL)
+
   def __call__(self, tokens_BL, segment_ids_BL, positions_BL, features_BLF=None, modality_ids_BL=None):
+    """Next-token logits: inference needs only these (and `inference_params`)."""
     return self.logits(self.hidden(tokens_BL, segment_ids_BL, positions_BL, features_BLF, modality_ids_BL))

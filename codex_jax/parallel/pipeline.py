@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from codex_jax.config.schema import MeshConfig, ModelConfig
 from codex_jax.config.validate import resolve_microbatches
 from codex_jax.model.transformer import REMAT_POLICIES, Block, Decoder
+from codex_jax.objectives import mtp as mtp_objective
 from codex_jax.objectives import text
 
 ACT_SBLD = ("act_stage", "act_batch", "act_length", "act_embed")  # One microbatch per stage.
@@ -166,8 +167,12 @@ class Pipeline:
     (_, buffer_MBLD), _ = jax.lax.scan(tick, (state_SBLD, buffer_MBLD), jnp.arange(s.ticks))
     return from_microbatches(buffer_MBLD)
 
-  def value_and_grad(self, params, batch: dict, z_loss: float):
-    """((loss, aux), grads) of the next-token loss with the 1F1B-memory schedule (see module doc)."""
+  def value_and_grad(self, params, batch: dict, z_loss: float, mtp_weight: jax.Array | float = 0.0):
+    """((loss, aux), grads) of the next-token loss with the 1F1B-memory schedule (see module doc).
+
+    The head a microbatch meets on leaving the last stage includes the MTP depths (model/mtp.py), so
+    their loss and gradients are taken per microbatch like the main head's.
+    """
     s = self.schedule
     S, M = s.stages, s.microbatches
     K = 2 * S  # Stash slots per stage: microbatch m waits 2(S - s) - 1 ticks between its forward and backward.
@@ -180,8 +185,13 @@ class Pipeline:
     micro = {k: to_microbatches(v, M) for k, v in batch.items()}
     stage_S = jnp.arange(S)
     denom = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
-    # d loss / d (ce_sum, z_sum) of each microbatch: the loss is (sum ce + z_loss * sum z) / tokens.
+    # d loss / d (ce_sum, z_sum) of each microbatch: the loss is (sum ce + z_loss * sum z) / tokens
+    # (+ mtp_weight / D * sum_k mtp_ce_sum_k / mtp_tokens_k, over the whole batch's counts).
     sums_cotangent = {"ce_sum": 1.0 / denom, "z_sum": z_loss / denom, "tokens": jnp.zeros(())}
+    depth = model.cfg.mtp_depth
+    for k, count in enumerate(mtp_objective.mtp_tokens(batch, depth).values(), start=1):
+      sums_cotangent |= {f"mtp_ce_sum_{k}": mtp_weight / depth / jnp.maximum(count, 1.0),
+                         f"mtp_tokens_{k}": jnp.zeros(()), f"mtp_accept_{k}": jnp.zeros(())}
 
     def embed(rest, m):
       mb = _take(micro, m)
@@ -191,7 +201,10 @@ class Pipeline:
     def head_sums(rest, y_BLD, m):
       mb = _take(micro, m)
       logits_BLV = model.apply({"params": rest}, y_BLD, method=Decoder.head)
-      return text.next_token_sums(logits_BLV, mb["targets"], mb["loss_mask"])
+      sums = text.next_token_sums(logits_BLV, mb["targets"], mb["loss_mask"])
+      mtp_logits = model.apply({"params": rest}, y_BLD, mb["inputs"], mb["segment_ids"], mb["positions"],
+                               method=Decoder.mtp_logits)
+      return sums | mtp_objective.mtp_sums(mtp_logits, logits_BLV, mb)
 
     def stage_backward(p, x_BLD, segment_ids_BL, positions_BL, g_BLD):
       _, pullback = jax.vjp(lambda p, x: run_stage(p, x, segment_ids_BL, positions_BL), p, x_BLD)
@@ -205,7 +218,7 @@ class Pipeline:
         "stash": nn.with_logical_constraint(jnp.zeros((S, K, *x0.shape), x0.dtype), ("act_stage", None, *ACT_SBLD[1:])),
         "stage_grads": jax.tree.map(jnp.zeros_like, stage_params),
         "rest_grads": jax.tree.map(jnp.zeros_like, rest),
-        "sums": {"ce_sum": jnp.zeros(()), "z_sum": jnp.zeros(()), "tokens": jnp.zeros(())},
+        "sums": {k: jnp.zeros(()) for k in sums_cotangent},
     }
 
     def tick(carry, t):
@@ -243,6 +256,6 @@ class Pipeline:
               "sums": _select(h_ok, jax.tree.map(jnp.add, carry["sums"], sums), carry["sums"])}, None
 
     carry, _ = jax.lax.scan(tick, carry, jnp.arange(s.ticks))
-    loss, aux = text.loss_from_sums(carry["sums"], z_loss)
+    loss, aux = mtp_objective.loss_from_sums(carry["sums"], z_loss, depth, mtp_weight)
     layer_grads = jax.tree.map(lambda g, p: g.reshape(p.shape), carry["stage_grads"], stack_params)
     return (loss, aux), {**carry["rest_grads"], LAYERS: layer_grads}

@@ -110,7 +110,15 @@ def fit(points: np.ndarray, *, bootstrap: int = 100, confidence: float = 0.95, s
   intervals = {k: [float(np.percentile([s[k] for s in samples], tail)),
                    float(np.percentile([s[k] for s in samples], 100 - tail))] for k in KEYS} if samples else {}
   a_exp = law.beta / (law.alpha + law.beta)
-  return {"constants": law.constants(), "intervals": intervals, "confidence": confidence, "points": len(points),
+  # A term under 0.1% of the predicted loss at every point (e.g. the N term when no budget's sizes bracket
+  # its minimum) leaves its constants undetermined: resamples do not move them, so their near-zero-width
+  # intervals mean "not measured", not "certain".
+  terms = {("E",): np.full(len(points), law.E), ("A", "alpha"): law.A / points[:, 0] ** law.alpha,
+           ("B", "beta"): law.B / points[:, 1] ** law.beta}
+  total = sum(terms.values())
+  flat = [k for keys, term in terms.items() if np.all(term < 1e-3 * total) for k in keys]
+  return {"constants": law.constants(), "intervals": intervals, "unidentified": flat, "confidence": confidence,
+          "points": len(points),
           "bootstrap": len(samples), "seed": seed, "huber_delta": HUBER_DELTA, "objective": value,
           "n_opt_exponent": a_exp, "d_opt_exponent": 1 - a_exp,
           "method": "Hoffmann et al. approach 3: Huber on log loss, L-BFGS-B from a grid, percentile bootstrap"}

@@ -16,7 +16,9 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
   plus embedding [V,D], final RMSNorm [D], unless tied unembedding [D,V], and with non-text inputs
   (feature_dim E > 0) a feature projection [E,D] and a modality embedding [7,D] (counted as embedding).
   `non_embedding` is `total` less the input embedding table (Kaplan et al.'s N); an untied unembedding
-  stays in it because it is a real matmul, and a tied one is the embedding table itself.
+  stays in it because it is a real matmul, and a tied one is the embedding table itself. `mtp` is the
+  training-only multi-token-prediction modules (per depth: projection [2,D,D], one layer, 3 RMSNorms),
+  kept out of `total`: they are not exported and the model is the same size without them.
   """
   d, v, f, k = cfg.d_model, cfg.vocab_size, cfg.mlp_dim, cfg.resolved_head_dim
   h, g = cfg.num_heads, cfg.num_kv_heads
@@ -37,6 +39,7 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
       "attention_per_layer": attention,
       "mlp_per_layer": mlp,
       "feature_in": feature_in,
+      "mtp": cfg.mtp_depth * (2 * d * d + per_layer + 3 * d),
   }
 
 
@@ -59,10 +62,14 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   matrix, not halved for the causal mask, so MFU stays comparable with published numbers; it
   ignores rematerialisation, which spends hardware FLOPs but no model FLOPs. The feature projection
   (non-text inputs) runs at every position and costs 4 * E * D: forward and weight gradient, no input
-  gradient.
+  gradient. Each MTP depth adds its projection [2D, D], one layer (matmuls and attention) and another
+  pass through the output projection.
   """
+  c = param_counts(cfg)
   attention = 12 * cfg.num_layers * cfg.num_heads * cfg.resolved_head_dim * seq_len
-  return float(6 * matmul_params(cfg) + attention + 4 * cfg.feature_dim * cfg.d_model)
+  mtp_matmul = 2 * cfg.d_model * cfg.d_model + c["attention_per_layer"] + c["mlp_per_layer"] + cfg.d_model * cfg.vocab_size
+  mtp = cfg.mtp_depth * (6 * mtp_matmul + 12 * cfg.num_heads * cfg.resolved_head_dim * seq_len)
+  return float(6 * matmul_params(cfg) + attention + 4 * cfg.feature_dim * cfg.d_model + mtp)
 
 
 def xla_flops(compiled: Any) -> float | None:

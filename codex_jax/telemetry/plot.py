@@ -64,6 +64,11 @@ def plot_metrics(metrics_jsonl: str, out_png: str) -> str:
   axes[-1].set_xlabel("step")
   fig.suptitle(os.path.basename(os.path.dirname(os.path.abspath(metrics_jsonl))) or "metrics")
 
+  return save_png(fig, out_png)
+
+
+def save_png(fig, out_png: str) -> str:
+  """Writes `fig` to `out_png` atomically (a reader never sees half a file); returns the path."""
   directory = os.path.dirname(os.path.abspath(out_png))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".plot.", suffix=".png")

@@ -8,15 +8,18 @@ from typing import Any
 import jax
 from absl import logging
 
+from codex_jax.checkpoint import average
 from codex_jax.checkpoint.lineage import config_hash
 from codex_jax.checkpoint.manager import Checkpointer, roots, state_leaf_hashes
 from codex_jax.config.schema import Config
 from codex_jax.data.sample_ids import batch_samples
+from codex_jax.eval import report as eval_report
+from codex_jax.eval.suite import Suite
 from codex_jax.parallel.mesh import build_mesh
 from codex_jax.telemetry import flops, params_table, peak, plot
 from codex_jax.telemetry.progress import Progress
 from codex_jax.telemetry.writer import MetricsWriter
-from codex_jax.train import feed, guard
+from codex_jax.train import feed, guard, noise_scale
 from codex_jax.train.inputs import TrainInputs
 from codex_jax.train.ledger import SampleLedger
 from codex_jax.train.preemption import Preemption
@@ -54,6 +57,10 @@ def train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: b
     logging.info("Pipeline: %s schedule, %d stages x %d repeat(s), %d microbatches, %d ticks, bubble %.1f%%",
                  s.kind, s.stages, s.repeats, s.microbatches, s.ticks, 100 * s.bubble_fraction)
 
+  # 4b. Eval suite: held-out loss per source and domain, and the task files (checked now, scored at evals).
+  suite = Suite.create(cfg, inputs.plan, trainer, to_global, inputs.eval_iterator,
+                       limit=cfg.eval.task_examples) if evaluating else None
+
   # 5. Resume: (a) latest committed checkpoint, (b) its data record checked (process count, manifest
   #    hash, run phase), (c) state into its shardings, (d) the iterator position.
   checkpointer = Checkpointer(workdir, cfg.checkpoint)
@@ -90,6 +97,7 @@ def train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: b
                       tokens_per_step=tokens_per_step, model_flops=model_flops, xla_flops=xla_flops,
                       peak_flops=peak_flops, log_every=cfg.train.log_every,
                       ledger=SampleLedger(workdir, jax.process_index(), resume_step=start))
+  noise = noise_scale.Probe.create(cfg, trainer, mesh, reporter.writer.write, to_global)  # Off: a no-op.
 
   # 7. The step loop. Step i+1 is dispatched before step i's metrics are fetched. Eval comes before the
   #    save of the same step, so its score goes into the lineage record. On any error the checkpointer
@@ -98,19 +106,21 @@ def train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: b
   preemption = Preemption()
   try:
     for step in range(start, total_steps):
+      noise.maybe_measure(step, train_state.params, batch)  # Before the update donates the params.
       train_state, metrics = compiled(train_state, to_global(batch))
       if pending is not None:
         reporter.step(*pending)
         guard.check_consecutive(reporter.last, cfg.train.max_consecutive_bad, pending[0])
       done, pending = step + 1, (step + 1, metrics, data_metrics, batch_samples(batch))
       if evaluating and (done % cfg.eval.every == 0 or done == total_steps):
-        eval_loss = _evaluate(trainer.eval_step, train_state.params, inputs.eval_iterator(done), cfg.eval.batches,
-                              to_global)
-        reporter.eval(done, eval_loss)
+        scores = suite.evaluate(done, train_state.params, checkpointer, trainer.restore_target())
+        eval_loss = scores["heldout_loss"]
+        reporter.eval(done, eval_loss, scores)
         evaluated_at = done
       preempted = done < total_steps and preemption.stop_at(done)
-      if done % cfg.checkpoint.every == 0 or done == total_steps or preempted:
-        scores = {"heldout_loss": eval_loss if evaluated_at == done else None}
+      snapshot = average.is_snapshot(done, total_steps, cfg.eval.every, cfg.checkpoint)
+      if done % cfg.checkpoint.every == 0 or done == total_steps or preempted or snapshot:
+        scores = scores if evaluated_at == done else {"heldout_loss": None}
         checkpointer.save(done, train_state, inputs.batches.iterator, inputs.meta(),
                           {"manifest_hash": inputs.plan.manifest_hash, "config_hash": config_hash(config_dict),
                            "eval": scores})
@@ -142,18 +152,6 @@ def train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: b
   metrics_file = os.path.join(workdir, "metrics.jsonl")
   if is_main and os.path.exists(metrics_file):
     summary["plot"] = plot.plot_metrics(metrics_file, os.path.join(workdir, "loss.png"))
+    summary["eval_plot"] = eval_report.plot_scores(metrics_file, os.path.join(workdir, "eval.png"))
   return summary
 
-
-def _evaluate(eval_step, params, batches, num_batches: int, to_global) -> float:
-  """Mean next-token loss on the first `num_batches` held-out batches (the same ones every time)."""
-  ce_sum, tokens = 0.0, 0.0
-  try:
-    for i, batch in enumerate(batches):
-      if i >= num_batches:
-        break
-      out = jax.device_get(eval_step(params, to_global(batch)))
-      ce_sum, tokens = ce_sum + float(out["ce_sum"]), tokens + float(out["tokens"])
-  finally:
-    batches.close()
-  return ce_sum / tokens if tokens else float("nan")

@@ -60,8 +60,10 @@ class Reporter:
                    scalars["grad_norm"], scalars["learning_rate"], scalars["tokens_per_s"],
                    100 * scalars["mfu"])
 
-  def eval(self, step: int, loss: float) -> None:
-    self.writer.write(step, {"eval_loss": loss})
+  def eval(self, step: int, loss: float | None, scores: dict[str, float | None] | None = None) -> None:
+    loss = float("nan") if loss is None else loss
+    self.writer.write(step, {"eval_loss": loss,
+                             **{k: v for k, v in (scores or {}).items() if v is not None and k != "heldout_loss"}})
     logging.info("step %d eval_loss %.4f", step, loss)
 
   def summary_value(self, name: str) -> float | None:

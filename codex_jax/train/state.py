@@ -32,7 +32,8 @@ def dummy_tokens(batch: int, seq_len: int):
 
 def _boxed_init(model: Decoder, seed: int, seq_len: int):
   tokens = dummy_tokens(1, seq_len)
-  return model.init(jax.random.PRNGKey(seed), tokens, tokens + 1, tokens)["params"]
+  # train_outputs, not __call__: it also creates the training-only MTP params (when model.mtp_depth > 0).
+  return model.init(jax.random.PRNGKey(seed), tokens, tokens + 1, tokens, method=Decoder.train_outputs)["params"]
 
 
 def init_fn(model: Decoder, tx: optax.GradientTransformation, seed: int, seq_len: int, spike_window: int):

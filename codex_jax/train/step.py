@@ -10,7 +10,8 @@ import optax
 
 from codex_jax.config.schema import TrainConfig
 from codex_jax.model.transformer import Decoder
-from codex_jax.objectives.text import next_token_loss
+from codex_jax.objectives import mtp as mtp_objective
+from codex_jax.objectives import text
 from codex_jax.parallel.mesh import replicated
 from codex_jax.parallel.pipeline import LAYERS, Pipeline
 from codex_jax.parallel.rules import sharding_scope
@@ -31,20 +32,54 @@ def logits_fn(params, batch: dict, *, model: Decoder, pipeline: Pipeline | None 
   return model.apply({"params": params}, x_BLD, method=Decoder.head)
 
 
+def outputs_fn(params, batch: dict, *, model: Decoder, pipeline: Pipeline | None = None,
+               rng: jax.Array | None = None) -> tuple[jax.Array, list[jax.Array]]:
+  """(next-token logits [B, L, V], [logits of each MTP depth]); the list is empty when MTP is off."""
+  if not model.cfg.mtp_depth:
+    return logits_fn(params, batch, model=model, pipeline=pipeline, rng=rng), []
+  args = (batch["inputs"], batch["segment_ids"], batch["positions"])
+  if pipeline is None:
+    return model.apply({"params": params}, *args, batch.get("features"), batch.get("modality_ids"),
+                       rngs=None if rng is None else {"dropout": rng}, method=Decoder.train_outputs)
+  x_BLD = model.apply({"params": params}, batch["inputs"], batch.get("features"), batch.get("modality_ids"),
+                      method=Decoder.embed)
+  x_BLD = pipeline.stack(params[LAYERS], x_BLD, batch["segment_ids"], batch["positions"])
+  return (model.apply({"params": params}, x_BLD, method=Decoder.head),
+          model.apply({"params": params}, x_BLD, *args, method=Decoder.mtp_logits))
+
+
+def batch_sums(params, batch: dict, *, model: Decoder, rng: jax.Array | None = None,
+               pipeline: Pipeline | None = None) -> dict[str, jax.Array]:
+  """The loss sums of one batch (text.py; objectives/mtp.py when model.mtp_depth > 0)."""
+  logits_BLV, mtp_logits = outputs_fn(params, batch, model=model, pipeline=pipeline, rng=rng)
+  sums = text.next_token_sums(logits_BLV, batch["targets"], batch["loss_mask"])
+  return sums | mtp_objective.mtp_sums(mtp_logits, logits_BLV, batch)
+
+
 def loss_fn(params, batch: dict, *, model: Decoder, z_loss: float, rng: jax.Array | None = None,
-            pipeline: Pipeline | None = None):
-  """(loss, aux metrics) of `params` on one batch: the objective every step differentiates."""
-  logits_BLV = logits_fn(params, batch, model=model, pipeline=pipeline, rng=rng)
-  return next_token_loss(logits_BLV, batch["targets"], batch["loss_mask"], z_loss)
+            pipeline: Pipeline | None = None, mtp_weight: jax.Array | float = 0.0):
+  """(loss, aux metrics) of `params` on one batch: the objective every step differentiates.
+
+  With MTP the loss adds (mtp_weight / mtp_depth) * sum_k CE_k; the next-token part is unchanged.
+  """
+  sums = batch_sums(params, batch, model=model, rng=rng, pipeline=pipeline)
+  return mtp_objective.loss_from_sums(sums, z_loss, model.cfg.mtp_depth, mtp_weight)
 
 
 def value_and_grad(params, batch: dict, *, model: Decoder, z_loss: float, rng: jax.Array | None = None,
-                   pipeline: Pipeline | None = None):
+                   pipeline: Pipeline | None = None, mtp_weight: jax.Array | float = 0.0):
   """((loss, aux), grads): by autodiff, or interleaved by hand under the 1F1B-memory schedule."""
   if pipeline is not None and pipeline.schedule.kind == "1f1b":
-    return pipeline.value_and_grad(params, batch, z_loss)
-  objective = functools.partial(loss_fn, batch=batch, model=model, z_loss=z_loss, rng=rng, pipeline=pipeline)
+    return pipeline.value_and_grad(params, batch, z_loss, mtp_weight)
+  objective = functools.partial(loss_fn, batch=batch, model=model, z_loss=z_loss, rng=rng, pipeline=pipeline,
+                                mtp_weight=mtp_weight)
   return jax.value_and_grad(objective, has_aux=True)(params)
+
+
+def mtp_weight(train: TrainConfig, step: jax.Array) -> jax.Array:
+  """lambda at `step`: train.mtp_weight, then train.mtp_weight_final from the switch on."""
+  switch_step = round(train.mtp_weight_switch * train.steps)
+  return mtp_objective.weight_at(step, train.mtp_weight, train.mtp_weight_final, switch_step)
 
 
 def train_step(state: TrainState, batch: dict, *, model: Decoder, tx: optax.GradientTransformation,
@@ -57,7 +92,7 @@ def train_step(state: TrainState, batch: dict, *, model: Decoder, tx: optax.Grad
   """
   step_rng = jax.random.fold_in(state.rng, state.step)
   (loss, aux), grads = value_and_grad(state.params, batch, model=model, z_loss=train.z_loss, rng=step_rng,
-                                      pipeline=pipeline)
+                                      pipeline=pipeline, mtp_weight=mtp_weight(train, state.step))
   grad_norm = optax.tree.norm(grads)
   bad, threshold = guard_lib.is_bad(state.guard, loss, grad_norm, train)
   updates, candidate_opt_state = tx.update(grads, state.opt_state, state.params)
@@ -79,9 +114,10 @@ def train_step(state: TrainState, batch: dict, *, model: Decoder, tx: optax.Grad
 
 
 def eval_step(params, batch: dict, *, model: Decoder, z_loss: float, pipeline: Pipeline | None = None) -> dict:
-  """Held-out loss of `params` on one batch (sums, so batches combine exactly)."""
-  _, aux = loss_fn(params, batch, model=model, z_loss=z_loss, pipeline=pipeline)
-  return {"ce_sum": aux["ce_loss"] * aux["tokens"], "tokens": aux["tokens"]}
+  """Held-out loss of `params` on one batch (sums, so batches combine exactly): `ce_sum`, `tokens`, and
+  with MTP each depth's `mtp_ce_sum_k`, `mtp_tokens_k`, `mtp_accept_k` (objectives/mtp.py)."""
+  sums = batch_sums(params, batch, model=model, pipeline=pipeline)
+  return {k: v for k, v in sums.items() if k != "z_sum"}
 
 
 def jit_train_step(model, tx, schedule, train: TrainConfig, state_shardings, batch_sharding, mesh, rules,

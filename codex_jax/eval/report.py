@@ -1,0 +1,100 @@
+"""Score histories from metrics.jsonl, the stage-aware report, and the PNG of every eval metric over steps.
+
+The PNG has one row per task (and one for held-out loss): the continuous metric on the left (bits per
+byte), accuracy and probability on the right; the snapshot average (`avg/`) is drawn dashed beside the
+latest checkpoint.
+"""
+
+from __future__ import annotations
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from codex_jax.eval import selection
+from codex_jax.telemetry.plot import read_metrics, save_png, series
+
+PREFIXES = ("heldout/", "task/", "avg/")
+
+
+def history(records: list[dict]) -> dict[str, tuple[list[float], list[float]]]:
+  """key -> (steps, values) for every eval key in the records."""
+  keys = sorted({k for r in records for k in r if k.startswith(PREFIXES)})
+  return {k: series(records, k) for k in keys}
+
+
+def task_names(keys) -> list[str]:
+  return sorted({k.split("/")[1] for k in keys if k.startswith("task/")})
+
+
+def build_report(records: list[dict], scores: dict[str, float], step: int) -> dict:
+  """The report at `step`: every task's scores with its selection, the weighted summary, held-out per source."""
+  hist = history(records)
+  names = task_names(list(hist) + list(scores))
+  chosen = selection.select(hist, names)
+  tasks = {n: {**{k.rsplit("/", 1)[1]: v for k, v in scores.items() if k.startswith(f"task/{n}/")}, **chosen[n]}
+           for n in names}
+  out = {"step": step, "tasks": tasks, "summary": {**selection.summary(scores, chosen),
+                                                     **selection.summary(scores, chosen, "avg/")},
+         "informative": [n for n in names if chosen[n]["informative"]],
+         "heldout": {k: v for k, v in scores.items() if k.startswith(("heldout/", "avg/heldout/"))}}
+  return out
+
+
+def format_report(report: dict) -> str:
+  lines = [f"step {report['step']}", f"{'task':22s} {'acc':>6s} {'acc_norm':>8s} {'prob':>6s} {'bpb':>7s} "
+           f"{'snr':>6s} {'acc_snr':>7s} {'sat':>5s}  informative"]
+  fmt = lambda v, w, p: f"{v:{w}.{p}f}" if isinstance(v, (int, float)) else f"{'-':>{w}s}"  # noqa: E731
+  for name, t in report["tasks"].items():
+    lines.append(f"{name:22s} {fmt(t.get('acc'), 6, 3)} {fmt(t.get('acc_norm'), 8, 3)} {fmt(t.get('prob'), 6, 3)} "
+                 f"{fmt(t.get('bpb'), 7, 3)} {fmt(t.get('snr'), 6, 2)} {fmt(t.get('acc_snr'), 7, 2)} "
+                 f"{fmt(t.get('saturation'), 5, 2)}  "
+                 f"{'yes' if t['informative'] else 'no'} (weight {t['weight']:.2f})")
+  for k, v in report["summary"].items():
+    lines.append(f"{k}: {v:.4f}")
+  for k in ("heldout/loss", "heldout/bpb", "avg/heldout/loss", "avg/heldout/bpb"):
+    if report["heldout"].get(k) is not None:
+      lines.append(f"{k}: {report['heldout'][k]:.4f}")
+  return "\n".join(lines)
+
+
+def _draw(ax, hist, keys: list[str], title: str) -> None:
+  drawn = False
+  for key in keys:
+    color = None
+    for name, style in ((key, "-"), (f"avg/{key}", "--")):  # The average in its checkpoint's colour, dashed.
+      steps, values = hist.get(name, ([], []))
+      if steps:
+        label = key.rsplit("/", 1)[1] if key.startswith("task/") else key.replace("heldout/", "")
+        line, = ax.plot(steps, values, style, color=color, marker="o", markersize=3,
+                        label=label if style == "-" else f"{label} (avg)")
+        color, drawn = line.get_color(), True
+  if drawn:
+    ax.legend(loc="best", fontsize="x-small")
+  else:
+    ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="gray")
+  ax.set_title(title, fontsize="small")
+  ax.grid(alpha=0.3)
+
+
+def plot_scores(metrics_jsonl: str, out_png: str) -> str | None:
+  """Every eval metric over steps (see the module docstring); None when the run has no eval rows."""
+  hist = history(read_metrics(metrics_jsonl))
+  if not hist:
+    return None
+  names = task_names(hist)
+  domains = sorted({k.split("/")[2] for k in hist if k.startswith("heldout/domain/") and k.endswith("/bpb")})
+  rows = 1 + len(names)
+  fig = Figure(figsize=(10, 2.4 * rows), dpi=90, layout="constrained")
+  FigureCanvasAgg(fig)
+  axes = fig.subplots(rows, 2, squeeze=False)
+  _draw(axes[0, 0], hist, ["heldout/loss", "heldout/bpb"], "held-out loss and bits per byte")
+  _draw(axes[0, 1], hist, [f"heldout/domain/{d}/bpb" for d in domains],
+        "held-out bits per byte per domain (per source: metrics.jsonl)")
+  for row, name in enumerate(names, start=1):
+    _draw(axes[row, 0], hist, [f"task/{name}/bpb"], f"{name}: bits per byte of the gold continuation")
+    mc = f"task/{name}/acc_norm" in hist  # A cloze task's prob is of a whole line: not on this scale.
+    _draw(axes[row, 1], hist, [f"task/{name}/{m}" for m in (("acc", "acc_norm", "prob") if mc else ("acc",))],
+          f"{name}: accuracy" + (" and p(gold)" if mc else " (greedy exact match)"))
+  for ax in axes[-1]:
+    ax.set_xlabel("step")
+  return save_png(fig, out_png)

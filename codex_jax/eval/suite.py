@@ -1,0 +1,162 @@
+"""Everything evaluated for one set of parameters: held-out loss per source and domain, and the tasks.
+
+Built once per run (tasks loaded and checked, the scoring step jitted with the run's shardings); in the
+training loop `evaluate` returns one flat score vector per eval step, with the average of the snapshot
+window under `avg/` when one is ready. `codex eval` builds the same suite on one device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import platform
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from codex_jax.cache import cache_dir
+from codex_jax.checkpoint import average
+from codex_jax.config.schema import Config
+from codex_jax.data.encode import Encoder
+from codex_jax.data.pipeline import encode_spec
+from codex_jax.eval import builtin, heldout, score
+from codex_jax.eval.tasks import Task, TaskError, load_tasks
+from codex_jax.parallel.mesh import replicated
+from codex_jax.parallel.rules import logical_axis_rules, sharding_scope
+from codex_jax.train import step as step_lib
+
+
+def builtin_folder() -> str:
+  """Where the built-in task files live (per Python version: code and facts come from its stdlib)."""
+  py = "".join(platform.python_version_tuple()[:2])
+  return os.path.join(cache_dir(), f"eval-tasks-v{builtin.VERSION}-py{py}")
+
+
+def task_folders(spec: str, images: bool) -> list[str]:
+  """eval.tasks -> folders: "builtin" (written on first use) and user folders, comma-separated."""
+  folders = []
+  for part in (p.strip() for p in spec.split(",") if p.strip()):
+    if part == "builtin":
+      folders.append(builtin.write_builtin(builtin_folder(), images=images))
+    elif not os.path.isdir(part):
+      raise TaskError(f"config.eval.tasks: {part!r} is neither 'builtin' nor a folder of *.jsonl task files")
+    else:
+      folders.append(part)
+  return folders
+
+
+def make_runner(cfg: Config, trainer, to_global) -> Callable[[Any, dict], dict[str, np.ndarray]]:
+  """(params, host batch) -> score.token_scores as numpy: one jit with the trainer's shardings."""
+  mesh = trainer.data_sharding.mesh
+  rules = logical_axis_rules(cfg.mesh.fsdp, cfg.mesh.sequence_parallel)
+
+  def scores(params, batch):
+    with sharding_scope(mesh, rules):
+      logits = step_lib.logits_fn(params, batch, model=trainer.model, pipeline=trainer.pipeline)
+      return score.token_scores(logits, batch["targets"])
+
+  jitted = jax.jit(scores, in_shardings=(trainer.shardings.params, trainer.data_sharding),
+                   out_shardings=replicated(mesh))
+  return lambda params, batch: jax.device_get(jitted(params, to_global(batch)))
+
+
+def _local_rows(batch: dict) -> dict:
+  """This process's rows of a batch every process built whole (task batches)."""
+  n, i = jax.process_count(), jax.process_index()
+  rows = len(batch["inputs"]) // n
+  return {k: v[i * rows:(i + 1) * rows] for k, v in batch.items()}
+
+
+@dataclasses.dataclass
+class Suite:
+  cfg: Config
+  run: Callable[[Any, dict], dict]     # make_runner's function.
+  tasks: list[Task]
+  encode: Callable[[str], list[int]]
+  media_fn: Callable[[np.ndarray], np.ndarray]
+  byte_table: np.ndarray
+  names: dict[int, str]                # source id -> name
+  domains: dict[int, str]              # source id -> kind
+  eval_batches: Callable[[int], Any] | None  # step -> held-out batch iterator
+  extra_step: Callable[[Any, dict], dict] | None = None  # The trainer's eval_step (its extra sums pass through).
+  prepared: list | None = None         # score.prepare: the tasks' requests, tokenized and checked once.
+
+  @classmethod
+  def create(cls, cfg: Config, plan, trainer, to_global, eval_batches, *, limit: int | None) -> Suite:
+    images = cfg.model.feature_dim > 0
+    tasks = load_tasks(task_folders(cfg.eval.tasks, images), limit)
+    encoder = Encoder(plan.tokenizer, encode_spec(cfg.data, cfg.model.feature_dim), 0, {})
+    media_fn = lambda image: encoder.spans({"image": image})[0][1]  # noqa: E731
+    extra = trainer.eval_step
+    encode = lambda text: plan.tokenizer.encode(text).ids  # noqa: E731
+    prepared = score.prepare(tasks, encode, cfg.data.seq_len, media_fn)  # Fails before training, naming the file.
+    return cls(cfg, make_runner(cfg, trainer, to_global), tasks, encode, media_fn,
+               heldout.token_bytes(plan.tokenizer, cfg.model.vocab_size),
+               {s.source_id: s.source.name for s in plan.sources}, {s.source_id: s.source.kind for s in plan.sources},
+               eval_batches, lambda params, batch: extra(params, to_global(batch)), prepared)
+
+  def scores(self, params, step: int) -> dict[str, float]:
+    """The flat score vector of `params`: heldout/... and task/<name>/<metric>."""
+    out: dict[str, float] = {}
+    if self.eval_batches is not None:
+      run = functools.partial(self.run, params)
+      extra = None if self.extra_step is None else functools.partial(self.extra_step, params)
+      out.update(heldout.heldout_scores(self.eval_batches(step), run, num_batches=self.cfg.eval.batches,
+                                        byte_table=self.byte_table, names=self.names, domains=self.domains,
+                                        extra_step=extra))
+    rows, seq_len = self.cfg.train.global_batch, self.cfg.data.seq_len
+    out.update(score.score_tasks(self.tasks, self.encode, lambda b: self.run(params, _local_rows(b)), rows=rows,
+                                 seq_len=seq_len, feature_dim=self.cfg.model.feature_dim, media_fn=self.media_fn,
+                                 prepared=self.prepared))
+    return out
+
+  def evaluate(self, step: int, params, checkpointer=None, restore_target=None) -> dict[str, float]:
+    """Scores of `params` at `step`; with a checkpointer, also the snapshot average ending here (`avg/...`)."""
+    out = self.scores(params, step)
+    if checkpointer is not None and average.enabled(self.cfg.checkpoint):
+      averaged = self.average_params(step, params, checkpointer, restore_target)
+      if averaged is not None:
+        out.update({f"avg/{k}": v for k, v in self.scores(averaged, step).items()})
+    out = {k: (float(v) if np.isfinite(v) else None) for k, v in out.items()}  # JSON and lineage records: null.
+    return {"heldout_loss": out.get("heldout/loss"), **out}
+
+  def average_params(self, step: int, params, checkpointer, restore_target):
+    """The weighted mean of the snapshots before `step` (restored from disk) and `params`; None if not all saved."""
+    steps = average.window(step, self.cfg.checkpoint)
+    if not steps:
+      return None
+    checkpointer.manager.wait_until_finished()
+    missing = [s for s in steps[:-1] if s not in checkpointer.all_steps()]
+    if missing:
+      logging.info("Step %d: no snapshot average (snapshots %s are not on disk)", step, missing)
+      return None
+    trees = [checkpointer.restore(s, restore_target, meta=checkpointer.read_meta(s), resume=False).params
+             for s in steps[:-1]]
+    w = tuple(average.weights(len(steps), self.cfg.checkpoint.ema_decay))
+    return jax.jit(average.average_trees, static_argnums=1)([*trees, params], w)
+
+
+def offline(loaded, workdir: str, *, limit: int | None, tasks: str | None = None) -> Suite:
+  """The suite for a loaded checkpoint (checkpoint/load.py) on one device: `codex eval`, `codex average`."""
+  from jax.sharding import AxisType, Mesh
+
+  from codex_jax.parallel.rules import MESH_AXES
+  from codex_jax.train import feed
+  from codex_jax.train.inputs import TrainInputs
+  from codex_jax.train.setup import build_trainer
+
+  cfg = loaded.cfg
+  data = cfg.data if cfg.data.tokenizer_path else dataclasses.replace(
+      cfg.data, tokenizer_path=os.path.join(workdir, "tokenizer.json"))  # The run's own, pinned at its start.
+  cfg = dataclasses.replace(cfg, data=data, eval=dataclasses.replace(cfg.eval, tasks=cfg.eval.tasks if tasks is None
+                                                                       else tasks))
+  mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+  trainer = build_trainer(cfg, mesh)
+  inputs = TrainInputs.create(cfg, workdir, is_main=False)
+  eval_batches = inputs.eval_iterator if cfg.data.eval_fraction > 0 and cfg.eval.batches > 0 else None
+  return Suite.create(cfg, inputs.plan, trainer, lambda b: feed.to_global(b, trainer.data_sharding), eval_batches,
+                      limit=limit)

@@ -1,0 +1,125 @@
+"""The gradient noise scale B_simple = tr(Sigma) / |G|^2, estimated online from micro-batch gradients.
+
+McCandlish et al. 2018 ("An Empirical Model of Large-Batch Training"), appendix A: for gradients averaged
+over batches of B_small and B_big examples, E|G_B|^2 = |G|^2 + tr(Sigma) / B, so
+
+  |G|^2     ~ (B_big |G_big|^2 - B_small |G_small|^2) / (B_big - B_small)
+  tr(Sigma) ~ (|G_small|^2 - |G_big|^2) / (1 / B_small - 1 / B_big)
+
+are unbiased; each is smoothed by an exponential moving average before the ratio is taken (the ratio of
+unbiased estimates is not unbiased, and one step's estimate of |G|^2 can even be negative). Here the
+global batch of B rows is split into k micro-batches: B_small = B / k (|G_small|^2 is the mean of the k
+micro-batch gradients' squared norms, so all of them count) and B_big = B (the mean of the k gradients).
+The example is one sequence (row): B_simple is in sequences; times seq_len, in tokens. Each row's loss is
+the mean over its targets, so micro-batch gradients average to the global one when rows hold equal
+counts of targets (packed rows do, up to their last document). The gradient is that of the next-token
+objective (with z-loss); multi-token-prediction terms are left out.
+
+The probe is jitted apart from train_step, so a run with train.noise_scale_every = 0 compiles nothing
+more; when on, every noise_scale_every steps it differentiates the step's batch again, k times.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from absl import logging
+
+from codex_jax.config.schema import Config
+from codex_jax.parallel.mesh import replicated
+from codex_jax.parallel.rules import logical_axis_rules, sharding_scope
+from codex_jax.train import step as step_lib
+
+
+def unbiased(small_sq, big_sq, b_small: float, b_big: float):
+  """(|G|^2, tr(Sigma)) estimates from squared gradient norms at batch sizes b_small < b_big."""
+  g2 = (b_big * big_sq - b_small * small_sq) / (b_big - b_small)
+  trace = (small_sq - big_sq) / (1 / b_small - 1 / b_big)
+  return g2, trace
+
+
+def micro_grad_norms(grad_fn: Callable, params, batch: dict, k: int) -> dict:
+  """Mean squared norm of the k micro-batch gradients (rows split in k) and squared norm of their mean."""
+  rows = jax.tree.leaves(batch)[0].shape[0]
+  micro = jax.tree.map(lambda x: x.reshape(k, rows // k, *x.shape[1:]), batch)
+
+  def body(carry, mb):
+    total, sq = carry
+    g = grad_fn(params, mb)
+    return (jax.tree.map(jnp.add, total, g), sq + optax.tree.norm(g, squared=True)), None
+
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  (total, sq), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), micro)
+  mean = jax.tree.map(lambda t: t / k, total)
+  return {"small_sq": sq / k, "big_sq": optax.tree.norm(mean, squared=True)}
+
+
+class Ema:
+  """Moving averages of |G|^2 and tr(Sigma), started at their first values (no zero-start bias)."""
+
+  def __init__(self, decay: float):
+    self.decay, self.g2, self.trace = decay, None, None
+
+  def update(self, g2: float, trace: float) -> float:
+    """Folds in one pair of estimates; returns B_simple of the averages (inf while |G|^2 <= 0)."""
+    if self.g2 is None:
+      self.g2, self.trace = g2, trace
+    else:
+      self.g2 = self.decay * self.g2 + (1 - self.decay) * g2
+      self.trace = self.decay * self.trace + (1 - self.decay) * trace
+    return self.trace / self.g2 if self.g2 > 0 else float("inf")
+
+
+@dataclasses.dataclass
+class Probe:
+  """Measures and logs noise_scale/* every `every` steps; a no-op when every is 0."""
+
+  every: int
+  k: int = 1
+  rows: int = 1
+  seq_len: int = 1
+  norms: Callable | None = None  # jitted (params, batch) -> {small_sq, big_sq}.
+  ema: Ema | None = None
+  write: Callable | None = None  # (step, scalars) -> None.
+  to_global: Callable | None = None  # host batch -> the batch on the mesh.
+  last: dict | None = None
+
+  @classmethod
+  def create(cls, cfg: Config, trainer, mesh, write: Callable, to_global: Callable) -> Probe:
+    t = cfg.train
+    if t.noise_scale_every == 0:
+      return cls(0)
+    rules = logical_axis_rules(cfg.mesh.fsdp, cfg.mesh.sequence_parallel)
+
+    def grad_fn(params, mb):
+      return step_lib.value_and_grad(params, mb, model=trainer.model, z_loss=t.z_loss, pipeline=trainer.pipeline)[1]
+
+    def norms(params, batch):
+      with sharding_scope(mesh, rules):
+        return micro_grad_norms(grad_fn, params, batch, t.noise_scale_microbatches)
+
+    jitted = jax.jit(norms, in_shardings=(trainer.shardings.params, trainer.data_sharding),
+                     out_shardings=replicated(mesh))
+    return cls(t.noise_scale_every, t.noise_scale_microbatches, t.global_batch, cfg.data.seq_len, jitted,
+               Ema(t.noise_scale_ema), write, to_global)
+
+  def maybe_measure(self, step: int, params, batch: dict) -> None:
+    """At every `every`-th step (0-based, before its update), logs the estimates at `params` on host `batch`."""
+    if not self.every or step % self.every:
+      return
+    out = jax.device_get(self.norms(params, self.to_global(batch)))
+    small, big = float(out["small_sq"]), float(out["big_sq"])
+    g2, trace = unbiased(small, big, self.rows / self.k, self.rows)
+    b_simple = self.ema.update(g2, trace)
+    self.last = {"noise_scale/b_simple": b_simple, "noise_scale/b_simple_tokens": b_simple * self.seq_len,
+                 "noise_scale/g2": g2, "noise_scale/trace_sigma": trace, "noise_scale/g_small_sq": small,
+                 "noise_scale/g_big_sq": big}
+    logging.info("step %d noise scale B_simple %.4g sequences (%.4g tokens): |G|^2 %.4g, tr(Sigma) %.4g",
+                 step + 1, b_simple, b_simple * self.seq_len, g2, trace)
+    self.write(step + 1, self.last)  # Logged under the update it precedes, as the step's own metrics are.
+
+
