@@ -1,0 +1,215 @@
+"""Loss-weight auto-tuner: dual ascent keeps each objective's share of the trunk gradient norm in bounds.
+
+N is the number of objectives, named in `BalanceConfig.objectives`; every [N] array follows that order.
+
+What is balanced. Objective i has an unweighted loss L_i and a trunk gradient g_i = d L_i / d trunk, measured
+(`trunk_grad_norms`) every `measure_every` steps and smoothed into n_i, an EMA of |g_i|. Its share of the
+weighted trunk gradient is
+
+  s_i(w) = w_i n_i / sum_{j present} w_j n_j                 (0 for an objective absent from the batch).
+
+The problem. The model trains on sum_i w_i L_i; the tuner picks the weights, as near the configured w0 as the
+share bounds allow. In log-weights u = log w:
+
+  minimise_u  1/2 |u - u0|^2   subject to   log low_i <= log s_i(u) <= log high_i.
+
+Its Lagrangian, with multipliers lam_low, lam_high >= 0 for the lower and upper bounds:
+
+  Lag(u, lam) = 1/2 |u - u0|^2 + sum_i lam_low_i (log low_i - log s_i) + sum_i lam_high_i (log s_i - log high_i).
+
+Primal step (best response to lam). log s_i = u_i + log n_i - log Z with Z = sum_j w_j n_j; holding Z at its
+measured value, dLag/du_i = 0 gives u_i = u0_i + lam_low_i - lam_high_i. Shares do not change when every
+weight is scaled alike, so that free scale is spent keeping the present weights' sum where it was:
+
+  w_i = c * w0_i * exp(lam_low_i - lam_high_i),   c such that sum_{present} w_i is unchanged.
+
+Dual step (projected gradient ascent on the dual; dLag/dlam is the constraint violation):
+
+  lam_low_i  <- clip(lam_low_i  + eta * (log low_i  - log s_i), 0, max_multiplier)
+  lam_high_i <- clip(lam_high_i + eta * (log s_i - log high_i), 0, max_multiplier)
+
+A multiplier grows while its bound is broken and decays back to 0 once it holds with room to spare, so the
+tuner is idle when the configured weights already satisfy the bounds. The dual aims at bounds tightened by
+`slack`: approached from outside, a share converges onto its target, and the slack keeps it strictly inside
+the configured bound despite noise in the measured norms. The clip keeps exp() finite when bounds cannot hold
+(an objective with zero gradient, or present objectives whose highs sum below 1).
+
+An absent objective (present False, or a non-finite norm) keeps its weight, multipliers and EMA, and is left
+out of every share; `weighted_loss` drops its loss. mode "fixed" keeps w0 and still reports shares.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from codex_jax.config.errors import ConfigError
+
+OBJECTIVES = ("text", "vision", "align", "world", "action")
+MODES = ("fixed", "lagrangian")
+_TINY = 1e-12  # Floor for shares and norms inside log(); a zero share reads as a very broken low bound.
+
+
+@dataclasses.dataclass(frozen=True)
+class BalanceConfig:
+  """One phase's loss weights and, in lagrangian mode, the share bounds the tuner enforces."""
+
+  objectives: tuple[str, ...] = OBJECTIVES
+  mode: str = "lagrangian"  # fixed: w0 throughout | lagrangian: tuned by dual ascent within the bounds.
+  weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0)  # w0, per objective (>= 0; 0 switches one off).
+  low: tuple[float, ...] = (0.05, 0.05, 0.05, 0.05, 0.05)  # Least share of the trunk gradient norm.
+  high: tuple[float, ...] = (0.6, 0.6, 0.6, 0.6, 0.6)  # Most share of the trunk gradient norm.
+  dual_lr: float = 0.5  # eta: multiplier step per measurement, in log-share units.
+  ema_decay: float = 0.9  # Of the measured trunk gradient norms; per measurement, not per step.
+  measure_every: int = 100  # k: steps between measurements (each costs one backward pass per objective).
+  slack: float = 0.01  # The dual aims at [low + slack, high - slack] so shares settle inside [low, high].
+  max_multiplier: float = 20.0  # Box on the multipliers: weight ratios stay within exp(+-2 * this).
+
+  def __post_init__(self):
+    problems = self.problems()
+    if problems:
+      raise ConfigError(problems)
+
+  def problems(self) -> list[str]:
+    n, out = len(self.objectives), []
+    if len(set(self.objectives)) != n or not n:
+      out.append(f"balance.objectives={self.objectives!r} must be non-empty with distinct names")
+    if self.mode not in MODES:
+      out.append(f"balance.mode={self.mode!r} must be one of {MODES}")
+    for field in ("weights", "low", "high"):
+      if len(getattr(self, field)) != n:
+        out.append(f"balance.{field} has {len(getattr(self, field))} entries for {n} objectives")
+    if out:
+      return out
+    if any(w < 0 for w in self.weights) or not sum(self.weights) > 0:
+      out.append(f"balance.weights={self.weights} must be >= 0 with a positive sum")
+    for i, (lo, hi) in enumerate(zip(self.low, self.high, strict=True)):
+      if not 0 <= lo + self.slack <= hi - self.slack <= 1:
+        out.append(f"balance.low[{i}]={lo} / balance.high[{i}]={hi} ({self.objectives[i]}) need "
+                   f"0 <= low + slack <= high - slack <= 1 (slack {self.slack})")
+      if self.mode == "lagrangian" and self.weights[i] == 0 and lo > 0:
+        out.append(f"balance.low[{i}]={lo} must be 0: weight 0 switches {self.objectives[i]} off")
+    if sum(self.low) > 1:
+      out.append(f"balance.low sums to {sum(self.low)} > 1: no shares can meet every lower bound")
+    if sum(self.high) < 1:
+      out.append(f"balance.high sums to {sum(self.high)} < 1: no shares can meet every upper bound")
+    if not self.dual_lr > 0:
+      out.append(f"balance.dual_lr={self.dual_lr} must be > 0")
+    if not 0 <= self.ema_decay < 1:
+      out.append(f"balance.ema_decay={self.ema_decay} must be in [0, 1)")
+    if self.measure_every < 1:
+      out.append(f"balance.measure_every={self.measure_every} must be >= 1")
+    if self.slack < 0:
+      out.append(f"balance.slack={self.slack} must be >= 0")
+    if not self.max_multiplier > 0:
+      out.append(f"balance.max_multiplier={self.max_multiplier} must be > 0")
+    return out
+
+
+@flax.struct.dataclass
+class BalanceState:
+  """The tuner's state, a pytree of [N] arrays: lives in the TrainState, so Orbax saves it with the model."""
+
+  weights_N: jax.Array      # float32: w, the weights the loss uses now.
+  lam_low_N: jax.Array      # float32 >= 0: multipliers of the lower share bounds.
+  lam_high_N: jax.Array     # float32 >= 0: multipliers of the upper share bounds.
+  norm_ema_N: jax.Array     # float32: n, EMA of each objective's unweighted trunk gradient norm.
+  measured_N: jax.Array     # int32: measurements each objective was present for (0: EMA not started).
+  objectives: tuple[str, ...] = flax.struct.field(pytree_node=False)  # Names, in the order of every [N].
+
+
+def init_state(cfg: BalanceConfig) -> BalanceState:
+  n = len(cfg.objectives)
+  zeros = jnp.zeros((n,), jnp.float32)
+  return BalanceState(weights_N=jnp.asarray(cfg.weights, jnp.float32), lam_low_N=zeros, lam_high_N=zeros,
+                      norm_ema_N=zeros, measured_N=jnp.zeros((n,), jnp.int32), objectives=cfg.objectives)
+
+
+def is_measure_step(step: jax.Array, cfg: BalanceConfig) -> jax.Array:
+  """Whether this step measures trunk gradient norms and updates the tuner (a traced bool, for lax.cond)."""
+  return step % cfg.measure_every == 0
+
+
+def shares(weights_N: jax.Array, norms_N: jax.Array, present_N: jax.Array) -> jax.Array:
+  """s_i = w_i n_i / sum over present j of w_j n_j; 0 for absent objectives (and all 0 if nothing pulls)."""
+  pull_N = jnp.where(present_N, weights_N * norms_N, 0.0)
+  total = jnp.sum(pull_N)
+  return jnp.where(total > 0, pull_N / jnp.where(total > 0, total, 1.0), 0.0)
+
+
+def weighted_loss(losses: Mapping[str, jax.Array], present_N: jax.Array, state: BalanceState) -> jax.Array:
+  """sum over present i of w_i L_i. Absent losses are selected away (a NaN there never leaks into the value);
+  their gradient is zeroed too provided the loss itself is finite (e.g. a masked mean with denominator >= 1)."""
+  total = jnp.zeros((), jnp.float32)
+  for i, name in enumerate(state.objectives):
+    if name in losses:
+      weight = jax.lax.stop_gradient(state.weights_N[i])
+      total = total + jnp.where(present_N[i], weight * losses[name], 0.0)
+  return total
+
+
+def trunk_grad_norms(losses_fn: Callable[[Any], Mapping[str, jax.Array]], params: Any,
+                     trunk_of: Callable[[Any], Any], objectives: tuple[str, ...]) -> jax.Array:
+  """[N] |d L_i / d trunk|: one forward pass and one backward pass per objective, so run it only on
+  `is_measure_step` steps (every k). `losses_fn(params)` returns the unweighted losses by name; `trunk_of`
+  picks the shared parameter subtree from a params-shaped tree (the heads' gradients, never read, are pruned
+  under jit). A name missing from the losses gets norm 0: mark it absent."""
+  losses, vjp_fn = jax.vjp(losses_fn, params)
+  norms = []
+  for name in objectives:
+    if name not in losses:
+      norms.append(jnp.zeros((), jnp.float32))
+      continue
+    one_hot = {k: jnp.ones_like(v) if k == name else jnp.zeros_like(v) for k, v in losses.items()}
+    (grads,) = vjp_fn(one_hot)
+    leaves = jax.tree.leaves(trunk_of(grads))
+    norms.append(jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in leaves)))
+  return jnp.stack(norms)
+
+
+def _weights_from_multipliers(state: BalanceState, lam_low_N, lam_high_N, present_N, cfg: BalanceConfig):
+  """w_i = c w0_i exp(lam_low_i - lam_high_i) for present i, c keeping their sum; absent weights unchanged."""
+  raw_N = jnp.asarray(cfg.weights, jnp.float32) * jnp.exp(lam_low_N - lam_high_N)
+  old_sum = jnp.sum(jnp.where(present_N, state.weights_N, 0.0))
+  raw_sum = jnp.sum(jnp.where(present_N, raw_N, 0.0))
+  scaled_N = raw_N * old_sum / jnp.where(raw_sum > 0, raw_sum, 1.0)
+  return jnp.where(present_N, scaled_N, state.weights_N)
+
+
+def update(state: BalanceState, grad_norms_N: jax.Array, present_N: jax.Array,
+           cfg: BalanceConfig) -> tuple[BalanceState, dict[str, jax.Array]]:
+  """One measurement: EMA the norms, take the shares at the current weights, then (lagrangian mode) one dual
+  step and the primal weights it implies. Pure and jittable, with `cfg` static. The metrics report the shares
+  the weights in use produced, and the weights and multipliers after the step."""
+  present_N = present_N & jnp.isfinite(grad_norms_N)
+  norms_N = jnp.where(present_N, grad_norms_N, 0.0).astype(jnp.float32)
+  smoothed_N = cfg.ema_decay * state.norm_ema_N + (1 - cfg.ema_decay) * norms_N
+  ema_N = jnp.where(present_N, jnp.where(state.measured_N > 0, smoothed_N, norms_N), state.norm_ema_N)
+  share_N = shares(state.weights_N, ema_N, present_N)
+  new = state.replace(norm_ema_N=ema_N, measured_N=state.measured_N + present_N.astype(jnp.int32))
+  if cfg.mode == "lagrangian":
+    log_share_N = jnp.log(jnp.maximum(share_N, _TINY))
+    low_N = jnp.log(jnp.maximum(jnp.asarray(cfg.low) + cfg.slack, _TINY))
+    high_N = jnp.log(jnp.asarray(cfg.high) - cfg.slack)
+    step = lambda lam_N, violation_N: jnp.where(
+        present_N, jnp.clip(lam_N + cfg.dual_lr * violation_N, 0.0, cfg.max_multiplier), lam_N)
+    lam_low_N = step(state.lam_low_N, low_N - log_share_N)
+    lam_high_N = step(state.lam_high_N, log_share_N - high_N)
+    new = new.replace(lam_low_N=lam_low_N, lam_high_N=lam_high_N,
+                      weights_N=_weights_from_multipliers(state, lam_low_N, lam_high_N, present_N, cfg))
+  return new, metrics(new, share_N, cfg)
+
+
+def metrics(state: BalanceState, share_N: jax.Array, cfg: BalanceConfig) -> dict[str, jax.Array]:
+  """Scalars per objective, for the metrics log."""
+  out = {}
+  for i, name in enumerate(cfg.objectives):
+    out |= {f"balance_weight_{name}": state.weights_N[i], f"balance_share_{name}": share_N[i],
+            f"balance_lam_low_{name}": state.lam_low_N[i], f"balance_lam_high_{name}": state.lam_high_N[i],
+            f"balance_trunk_grad_norm_{name}": state.norm_ema_N[i]}
+  return out
