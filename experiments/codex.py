@@ -141,6 +141,7 @@ def base_config() -> ml_collections.ConfigDict:
   # (`avg/...` metrics) and `codex average` writes it. 0: off.
   config.checkpoint.average_count = 4
   config.checkpoint.average_every = 10
+  config.checkpoint.average_every_seconds = 0.0  # Or space snapshots by wall-clock (then average_every = 0).
   config.checkpoint.ema_decay = 0.0      # 0: plain mean; e.g. 0.7: snapshot i (0 = newest) weighs 0.7**i.
 
   config.eval = ml_collections.ConfigDict()

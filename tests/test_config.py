@@ -48,6 +48,11 @@ def test_averaging_and_task_keys_are_checked(key, value, rule):
   assert f"config.{key}={value!r}: {rule}" in _problems(**{key: value})
 
 
+def test_snapshots_spaced_by_steps_and_seconds_at_once_are_refused():
+  message = _problems(**{"checkpoint.average_every": 10, "checkpoint.average_every_seconds": 60.0})
+  assert "config.checkpoint.average_every_seconds=60.0: snapshots are spaced by steps or by seconds" in message
+
+
 def test_heads_must_divide_model_width():
   message = _problems(**{"model.num_heads": 3})
   assert "config.model.num_heads=3: must divide model.d_model=128" in message

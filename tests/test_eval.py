@@ -123,6 +123,23 @@ def test_snapshots_end_at_every_eval_step_and_retention_keeps_them():
   assert average.weights(3, 0.5) == [0.25, 0.5, 1.0]
 
 
+def test_snapshots_spaced_by_wall_clock_and_the_window_takes_the_newest_saved():
+  cfg = CheckpointConfig(average_count=3, average_every_seconds=60.0)
+  now = [0.0]
+  clock = average.SnapshotClock(cfg, now=lambda: now[0])
+  due = []
+  for step in range(1, 11):
+    now[0] += 25.0  # 25 s a step: a snapshot every third step (75 s >= 60 s since the last save).
+    if clock.due():
+      due.append(step)
+      clock.saved()
+  assert due == [3, 6, 9]
+  assert not any(average.is_snapshot(s, 10, 5, cfg) for s in range(1, 11))  # Not by steps.
+  assert average.window(10, cfg, [3, 6, 9]) == [6, 9, 10]
+  assert average.window(7, cfg, [3, 6, 9]) == [3, 6, 7] and average.window(5, cfg, [3]) == []
+  assert average.enabled(cfg) and not average.SnapshotClock(CheckpointConfig(), now=lambda: 1e9).due()
+
+
 # --- a real run: in-loop suite, snapshot average, lineage ------------------------------------------
 
 STEPS = {**RUN_OVERRIDES, "train.steps": 12, "checkpoint.every": 12, "eval.every": 6, "eval.batches": 1,

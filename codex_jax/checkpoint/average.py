@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from typing import Any
 
 import jax
@@ -28,12 +29,27 @@ AVERAGED_DIR = "averaged"
 
 
 def enabled(cfg: CheckpointConfig) -> bool:
-  return cfg.average_every > 0 and cfg.average_count > 1
+  return (cfg.average_every > 0 or cfg.average_every_seconds > 0) and cfg.average_count > 1
+
+
+class SnapshotClock:
+  """Wall-clock spacing (checkpoint.average_every_seconds): a snapshot is due once that many seconds have
+  passed since the last save of any kind. `now` is injectable for tests."""
+
+  def __init__(self, cfg: CheckpointConfig, now=time.monotonic):
+    self.seconds, self.now = cfg.average_every_seconds, now
+    self.last = now()
+
+  def due(self) -> bool:
+    return self.seconds > 0 and self.now() - self.last >= self.seconds
+
+  def saved(self) -> None:
+    self.last = self.now()
 
 
 def is_snapshot(step: int, total_steps: int, eval_every: int, cfg: CheckpointConfig) -> bool:
   """Whether `step` is one of the `average_count` snapshots, `average_every` apart, ending at an eval step."""
-  if not enabled(cfg):
+  if not enabled(cfg) or not cfg.average_every:
     return False
   k, window = cfg.average_every, (cfg.average_count - 1) * cfg.average_every
   ends = [e for e in range(-(-step // eval_every) * eval_every, step + window + 1, eval_every) if e <= total_steps]
@@ -42,8 +58,15 @@ def is_snapshot(step: int, total_steps: int, eval_every: int, cfg: CheckpointCon
   return any((end - step) % k == 0 for end in ends)
 
 
-def window(step: int, cfg: CheckpointConfig) -> list[int]:
-  """The snapshot steps an average at `step` takes, oldest first ([] when the run is too young)."""
+def window(step: int, cfg: CheckpointConfig, saved: list[int] = ()) -> list[int]:
+  """The snapshot steps an average at `step` takes, oldest first ([] when the run is too young).
+
+  Spaced by steps: `step` and the average_count - 1 snapshots before it. Spaced by seconds: `step` and the
+  newest average_count - 1 of the `saved` checkpoint steps before it.
+  """
+  if cfg.average_every_seconds > 0:
+    before = sorted(s for s in saved if 0 < s < step)[-(cfg.average_count - 1):]
+    return [*before, step] if len(before) == cfg.average_count - 1 else []
   steps = [step - i * cfg.average_every for i in range(cfg.average_count)][::-1]
   return steps if steps[0] > 0 else []
 

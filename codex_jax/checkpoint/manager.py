@@ -97,7 +97,7 @@ class Checkpointer:
     self.workdir = os.path.abspath(workdir)
     self.directory = os.path.join(self.workdir, "checkpoints")
     # Averaging keeps at least its window of snapshots, whatever max_to_keep says (checkpoint/average.py).
-    keep = max(cfg.max_to_keep, cfg.average_count if cfg.average_every > 0 else 0)
+    keep = max(cfg.max_to_keep, cfg.average_count if cfg.average_every > 0 or cfg.average_every_seconds > 0 else 0)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=cfg.async_save, create=True)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,

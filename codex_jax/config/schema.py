@@ -132,6 +132,9 @@ class CheckpointConfig:
   # newest `average_count` kept whatever max_to_keep says, their parameter mean evaluated (checkpoint/average.py).
   average_count: int = 4
   average_every: int = 0  # Steps between snapshots; 0: no snapshots, no in-loop average.
+  # Or by wall-clock: a snapshot once this many seconds have passed since the last save; the average at a
+  # step takes the newest average_count - 1 saved checkpoints and the live params. Exclusive with average_every.
+  average_every_seconds: float = 0.0
   ema_decay: float = 0.0  # 0: plain mean; else snapshot i (0 = newest) weighs ema_decay**i.
 
 
@@ -182,6 +185,7 @@ RESUME_MUTABLE = frozenset({
     "train.noise_scale_ema",
     "checkpoint.average_count",
     "checkpoint.average_every",
+    "checkpoint.average_every_seconds",
     "checkpoint.ema_decay",
     "data.num_workers",
     # The data may change only with a new data.phase; the manifest hash in the checkpoint enforces it.

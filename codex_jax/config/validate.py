@@ -35,7 +35,7 @@ def validate(cfg: schema.Config, num_devices: int | None = None, num_processes: 
       ("optimizer", o, ("weight_decay", "min_lr_ratio")),
       ("train", t, ("z_loss", "seed", "spike_window", "mtp_weight", "mtp_weight_final")),
       ("eval", e, ("batches", "task_examples")),
-      ("checkpoint", c, ("average_every",)),
+      ("checkpoint", c, ("average_every", "average_every_seconds")),
   ):
     for key in keys:
       need(getattr(obj, key) >= 0, f"{group}.{key}", getattr(obj, key), "must not be negative")
@@ -70,6 +70,9 @@ def validate(cfg: schema.Config, num_devices: int | None = None, num_processes: 
   need(0 <= t.mtp_weight_switch <= 1, "train.mtp_weight_switch", t.mtp_weight_switch,
        "must be in [0, 1] (a fraction of train.steps)")
 
+  need(not (c.average_every and c.average_every_seconds), "checkpoint.average_every_seconds",
+       c.average_every_seconds, f"snapshots are spaced by steps or by seconds, not both (checkpoint.average_every="
+       f"{c.average_every}); set one of them to 0")
   need(0 <= c.ema_decay < 1, "checkpoint.ema_decay", c.ema_decay, "must be in [0, 1) (0: a plain mean)")
   if m.attention_chunks > 0 and d.seq_len > 0:
     need(d.seq_len % m.attention_chunks == 0, "model.attention_chunks", m.attention_chunks,

@@ -126,10 +126,10 @@ class Suite:
 
   def average_params(self, step: int, params, checkpointer, restore_target):
     """The weighted mean of the snapshots before `step` (restored from disk) and `params`; None if not all saved."""
-    steps = average.window(step, self.cfg.checkpoint)
+    checkpointer.manager.wait_until_finished()
+    steps = average.window(step, self.cfg.checkpoint, checkpointer.all_steps())
     if not steps:
       return None
-    checkpointer.manager.wait_until_finished()
     missing = [s for s in steps[:-1] if s not in checkpointer.all_steps()]
     if missing:
       logging.info("Step %d: no snapshot average (snapshots %s are not on disk)", step, missing)

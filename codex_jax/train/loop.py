@@ -103,7 +103,7 @@ def train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: b
   #    save of the same step, so its score goes into the lineage record. On any error the checkpointer
   #    still finishes the save in flight, so the last committed step stays usable.
   eval_loss, evaluated_at, pending, preempted = None, None, None, False
-  preemption = Preemption()
+  preemption, snapshot_clock = Preemption(), average.SnapshotClock(cfg.checkpoint)
   try:
     for step in range(start, total_steps):
       noise.maybe_measure(step, train_state.params, batch)  # Before the update donates the params.
@@ -118,8 +118,9 @@ def train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: b
         reporter.eval(done, eval_loss, scores)
         evaluated_at = done
       preempted = done < total_steps and preemption.stop_at(done)
-      snapshot = average.is_snapshot(done, total_steps, cfg.eval.every, cfg.checkpoint)
+      snapshot = average.is_snapshot(done, total_steps, cfg.eval.every, cfg.checkpoint) or snapshot_clock.due()
       if done % cfg.checkpoint.every == 0 or done == total_steps or preempted or snapshot:
+        snapshot_clock.saved()
         scores = scores if evaluated_at == done else {"heldout_loss": None}
         checkpointer.save(done, train_state, inputs.batches.iterator, inputs.meta(),
                           {"manifest_hash": inputs.plan.manifest_hash, "config_hash": config_hash(config_dict),
