@@ -18,6 +18,7 @@ from codex_jax.checkpoint import lineage
 from codex_jax.checkpoint.load import load_step
 from codex_jax.data.default_corpus.build import build_default_corpus
 from codex_jax.data.tokenizer import train_tokenizer
+from codex_jax.hashing import sha256_file
 from codex_jax.interop import files, llama
 from codex_jax.interop.export import export_hf
 from codex_jax.interop.importer import import_hf
@@ -99,7 +100,7 @@ def test_an_import_starts_the_lineage_at_its_content_root_and_codex_train_contin
   log = lineage.read_log(workdir)
   start = log[0]["start"]
   assert start["kind"] == "import" and start["source"] == os.path.abspath(trained["foreign"])
-  assert start["files"] == {"model.safetensors": files.sha256(os.path.join(trained["foreign"], "model.safetensors"))}
+  assert start["files"] == {"model.safetensors": sha256_file(os.path.join(trained["foreign"], "model.safetensors"))}
   assert start["content_root"] == imported["content_root"] == load_step(workdir, 0).record["content_root"]
   assert imported["left_fresh"] == ["feature_in", "modality_embedding"]
   records = [r for r in log if "lineage_hash" in r and "step" in r]

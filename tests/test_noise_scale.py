@@ -81,10 +81,9 @@ def test_probe_on_the_model_matches_gradients_of_each_micro_batch_and_logs_on_sc
   params = jax.tree.map(lambda x: jnp.asarray(0.02 * rng.normal(size=x.shape), x.dtype), trainer.abstract_state.params)
   host = synthetic_batch(cfg, cfg.train.global_batch, seed=0)
   written = []
-  probe = noise_scale.Probe.create(cfg, trainer, mesh, lambda step, s: written.append((step, s)),
-                                   lambda b: feed.to_global(b, trainer.data_sharding))
+  probe = noise_scale.Probe.create(cfg, trainer, mesh, lambda step, s: written.append((step, s)))
   for step in range(7):
-    probe.maybe_measure(step, params, host)
+    probe.maybe_measure(step, params, feed.to_global(host, trainer.data_sharding))
   assert [step for step, _ in written] == [1, 4, 7]  # Steps 0, 3, 6, logged under the update they precede.
   # The reference: each 2-row micro-batch differentiated on its own, on one device.
   grad = jax.jit(jax.grad(lambda p, b: loss_fn(p, b, model=trainer.model, z_loss=cfg.train.z_loss)[0]))
@@ -101,6 +100,6 @@ def test_probe_on_the_model_matches_gradients_of_each_micro_batch_and_logs_on_sc
   # One batch's |G|^2 estimate can be negative (random parameters: here it is); B_simple is then unbounded.
   assert scalars["noise_scale/b_simple"] == (pytest.approx(trace / g2, rel=1e-2) if g2 > 0 else float("inf"))
   assert scalars["noise_scale/b_simple_tokens"] == pytest.approx(scalars["noise_scale/b_simple"] * 32)
-  off = noise_scale.Probe.create(load(**MICRO), trainer, mesh, None, None)
+  off = noise_scale.Probe.create(load(**MICRO), trainer, mesh, None)
   off.maybe_measure(0, params, host)  # Off: nothing compiled, nothing written, no error.
   assert off.norms is None

@@ -90,6 +90,14 @@ def average_trees(trees: list[Any], w: list[float]) -> Any:
   return jax.tree.map(mean, *trees)
 
 
+_average_trees = jax.jit(average_trees, static_argnums=1)
+
+
+def mean_params(trees: list[Any], cfg: CheckpointConfig) -> Any:
+  """The mean of parameter trees (oldest first) weighted per checkpoint.ema_decay, jitted once."""
+  return _average_trees(trees, tuple(weights(len(trees), cfg.ema_decay)))
+
+
 def choose_steps(workdir: str, count: int, step: int | None = None) -> list[int]:
   """The `count` newest committed checkpoints up to `step` (default: the latest), oldest first."""
   if count < 1:
@@ -114,8 +122,7 @@ def load_average(workdir: str, count: int, step: int | None = None) -> LoadedSte
   loaded = [load_step(workdir, s) for s in chosen]
   cfg = loaded[-1].cfg
   w = weights(count, cfg.checkpoint.ema_decay)
-  params = jax.jit(average_trees, static_argnums=1)([x.params for x in loaded], tuple(w)) if count > 1 \
-      else loaded[-1].params
+  params = mean_params([x.params for x in loaded], cfg.checkpoint) if count > 1 else loaded[-1].params
   leaves = state_leaf_hashes({"params": params})
   meta = {"averaged_steps": chosen, "weights": w}
   parents = [x.record["lineage_hash"] for x in loaded]

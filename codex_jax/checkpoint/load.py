@@ -15,14 +15,12 @@ import os
 from typing import Any
 
 import jax
-import numpy as np
-from jax.sharding import AxisType, Mesh
 
 from codex_jax.checkpoint.errors import CheckpointIntegrityError
 from codex_jax.checkpoint.manager import Checkpointer
 from codex_jax.config import load as config_load
 from codex_jax.config.schema import Config
-from codex_jax.parallel.rules import MESH_AXES
+from codex_jax.parallel.mesh import build_mesh
 from codex_jax.train.workdir import CONFIG_FILE
 
 # The layout a read-only load uses: one device, no pipeline; everything else as the run had it.
@@ -49,9 +47,19 @@ def read_config(workdir: str) -> tuple[Config, dict[str, Any]]:
       saved = json.load(f)
   except (OSError, json.JSONDecodeError) as e:
     raise CheckpointIntegrityError(f"{path}: cannot read the run's config ({e})") from e
-  one_device = copy.deepcopy(saved)
+  return one_device_config(saved), saved
+
+
+def one_device_config(config: dict[str, Any]) -> Config:
+  """`config` (a plain dict) validated with its mesh replaced by one device (ONE_DEVICE_MESH)."""
+  one_device = copy.deepcopy(config)
   one_device["mesh"] = {**one_device.get("mesh", {}), **ONE_DEVICE_MESH}
-  return config_load.load(one_device, num_devices=1), saved
+  return config_load.load(one_device, num_devices=1)
+
+
+def one_device_mesh(cfg: Config):
+  """The mesh of a one-device config, on this process's first device."""
+  return build_mesh(cfg.mesh, jax.devices()[:1])
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
@@ -78,9 +86,7 @@ def load_step(workdir: str, step: int | None = None, cfg: Config | None = None) 
   step = steps[-1] if step is None else step
   if step not in steps:
     raise FileNotFoundError(f"{workdir}/checkpoints/{step}: no such checkpoint; committed steps are {steps}")
-  device = jax.devices()[0]
-  mesh = Mesh(np.asarray([device]).reshape(1, 1, 1), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
-  trainer = build_trainer(cfg, mesh)
+  trainer = build_trainer(cfg, one_device_mesh(cfg))
   checkpointer = Checkpointer(workdir, cfg.checkpoint)
   try:
     meta = checkpointer.read_meta(step)

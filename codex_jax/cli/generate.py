@@ -26,6 +26,7 @@ def run(flag_values):
                                 f"--top-p={top_p} in (0, 1]")
   from codex_jax.checkpoint.load import load_step  # After flag checks: jax loads here.
   from codex_jax.data.tokenizer import EOS_ID, load_tokenizer
+  from codex_jax.model.mtp import inference_params
   from codex_jax.model.sample import generate
 
   path = os.path.join(flag_values.workdir, "tokenizer.json")
@@ -34,7 +35,7 @@ def run(flag_values):
   prompt = tokenizer.encode(flag_values.prompt).ids
   if not prompt:
     raise flags.ValidationError("--prompt is empty: give the model some text to continue")
-  ids = generate(loaded.params, loaded.cfg.model, prompt, max_tokens, temperature=temperature, top_p=top_p,
+  ids = generate(inference_params(loaded.params), loaded.cfg.model, prompt, max_tokens, temperature=temperature, top_p=top_p,
                  seed=flag_values.seed, stop_id=EOS_ID)
   text = tokenizer.decode(ids)
   if not flag_values.json:

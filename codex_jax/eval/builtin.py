@@ -76,9 +76,8 @@ def stdlib_facts(rng: random.Random) -> list[dict]:
   for fact in needs:
     head, _, tail = fact.partition(" needs ")
     count = int(tail.split()[0])
-    rows.append({"context": f"{head} needs", "choices": [f" {n} required" for n in range(4)], "gold": count,
-                 "_ok": count < 4})
-  rows = [{k: v for k, v in r.items() if k != "_ok"} for r in rows if r["_ok"]]
+    if count < 4:
+      rows.append({"context": f"{head} needs", "choices": [f" {n} required" for n in range(4)], "gold": count})
   constants = [f for f in facts if " the constant " in f and " equals " in f]
   values = sorted({f.partition(" equals ")[2] for f in constants})
   for fact in constants:

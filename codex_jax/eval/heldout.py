@@ -35,11 +35,10 @@ def _gather(x: np.ndarray) -> np.ndarray:
 
 
 def heldout_scores(batches, run, *, num_batches: int, byte_table: np.ndarray, names: dict[int, str],
-                   domains: dict[int, str], extra_step=None) -> dict[str, float]:
+                   domains: dict[int, str]) -> dict[str, float]:
   """`heldout/loss`, `heldout/bpb`, per source `heldout/<name>/...` and per domain `heldout/domain/<kind>/...`.
 
-  `run(batch)` gives score.token_scores; `extra_step(batch)` (the trainer's eval_step) may add sums:
-  each `<key>_sum` other than ce_sum is reported per token as `heldout/<key>`.
+  `run(batch)` gives score.token_scores, and with MTP the depths' `mtp_*` sums (reported per depth).
   """
   nats: dict[int, float] = {}
   tokens: dict[int, float] = {}
@@ -49,7 +48,8 @@ def heldout_scores(batches, run, *, num_batches: int, byte_table: np.ndarray, na
     for i, batch in enumerate(batches):
       if i >= num_batches:
         break
-      logp = np.asarray(run(batch)["logp"], np.float64)
+      scored = run(batch)
+      logp = np.asarray(scored["logp"], np.float64)
       mask = _gather(np.asarray(batch["loss_mask"], np.float64))
       source = _gather(np.asarray(batch["source_ids"]))
       nb = byte_table[_gather(np.asarray(batch["targets"]))] * mask
@@ -58,10 +58,8 @@ def heldout_scores(batches, run, *, num_batches: int, byte_table: np.ndarray, na
         nats[s] = nats.get(s, 0.0) - float(logp[where].sum())
         tokens[s] = tokens.get(s, 0.0) + float(mask[where].sum())
         nbytes[s] = nbytes.get(s, 0.0) + float(nb[where].sum())
-      if extra_step is not None:
-        for key, value in jax.device_get(extra_step(batch)).items():
-          if (key.endswith("_sum") and key != "ce_sum") or key.startswith("mtp_"):
-            extra[key] = extra.get(key, 0.0) + float(value)
+      for key in (k for k in scored if k.startswith("mtp_")):
+        extra[key] = extra.get(key, 0.0) + float(scored[key])
   finally:
     batches.close()
   out = {}
@@ -79,8 +77,5 @@ def heldout_scores(batches, run, *, num_batches: int, byte_table: np.ndarray, na
     ids = [s for s in nats if domains.get(int(s)) == kind]
     if ids:
       put(f"heldout/domain/{kind}", ids)
-  total = sum(tokens.values())
-  out.update({f"heldout/{k.removesuffix('_sum')}": v / total for k, v in extra.items()
-              if total and k.endswith("_sum") and not k.startswith("mtp_")})
   out.update({f"heldout/{k}": v for k, v in mtp_objective.heldout_metrics(extra).items()})  # Per depth's own tokens.
   return out

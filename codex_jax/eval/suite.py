@@ -25,6 +25,7 @@ from codex_jax.data.encode import Encoder
 from codex_jax.data.pipeline import encode_spec
 from codex_jax.eval import builtin, heldout, score
 from codex_jax.eval.tasks import Task, TaskError, load_tasks
+from codex_jax.objectives import mtp as mtp_objective
 from codex_jax.parallel.mesh import replicated
 from codex_jax.parallel.rules import logical_axis_rules, sharding_scope
 from codex_jax.train import step as step_lib
@@ -49,19 +50,27 @@ def task_folders(spec: str, images: bool) -> list[str]:
   return folders
 
 
-def make_runner(cfg: Config, trainer, to_global) -> Callable[[Any, dict], dict[str, np.ndarray]]:
-  """(params, host batch) -> score.token_scores as numpy: one jit with the trainer's shardings."""
+def make_runner(cfg: Config, trainer, to_global) -> Callable[..., dict[str, np.ndarray]]:
+  """(params, host batch, mtp=False) -> score.token_scores as numpy, one jit with the trainer's shardings.
+
+  With mtp=True and model.mtp_depth > 0 the same forward also gives the MTP depths' held-out sums
+  (objectives/mtp.py `mtp_*` keys); task scoring leaves them out.
+  """
   mesh = trainer.data_sharding.mesh
   rules = logical_axis_rules(cfg.mesh.fsdp, cfg.mesh.sequence_parallel)
 
-  def scores(params, batch):
+  def scores(params, batch, mtp: bool):
     with sharding_scope(mesh, rules):
-      logits = step_lib.logits_fn(params, batch, model=trainer.model, pipeline=trainer.pipeline)
-      return score.token_scores(logits, batch["targets"])
+      if not mtp:
+        logits = step_lib.logits_fn(params, batch, model=trainer.model, pipeline=trainer.pipeline)
+        return score.token_scores(logits, batch["targets"])
+      logits, mtp_logits = step_lib.outputs_fn(params, batch, model=trainer.model, pipeline=trainer.pipeline)
+      return score.token_scores(logits, batch["targets"]) | mtp_objective.mtp_sums(mtp_logits, logits, batch)
 
-  jitted = jax.jit(scores, in_shardings=(trainer.shardings.params, trainer.data_sharding),
-                   out_shardings=replicated(mesh))
-  return lambda params, batch: jax.device_get(jitted(params, to_global(batch)))
+  jitted = {mtp: jax.jit(functools.partial(scores, mtp=mtp), out_shardings=replicated(mesh),
+                         in_shardings=(trainer.shardings.params, trainer.data_sharding)) for mtp in (False, True)}
+  with_mtp = cfg.model.mtp_depth > 0
+  return lambda params, batch, mtp=False: jax.device_get(jitted[mtp and with_mtp](params, to_global(batch)))
 
 
 def _local_rows(batch: dict) -> dict:
@@ -82,7 +91,6 @@ class Suite:
   names: dict[int, str]                # source id -> name
   domains: dict[int, str]              # source id -> kind
   eval_batches: Callable[[int], Any] | None  # step -> held-out batch iterator
-  extra_step: Callable[[Any, dict], dict] | None = None  # The trainer's eval_step (its extra sums pass through).
   prepared: list | None = None         # score.prepare: the tasks' requests, tokenized and checked once.
 
   @classmethod
@@ -91,23 +99,20 @@ class Suite:
     tasks = load_tasks(task_folders(cfg.eval.tasks, images), limit)
     encoder = Encoder(plan.tokenizer, encode_spec(cfg.data, cfg.model.feature_dim), 0, {})
     media_fn = lambda image: encoder.spans({"image": image})[0][1]  # noqa: E731
-    extra = trainer.eval_step
     encode = lambda text: plan.tokenizer.encode(text).ids  # noqa: E731
     prepared = score.prepare(tasks, encode, cfg.data.seq_len, media_fn)  # Fails before training, naming the file.
     return cls(cfg, make_runner(cfg, trainer, to_global), tasks, encode, media_fn,
                heldout.token_bytes(plan.tokenizer, cfg.model.vocab_size),
                {s.source_id: s.source.name for s in plan.sources}, {s.source_id: s.source.kind for s in plan.sources},
-               eval_batches, lambda params, batch: extra(params, to_global(batch)), prepared)
+               eval_batches, prepared)
 
   def scores(self, params, step: int) -> dict[str, float]:
     """The flat score vector of `params`: heldout/... and task/<name>/<metric>."""
     out: dict[str, float] = {}
     if self.eval_batches is not None:
-      run = functools.partial(self.run, params)
-      extra = None if self.extra_step is None else functools.partial(self.extra_step, params)
+      run = functools.partial(self.run, params, mtp=True)
       out.update(heldout.heldout_scores(self.eval_batches(step), run, num_batches=self.cfg.eval.batches,
-                                        byte_table=self.byte_table, names=self.names, domains=self.domains,
-                                        extra_step=extra))
+                                        byte_table=self.byte_table, names=self.names, domains=self.domains))
     rows, seq_len = self.cfg.train.global_batch, self.cfg.data.seq_len
     out.update(score.score_tasks(self.tasks, self.encode, lambda b: self.run(params, _local_rows(b)), rows=rows,
                                  seq_len=seq_len, feature_dim=self.cfg.model.feature_dim, media_fn=self.media_fn,
@@ -136,15 +141,12 @@ class Suite:
       return None
     trees = [checkpointer.restore(s, restore_target, meta=checkpointer.read_meta(s), resume=False).params
              for s in steps[:-1]]
-    w = tuple(average.weights(len(steps), self.cfg.checkpoint.ema_decay))
-    return jax.jit(average.average_trees, static_argnums=1)([*trees, params], w)
+    return average.mean_params([*trees, params], self.cfg.checkpoint)
 
 
 def offline(loaded, workdir: str, *, limit: int | None, tasks: str | None = None) -> Suite:
   """The suite for a loaded checkpoint (checkpoint/load.py) on one device: `codex eval`, `codex average`."""
-  from jax.sharding import AxisType, Mesh
-
-  from codex_jax.parallel.rules import MESH_AXES
+  from codex_jax.checkpoint.load import one_device_mesh
   from codex_jax.train import feed
   from codex_jax.train.inputs import TrainInputs
   from codex_jax.train.setup import build_trainer
@@ -154,8 +156,7 @@ def offline(loaded, workdir: str, *, limit: int | None, tasks: str | None = None
       cfg.data, tokenizer_path=os.path.join(workdir, "tokenizer.json"))  # The run's own, pinned at its start.
   cfg = dataclasses.replace(cfg, data=data, eval=dataclasses.replace(cfg.eval, tasks=cfg.eval.tasks if tasks is None
                                                                        else tasks))
-  mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
-  trainer = build_trainer(cfg, mesh)
+  trainer = build_trainer(cfg, one_device_mesh(cfg))
   inputs = TrainInputs.create(cfg, workdir, is_main=False)
   eval_batches = inputs.eval_iterator if cfg.data.eval_fraction > 0 and cfg.eval.batches > 0 else None
   return Suite.create(cfg, inputs.plan, trainer, lambda b: feed.to_global(b, trainer.data_sharding), eval_batches,

@@ -10,6 +10,7 @@ import jax
 
 from codex_jax.checkpoint.load import LoadedStep, load_step
 from codex_jax.data.tokenizer import EOS_ID, PAD_ID, SPECIAL_TOKENS
+from codex_jax.hashing import sha256_file
 from codex_jax.interop import files, llama
 from codex_jax.interop.llama import InteropError
 
@@ -34,9 +35,9 @@ def export_hf(workdir: str, out: str, *, step: int | None = None, average: int |
   """Writes config.json, model.safetensors (or shards + index), the tokenizer files and lineage.json to `out`."""
   check_out(out)
   tokenizer = os.path.join(workdir, "tokenizer.json")
-  loaded = load(workdir, step, average)
   if not os.path.isfile(tokenizer):
     raise InteropError(f"{tokenizer}: missing; the run's tokenizer is pinned there by `codex train`")
+  loaded = load(workdir, step, average)
   cfg = loaded.cfg
   params = jax.device_get(loaded.params)
   tensors = llama.to_hf(params, cfg.model)
@@ -60,7 +61,7 @@ def export_hf(workdir: str, out: str, *, step: int | None = None, average: int |
   files.write_json(os.path.join(partial, "special_tokens_map.json"), {"pad_token": pad, "eos_token": eos})
   lineage = {"format": llama.ARCHITECTURE, "workdir": os.path.abspath(workdir), "step": loaded.step,
              "average": average or None, "record": loaded.record, "left_out": left_out,
-             "files": {name: files.sha256(os.path.join(partial, name)) for name in written}}
+             "files": {name: sha256_file(os.path.join(partial, name)) for name in written}}
   files.write_json(os.path.join(partial, "lineage.json"), lineage)
   if os.path.isdir(out):
     os.rmdir(out)  # Empty (checked above).

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import Any
@@ -99,11 +98,3 @@ def write_json(path: str, value: Any) -> None:
   with open(path, "w") as f:
     json.dump(value, f, indent=2, sort_keys=True)
     f.write("\n")
-
-
-def sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()

@@ -15,16 +15,15 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh
 
 from codex_jax.checkpoint.lineage import config_hash
-from codex_jax.checkpoint.load import ONE_DEVICE_MESH
+from codex_jax.checkpoint.load import one_device_config, one_device_mesh
 from codex_jax.checkpoint.manager import Checkpointer, roots, state_leaf_hashes
 from codex_jax.config import load as config_load
 from codex_jax.data.tokenizer import load_tokenizer
+from codex_jax.hashing import sha256_file
 from codex_jax.interop import files, llama
 from codex_jax.interop.llama import InteropError
-from codex_jax.parallel.rules import MESH_AXES
 from codex_jax.train.workdir import CONFIG_FILE, write_config
 
 
@@ -51,9 +50,8 @@ def import_hf(directory: str, workdir: str, base_config: dict[str, Any]) -> dict
     raise InteropError(f"{source_tokenizer}: missing; the embeddings' token ids mean nothing without it "
                        "(or name one with --config.data.tokenizer_path)")
   load_tokenizer(source_tokenizer, overrides["vocab_size"])  # Refuses a tokenizer codex cannot train with.
-  one_device = {**copy.deepcopy(config), "mesh": {**config.get("mesh", {}), **ONE_DEVICE_MESH}}
-  one_device["data"]["tokenizer_path"] = source_tokenizer  # The workdir copy does not exist yet.
-  cfg = config_load.load(one_device, num_devices=1)
+  cfg = one_device_config({**config, "data": {**config["data"], "tokenizer_path": source_tokenizer}})
+  # (The tokenizer as imported: the workdir copy does not exist yet.)
   config_load.load(config, num_devices=None)  # The saved config itself must validate too.
   weights = files.weight_files(directory)
   llama.check_tensors(files.tensor_shapes(weights), cfg.model, directory)
@@ -61,8 +59,7 @@ def import_hf(directory: str, workdir: str, base_config: dict[str, Any]) -> dict
   imported = llama.from_hf(tensors, cfg.model, scanned=cfg.model.scan_layers)
 
   # 2. The state: a fresh init (optimizer, step, non-Llama parameters) with the imported weights in it.
-  mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
-  trainer = build_trainer(cfg, mesh)
+  trainer = build_trainer(cfg, one_device_mesh(cfg))
   state = trainer.init_state()
   params = dict(state.params)
   for key, value in imported.items():
@@ -72,7 +69,7 @@ def import_hf(directory: str, workdir: str, base_config: dict[str, Any]) -> dict
   inputs = TrainInputs.create(cfg, workdir, is_main=False)  # Builds the data plan; writes nothing.
   inputs.start(0, None)
   start = {"kind": "import", "source": os.path.abspath(directory), "format": llama.ARCHITECTURE,
-           "files": {os.path.basename(p): files.sha256(p) for p in weights},
+           "files": {os.path.basename(p): sha256_file(p) for p in weights},
            "content_root": roots(state_leaf_hashes(state))["content_root"]}
 
   # 3. Write: tokenizer, config, data record, the lineage start and checkpoint 0.

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from codex_jax.config.schema import ModelConfig
 from codex_jax.model.layers import Attention, RMSNorm, SwiGLU
 from codex_jax.model.mtp import MTP, MultiTokenPrediction
-from codex_jax.model.mtp import inference_params as inference_params  # Re-exported: export, generation.
+from codex_jax.model.mtp import inference_params as inference_params  # Re-exported.
 
 ACT_BLD = ("act_batch", "act_seq", "act_embed")  # The residual stream between blocks.
 # Modality ids of a packed row (data/records.py): 0 padding, 1 text, then the non-text modalities.

@@ -39,6 +39,11 @@ def mtp_sums(mtp_logits: list[jax.Array], logits_BLV: jax.Array, batch: dict) ->
   return sums
 
 
+def loss_sums(logits_BLV: jax.Array, mtp_logits: list[jax.Array], batch: dict) -> dict[str, jax.Array]:
+  """The next-token sums (text.py) and each MTP depth's (mtp_sums) of one batch's outputs."""
+  return text.next_token_sums(logits_BLV, batch["targets"], batch["loss_mask"]) | mtp_sums(mtp_logits, logits_BLV, batch)
+
+
 def mtp_tokens(batch: dict, depth: int) -> dict[str, jax.Array]:
   """`mtp_tokens_k` of a whole batch: the denominators a per-microbatch loss needs up front."""
   return {f"mtp_tokens_{k}": jnp.sum(depth_mask(batch["loss_mask"], batch["segment_ids"], k))

@@ -33,7 +33,6 @@ from codex_jax.config.schema import MeshConfig, ModelConfig
 from codex_jax.config.validate import resolve_microbatches
 from codex_jax.model.transformer import REMAT_POLICIES, Block, Decoder
 from codex_jax.objectives import mtp as mtp_objective
-from codex_jax.objectives import text
 
 ACT_SBLD = ("act_stage", "act_batch", "act_length", "act_embed")  # One microbatch per stage.
 ACT_MBLD = (None, "act_batch", "act_length", "act_embed")  # All microbatches, each sharded over `data`.
@@ -201,10 +200,9 @@ class Pipeline:
     def head_sums(rest, y_BLD, m):
       mb = _take(micro, m)
       logits_BLV = model.apply({"params": rest}, y_BLD, method=Decoder.head)
-      sums = text.next_token_sums(logits_BLV, mb["targets"], mb["loss_mask"])
       mtp_logits = model.apply({"params": rest}, y_BLD, mb["inputs"], mb["segment_ids"], mb["positions"],
                                method=Decoder.mtp_logits)
-      return sums | mtp_objective.mtp_sums(mtp_logits, logits_BLV, mb)
+      return mtp_objective.loss_sums(logits_BLV, mtp_logits, mb)
 
     def stage_backward(p, x_BLD, segment_ids_BL, positions_BL, g_BLD):
       _, pullback = jax.vjp(lambda p, x: run_stage(p, x, segment_ids_BL, positions_BL), p, x_BLD)

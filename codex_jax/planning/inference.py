@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import math
 
-from codex_jax.planning.laws import Law
+from codex_jax.planning.laws import Law, training_flops
 
 _GOLDEN = (math.sqrt(5) - 1) / 2
 
 
 def total_flops(law: Law, n: float, target_loss: float, inference_tokens: float) -> float:
-  d = law.tokens_for_loss(n, target_loss)
-  return 6.0 * n * d + 2.0 * n * inference_tokens
+  return lifetime_flops(n, law.tokens_for_loss(n, target_loss), inference_tokens)
+
+
+def lifetime_flops(n: float, d: float, inference_tokens: float) -> float:
+  """Training (6ND) plus serving `inference_tokens` (2N each)."""
+  return training_flops(n, d) + 2.0 * n * inference_tokens
 
 
 def inference_adjusted(law: Law, flops: float, inference_tokens: float, iters: int = 200) -> dict[str, float]:
@@ -51,7 +55,7 @@ def inference_adjusted(law: Law, flops: float, inference_tokens: float, iters: i
   n = math.exp((a + b) / 2)
   d_tokens = law.tokens_for_loss(n, target)
   return {"params": n, "tokens": d_tokens, "loss": law.loss(n, d_tokens),
-          "training_flops": 6.0 * n * d_tokens, "inference_flops": 2.0 * n * inference_tokens,
-          "total_flops": 6.0 * n * d_tokens + 2.0 * n * inference_tokens,
-          "compute_optimal_total_flops": 6.0 * n_opt * d_opt + 2.0 * n_opt * inference_tokens,
+          "training_flops": training_flops(n, d_tokens), "inference_flops": 2.0 * n * inference_tokens,
+          "total_flops": lifetime_flops(n, d_tokens, inference_tokens),
+          "compute_optimal_total_flops": lifetime_flops(n_opt, d_opt, inference_tokens),
           "params_ratio": n / n_opt, "smaller_by": 1.0 - n / n_opt}

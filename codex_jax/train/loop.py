@@ -97,7 +97,7 @@ def train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: b
                       tokens_per_step=tokens_per_step, model_flops=model_flops, xla_flops=xla_flops,
                       peak_flops=peak_flops, log_every=cfg.train.log_every,
                       ledger=SampleLedger(workdir, jax.process_index(), resume_step=start))
-  noise = noise_scale.Probe.create(cfg, trainer, mesh, reporter.writer.write, to_global)  # Off: a no-op.
+  noise = noise_scale.Probe.create(cfg, trainer, mesh, reporter.writer.write)  # Off: a no-op.
 
   # 7. The step loop. Step i+1 is dispatched before step i's metrics are fetched. Eval comes before the
   #    save of the same step, so its score goes into the lineage record. On any error the checkpointer
@@ -106,8 +106,9 @@ def train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: b
   preemption, snapshot_clock = Preemption(), average.SnapshotClock(cfg.checkpoint)
   try:
     for step in range(start, total_steps):
-      noise.maybe_measure(step, train_state.params, batch)  # Before the update donates the params.
-      train_state, metrics = compiled(train_state, to_global(batch))
+      global_batch = to_global(batch)
+      noise.maybe_measure(step, train_state.params, global_batch)  # Before the update donates the params.
+      train_state, metrics = compiled(train_state, global_batch)
       if pending is not None:
         reporter.step(*pending)
         guard.check_consecutive(reporter.last, cfg.train.max_consecutive_bad, pending[0])

@@ -85,11 +85,10 @@ class Probe:
   norms: Callable | None = None  # jitted (params, batch) -> {small_sq, big_sq}.
   ema: Ema | None = None
   write: Callable | None = None  # (step, scalars) -> None.
-  to_global: Callable | None = None  # host batch -> the batch on the mesh.
   last: dict | None = None
 
   @classmethod
-  def create(cls, cfg: Config, trainer, mesh, write: Callable, to_global: Callable) -> Probe:
+  def create(cls, cfg: Config, trainer, mesh, write: Callable) -> Probe:
     t = cfg.train
     if t.noise_scale_every == 0:
       return cls(0)
@@ -105,13 +104,14 @@ class Probe:
     jitted = jax.jit(norms, in_shardings=(trainer.shardings.params, trainer.data_sharding),
                      out_shardings=replicated(mesh))
     return cls(t.noise_scale_every, t.noise_scale_microbatches, t.global_batch, cfg.data.seq_len, jitted,
-               Ema(t.noise_scale_ema), write, to_global)
+               Ema(t.noise_scale_ema), write)
 
   def maybe_measure(self, step: int, params, batch: dict) -> None:
-    """At every `every`-th step (0-based, before its update), logs the estimates at `params` on host `batch`."""
+    """At every `every`-th step (0-based, before its update), logs the estimates at `params` on `batch`
+    (the step's batch on the mesh, feed.to_global)."""
     if not self.every or step % self.every:
       return
-    out = jax.device_get(self.norms(params, self.to_global(batch)))
+    out = jax.device_get(self.norms(params, batch))
     small, big = float(out["small_sq"]), float(out["big_sq"])
     g2, trace = unbiased(small, big, self.rows / self.k, self.rows)
     b_simple = self.ema.update(g2, trace)

@@ -11,7 +11,6 @@ import optax
 from codex_jax.config.schema import TrainConfig
 from codex_jax.model.transformer import Decoder
 from codex_jax.objectives import mtp as mtp_objective
-from codex_jax.objectives import text
 from codex_jax.parallel.mesh import replicated
 from codex_jax.parallel.pipeline import LAYERS, Pipeline
 from codex_jax.parallel.rules import sharding_scope
@@ -19,41 +18,39 @@ from codex_jax.train import guard as guard_lib
 from codex_jax.train.state import TrainState
 
 
-def logits_fn(params, batch: dict, *, model: Decoder, pipeline: Pipeline | None = None,
-              rng: jax.Array | None = None) -> jax.Array:
-  """Next-token logits [B, L, V] of one batch; with a pipeline, the layer stack runs over its stages."""
+def trunk_fn(params, batch: dict, *, model: Decoder, pipeline: Pipeline | None = None,
+             rng: jax.Array | None = None) -> jax.Array:
+  """The last block's output [B, L, D] of one batch; with a pipeline, the layer stack runs over its stages."""
   if pipeline is None:
     return model.apply({"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"],
                        batch.get("features"), batch.get("modality_ids"),
-                       rngs=None if rng is None else {"dropout": rng})
+                       rngs=None if rng is None else {"dropout": rng}, method=Decoder.trunk)
   x_BLD = model.apply({"params": params}, batch["inputs"], batch.get("features"), batch.get("modality_ids"),
                       method=Decoder.embed)
-  x_BLD = pipeline.stack(params[LAYERS], x_BLD, batch["segment_ids"], batch["positions"])
+  return pipeline.stack(params[LAYERS], x_BLD, batch["segment_ids"], batch["positions"])
+
+
+def logits_fn(params, batch: dict, *, model: Decoder, pipeline: Pipeline | None = None,
+              rng: jax.Array | None = None) -> jax.Array:
+  """Next-token logits [B, L, V] of one batch."""
+  x_BLD = trunk_fn(params, batch, model=model, pipeline=pipeline, rng=rng)
   return model.apply({"params": params}, x_BLD, method=Decoder.head)
 
 
 def outputs_fn(params, batch: dict, *, model: Decoder, pipeline: Pipeline | None = None,
                rng: jax.Array | None = None) -> tuple[jax.Array, list[jax.Array]]:
   """(next-token logits [B, L, V], [logits of each MTP depth]); the list is empty when MTP is off."""
-  if not model.cfg.mtp_depth:
-    return logits_fn(params, batch, model=model, pipeline=pipeline, rng=rng), []
-  args = (batch["inputs"], batch["segment_ids"], batch["positions"])
-  if pipeline is None:
-    return model.apply({"params": params}, *args, batch.get("features"), batch.get("modality_ids"),
-                       rngs=None if rng is None else {"dropout": rng}, method=Decoder.train_outputs)
-  x_BLD = model.apply({"params": params}, batch["inputs"], batch.get("features"), batch.get("modality_ids"),
-                      method=Decoder.embed)
-  x_BLD = pipeline.stack(params[LAYERS], x_BLD, batch["segment_ids"], batch["positions"])
+  x_BLD = trunk_fn(params, batch, model=model, pipeline=pipeline, rng=rng)
   return (model.apply({"params": params}, x_BLD, method=Decoder.head),
-          model.apply({"params": params}, x_BLD, *args, method=Decoder.mtp_logits))
+          model.apply({"params": params}, x_BLD, batch["inputs"], batch["segment_ids"], batch["positions"],
+                      method=Decoder.mtp_logits))
 
 
 def batch_sums(params, batch: dict, *, model: Decoder, rng: jax.Array | None = None,
                pipeline: Pipeline | None = None) -> dict[str, jax.Array]:
   """The loss sums of one batch (text.py; objectives/mtp.py when model.mtp_depth > 0)."""
   logits_BLV, mtp_logits = outputs_fn(params, batch, model=model, pipeline=pipeline, rng=rng)
-  sums = text.next_token_sums(logits_BLV, batch["targets"], batch["loss_mask"])
-  return sums | mtp_objective.mtp_sums(mtp_logits, logits_BLV, batch)
+  return mtp_objective.loss_sums(logits_BLV, mtp_logits, batch)
 
 
 def loss_fn(params, batch: dict, *, model: Decoder, z_loss: float, rng: jax.Array | None = None,
