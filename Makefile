@@ -33,6 +33,9 @@ bench: install
 	  JAX_PLATFORMS=cpu $(BIN)/codex bench --config=experiments/codex.py:$$variant --name=$$variant \
 	    --steps=$${BENCH_STEPS:-3} --json || exit 1; \
 	done
+	@# tiny trains five objectives; the same shape text-only, at equal tokens, gives their step-time overhead.
+	@JAX_PLATFORMS=cpu $(BIN)/codex bench --config=experiments/codex.py:tiny --name=tiny-text-only \
+	  "--config.objectives.weights=(1.0, 0.0, 0.0, 0.0, 0.0)" --steps=$${BENCH_STEPS:-3} --json
 	@JAX_PLATFORMS=cpu $(BIN)/codex bench --config=experiments/codex.py:bench --name=bench --checkpoint --json
 	@$(BIN)/codex data build-default > /dev/null
 	@JAX_PLATFORMS=cpu $(BIN)/codex data bench --config=experiments/codex.py:tiny --batches=$${BENCH_BATCHES:-100} --json

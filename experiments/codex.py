@@ -1,12 +1,12 @@
-"""The codex decoder-only text experiment, from a CPU smoke run to 7B on a pod.
+"""The codex decoder-only experiment, from a multimodal CPU smoke run to 7B text on a pod.
 
 Run:
   codex train --config=experiments/codex.py:tiny --workdir=runs/tiny
   codex train --config=experiments/codex.py:tiny --workdir=runs/tiny --config.train.steps=200
 
 Variants (the part after the colon):
-  tiny            CPU, a few minutes: the default `make train` run.
-  small           CPU, longer: a model worth looking at.
+  tiny            CPU, a few minutes: the default `make train` run, all five objectives on.
+  small           CPU, longer: a model worth looking at (text only, as every variant below).
   bench           the reference benchmark shape (d512, 8 layers, seq 512, batch 8), f32 compute.
   bench_bf16      the same shape with bfloat16 compute.
   150m_v5p, 150m_h100, 1b_v5p, 1b_h100, 7b_v5p, 7b_h100
@@ -145,11 +145,58 @@ def base_config() -> ml_collections.ConfigDict:
   config.checkpoint.ema_decay = 0.0      # 0: plain mean; e.g. 0.7: snapshot i (0 = newest) weighs 0.7**i.
 
   config.eval = ml_collections.ConfigDict()
-  config.eval.every = 50                 # Held-out loss, tasks and the snapshot average (`avg/`).
+  # Held-out loss, tasks, the snapshot average (`avg/`) and, with several objectives, their evals; each eval
+  # of the multimodal tiny run costs ~30-45 s here, so three of them in 300 steps.
+  config.eval.every = 100
   config.eval.batches = 4
   config.eval.tasks = "builtin"          # "builtin" and/or folders of *.jsonl task files (README "Evaluation").
   config.eval.task_examples = 64         # Examples per task at each in-loop eval; `codex eval` scores all.
+
+  # The pretraining objectives (objectives/): text next-token CE; vision MAE + two-view InfoNCE; align
+  # (image/video vs caption contrastive); world (next video chunk's latent from this one and the action);
+  # action (flow matching on embodied action chunks). Weights in the order text, vision, align, world,
+  # action; 0 switches one off (its heads and, without vision and world, the EMA target encoder vanish).
+  config.objectives = ml_collections.ConfigDict()
+  config.objectives.weights = (1.0, 1.0, 1.0, 1.0, 1.0)
+  # Per manifest phase ("main", "anneal"): weights from that phase's start step on, the tuner restarting
+  # from them; a phase not named uses `weights`. E.g. config.objectives.phase_weights.anneal = (1, .5, .5, .5, 1).
+  config.objectives.phase_weights = ml_collections.ConfigDict()
+  config.objectives.balance = ml_collections.ConfigDict()
+  # fixed: the weights throughout | lagrangian: dual ascent keeps each objective's share of the gradient norm
+  # at the trunk's output within [low, high] (objectives/balance.py), as near the configured weights as it can.
+  config.objectives.balance.mode = "lagrangian"
+  # Text keeps at least a fifth of the pull; no other objective more than 0.4. World's lower bound is 0: its
+  # gradient at the trunk output is ~1e-4 (a residual on copy-last, near its floor), and a bound there would
+  # pour the weights' whole sum onto it (measured at step 1: align 4.4, text 0.15, vision 0.15, action 0.02).
+  config.objectives.balance.low = (0.2, 0.05, 0.05, 0.0, 0.05)
+  config.objectives.balance.high = (0.6, 0.4, 0.4, 0.4, 0.4)
+  config.objectives.balance.measure_every = 10  # Each measurement: one head-only backward per objective.
+  config.objectives.balance.dual_lr = 0.5
+  config.objectives.balance.ema_decay = 0.9     # Of the measured norms, per measurement.
+  config.objectives.balance.slack = 0.01        # Aim inside the bounds by this much.
+  config.objectives.balance.max_multiplier = 20.0
+  config.objectives.vision = ml_collections.ConfigDict()
+  config.objectives.vision.mask_ratio = 0.75      # MAE: share of a masked image's patches hidden.
+  config.objectives.vision.masked_fraction = 0.5  # Share of images masked; the rest stay clean for captions.
+  config.objectives.vision.temperature = 0.1      # Two-view InfoNCE (online masked vs EMA clean).
+  config.objectives.vision.max_images = 128       # Slots per global batch; overflow dropped and logged.
+  config.objectives.align = ml_collections.ConfigDict()
+  config.objectives.align.kind = "clip"           # clip (symmetric InfoNCE) | siglip (sigmoid, learned t, b).
+  config.objectives.align.blind_fraction = 0.5    # Captions that cannot see their media: the align pairs.
+  config.objectives.align.dim = 64
+  config.objectives.align.max_pairs = 128         # Image+caption examples are short: ~150 fit a batch.
+  config.objectives.world = ml_collections.ConfigDict()
+  config.objectives.world.ema_decay = 0.99        # EMA target encoder (also vision's second view).
+  config.objectives.world.max_chunks = 128        # Video chunks (one frame / tubelet slice each) per batch.
+  config.objectives.action = ml_collections.ConfigDict()
+  config.objectives.action.horizon = 4            # Actions per flow-matched chunk.
+  config.objectives.action.dim = 1                # Leading values of an action position predicted.
+  config.objectives.action.sample_steps = 10      # Euler steps of the sampler.
+  config.objectives.action.max_chunks = 128       # Action position slots per global batch.
   return config
+
+
+TEXT_ONLY = (1.0, 0.0, 0.0, 0.0, 0.0)
 
 
 def _small(config):
@@ -160,6 +207,7 @@ def _small(config):
   config.optimizer.learning_rate = 2e-3
   config.checkpoint.every = 500
   config.eval.every = 250
+  config.objectives.weights = TEXT_ONLY
 
 
 def _bench(config, compute_dtype):
@@ -169,6 +217,7 @@ def _bench(config, compute_dtype):
                       mlp_dim=2048, compute_dtype=compute_dtype, remat="full")
   config.data.seq_len = 512
   config.train.global_batch = 8
+  config.objectives.weights = TEXT_ONLY
 
 
 def _accelerator(config, size, platform):
@@ -199,6 +248,7 @@ def _accelerator(config, size, platform):
     config.mesh.update(data=8, tensor=1, fsdp=size != "150m")
     config.train.global_batch = {"150m": 256, "1b": 128, "7b": 64}[size]
   config.train.steps = {"150m": 20_000, "1b": 50_000, "7b": 100_000}[size]
+  config.objectives.weights = TEXT_ONLY
 
 
 VARIANTS = ("tiny", "small", "bench", "bench_bf16", *TARGET_DEVICES)

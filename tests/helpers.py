@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from codex_jax.config import load as config_load
+from codex_jax.config.schema import TEXT_ONLY
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENT = os.path.join(ROOT, "experiments", "codex.py")
@@ -23,9 +24,16 @@ def experiment_module():
 def config_dict(variant: str = "tiny", **overrides) -> dict:
   """The experiment's config as a plain dict; overrides are 'group.key' -> value."""
   raw = config_load.to_dict(experiment_module().get_config(variant))
+  # Tests run the text-only stack unless they name objectives.weights (tests/test_objectives.py does): the
+  # tiny experiment trains all five objectives, but these tests check the text stack they were written for.
+  raw["objectives"]["weights"] = TEXT_ONLY
   for dotted, value in overrides.items():
-    group, key = dotted.split(".")
-    raw.setdefault(group, {})[key] = value
+    group, key = dotted.split(".", 1)
+    where = raw.setdefault(group, {})
+    *path, key = key.split(".")
+    for part in path:
+      where = where.setdefault(part, {})
+    where[key] = value
   return raw
 
 
@@ -49,6 +57,7 @@ RUN_OVERRIDES = {
     "checkpoint.every": 10, "eval.every": 20, "eval.batches": 2,
     # Snapshot averaging and the task suite have their own tests (test_eval.py); off here to keep runs short.
     "checkpoint.average_every": 0, "eval.tasks": "",
+    "objectives.weights": TEXT_ONLY,  # The text stack: its runs are what these tests time.
 }
 
 

@@ -135,9 +135,9 @@ def test_1f1b_activation_memory_is_bounded_where_gpipe_grows_with_microbatches()
                              "model.num_layers": 4, "train.global_batch": 2 * microbatches}, jax.devices()[:2])
     assert "collective-permute" in compiled.as_text()  # Stages hand activations on device to device.
     return compiled.memory_analysis().temp_size_in_bytes
-  gpipe = temp_bytes("gpipe", 16) / temp_bytes("gpipe", 4)
-  one_f_one_b = temp_bytes("1f1b", 16) / temp_bytes("1f1b", 4)
-  assert gpipe > 2.0, gpipe  # 4x the microbatches (of 2 rows each): GPipe keeps every tick's inputs.
+  gpipe = temp_bytes("gpipe", 12) / temp_bytes("gpipe", 4)
+  one_f_one_b = temp_bytes("1f1b", 12) / temp_bytes("1f1b", 4)
+  assert gpipe > 2.0, gpipe  # 3x the microbatches (of 2 rows each): GPipe keeps every tick's inputs.
   assert one_f_one_b < 1.3, one_f_one_b  # 1F1B keeps 2 x stages of them, whatever their number.
 
 

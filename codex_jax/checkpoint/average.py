@@ -21,11 +21,9 @@ import orbax.checkpoint as ocp
 
 from codex_jax.checkpoint import lineage
 from codex_jax.checkpoint.errors import CheckpointIntegrityError
-from codex_jax.checkpoint.load import LoadedStep, checkpoint_steps, load_step
-from codex_jax.checkpoint.manager import file_hashes, meta_hash, roots, state_leaf_hashes
+from codex_jax.checkpoint.load import LoadedStep, checkpoint_steps, load_steps
+from codex_jax.checkpoint.manager import AVERAGED_DIR, file_hashes, meta_hash, roots, state_leaf_hashes
 from codex_jax.config.schema import CheckpointConfig
-
-AVERAGED_DIR = "averaged"
 
 
 def enabled(cfg: CheckpointConfig) -> bool:
@@ -119,7 +117,7 @@ def load_average(workdir: str, count: int, step: int | None = None) -> LoadedSte
   The record (kind "average") is sealed but not written; `write_average` writes it with the parameters.
   """
   chosen = choose_steps(workdir, count, step)
-  loaded = [load_step(workdir, s) for s in chosen]
+  loaded = load_steps(workdir, chosen)  # One model target; parameters only.
   cfg = loaded[-1].cfg
   w = weights(count, cfg.checkpoint.ema_decay)
   params = mean_params([x.params for x in loaded], cfg.checkpoint) if count > 1 else loaded[-1].params

@@ -35,6 +35,7 @@ class LoadedStep:
   step: int
   params: Any                # The parameter tree, on one device.
   record: dict[str, Any]     # The checkpoint's lineage record.
+  target_params: Any = None  # The EMA target encoder's (load_step(with_target=True), when the run has one).
 
 
 def read_config(workdir: str) -> tuple[Config, dict[str, Any]]:
@@ -74,24 +75,43 @@ def checkpoint_steps(workdir: str) -> list[int]:
   return steps
 
 
-def load_step(workdir: str, step: int | None = None, cfg: Config | None = None) -> LoadedStep:
-  """The verified parameters of checkpoint `step` (default: the latest) of `workdir`, on one device."""
+def load_steps(workdir: str, steps: list[int | None], cfg: Config | None = None, *,
+               with_target: bool = False) -> list[LoadedStep]:
+  """The verified parameters of checkpoints `steps` (None: the latest) of `workdir`, on one device.
+
+  One model target serves every step, and only the parameters are read (Checkpointer.restore_params):
+  optimizer moments, and whatever else the train state holds, stay on disk. With `with_target`, a
+  multimodal run's EMA target encoder (`target_params`) is read too (the per-objective evals need it).
+  """
   from codex_jax.train.setup import build_trainer  # Late: train.setup imports the model stack.
 
   if cfg is None:
     cfg, saved = read_config(workdir)
   else:
     saved = read_config(workdir)[1]
-  steps = checkpoint_steps(workdir)
-  step = steps[-1] if step is None else step
-  if step not in steps:
-    raise FileNotFoundError(f"{workdir}/checkpoints/{step}: no such checkpoint; committed steps are {steps}")
-  trainer = build_trainer(cfg, one_device_mesh(cfg))
+  committed = checkpoint_steps(workdir)
+  steps = [committed[-1] if step is None else step for step in steps]
+  for step in steps:
+    if step not in committed:
+      raise FileNotFoundError(f"{workdir}/checkpoints/{step}: no such checkpoint; committed steps are {committed}")
+  abstract = build_trainer(cfg, one_device_mesh(cfg)).restore_target()
+  fields = {"params": abstract.params}
+  if with_target and getattr(abstract, "target_params", None):
+    fields["target_params"] = abstract.target_params
   checkpointer = Checkpointer(workdir, cfg.checkpoint)
+  loaded = []
   try:
-    meta = checkpointer.read_meta(step)
-    state = checkpointer.restore(step, trainer.restore_target(), meta=meta,
-                                 allow_dtype_change=cfg.checkpoint.allow_dtype_change, resume=False)
+    for step in steps:
+      meta = checkpointer.read_meta(step)
+      restored = checkpointer.restore_fields(step, fields, meta=meta,
+                                             allow_dtype_change=cfg.checkpoint.allow_dtype_change)
+      loaded.append(LoadedStep(cfg, saved, step, restored["params"], meta["lineage"], restored.get("target_params")))
   finally:
     checkpointer.close()
-  return LoadedStep(cfg, saved, step, state.params, meta["lineage"])
+  return loaded
+
+
+def load_step(workdir: str, step: int | None = None, cfg: Config | None = None, *,
+              with_target: bool = False) -> LoadedStep:
+  """The verified parameters of checkpoint `step` (default: the latest) of `workdir`, on one device."""
+  return load_steps(workdir, [step], cfg, with_target=with_target)[0]

@@ -29,6 +29,7 @@ from codex_jax.config.schema import CheckpointConfig
 from codex_jax.hashing import sha256_file
 
 STATE_GROUPS = ("params", "opt_state")  # Hashed into their own roots; every other leaf into extra_root.
+AVERAGED_DIR = "averaged"  # WORKDIR/averaged/<step>/: parameter means written by checkpoint/average.py.
 
 
 def group_of(path: str) -> str:
@@ -196,6 +197,37 @@ class Checkpointer:
       if self.primary:
         lineage.truncate_log(self.workdir, step)
     return restored.state
+
+  def restore_params(self, step: int, abstract_params, *, meta: dict, allow_dtype_change: bool = False):
+    """Only the parameters at `step`, in `abstract_params`' shardings, verified as `restore` verifies them.
+
+    For read-only loads (eval, export, averaging): Orbax's partial restore reads the `params` tensors and
+    skips the rest of the state (optimizer moments, and any field the TrainState gains), so it needs
+    neither their memory nor a target for them. Every file of the step is still checked against its
+    recorded hash, and every parameter tensor against the lineage record's, before one is handed back.
+    """
+    return self.restore_fields(step, {"params": abstract_params}, meta=meta,
+                               allow_dtype_change=allow_dtype_change)["params"]
+
+  def restore_fields(self, step: int, abstract: dict[str, Any], *, meta: dict,
+                     allow_dtype_change: bool = False) -> dict[str, Any]:
+    """The named train-state fields at `step` ({"params": ..., "target_params": ...}), as restore_params."""
+    step_dir = self.step_dir(step)
+    recorded = [r["files"] for r in lineage.read_log(self.workdir) if r.get("files_of") == meta["lineage"]["lineage_hash"]]
+    if recorded:
+      check_files(recorded[-1], step_dir)
+    leaves = {path: h for path, h in meta["leaves"].items() if path.split("/", 1)[0] in abstract}
+    target = dict(abstract)
+    check_structure(leaves, target, step_dir, allow_dtype_change)
+    args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                  partial_restore=True)
+    try:
+      with ocp.PyTreeCheckpointer() as reader:
+        restored = reader.restore(os.path.join(step_dir, "state"), args=args)
+    except Exception as e:
+      raise CheckpointIntegrityError(f"{step_dir}: restore failed ({type(e).__name__}: {_short(e)})") from e
+    check_leaves(leaves, state_leaf_hashes(restored), step_dir)
+    return restored
 
   def close(self) -> None:
     """Waits for the save in flight (a background write error surfaces here) and records its files."""

@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 from codex_jax.checkpoint import lineage, merkle
 from codex_jax.checkpoint.errors import CheckpointIntegrityError
 from codex_jax.checkpoint.manager import (
+  AVERAGED_DIR,
   STATE_GROUPS,
   check_files,
   check_leaves,
@@ -25,7 +26,6 @@ from codex_jax.checkpoint.manager import (
   state_leaf_hashes,
 )
 
-AVERAGED_DIR = "averaged"  # As checkpoint/average.py writes it (importing it here would load the model stack).
 ROOT_OF_GROUP = {"params": "content_root", "opt_state": "optimizer_root"}
 
 

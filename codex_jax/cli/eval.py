@@ -40,9 +40,11 @@ def run(flag_values):
 
   workdir = flag_values.workdir
   count = flag_values.average or 1
-  loaded = load_average(workdir, count, flag_values.step) if count > 1 else load_step(workdir, flag_values.step)
+  loaded = (load_average(workdir, count, flag_values.step) if count > 1
+            else load_step(workdir, flag_values.step, with_target=True))
   evaluation = suite.offline(loaded, workdir, limit=flag_values.examples or None, tasks=flag_values.tasks)
-  scores = evaluation.evaluate(loaded.step, loaded.params)
+  # A multimodal run's objective evals also need the EMA target encoder (None for an average: none kept).
+  scores = evaluation.evaluate(loaded.step, loaded.params, target_params=loaded.target_params)
   metrics = os.path.join(workdir, "metrics.jsonl")
   records = read_metrics(metrics) if os.path.exists(metrics) else []
   result = report.build_report(records, scores, loaded.step)

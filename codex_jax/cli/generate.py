@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 from absl import flags
 
 from codex_jax.cli import common  # noqa: F401  (--json)
@@ -25,11 +23,11 @@ def run(flag_values):
     raise flags.ValidationError(f"--max-tokens={max_tokens} must be >= 1, --temperature={temperature} >= 0 and "
                                 f"--top-p={top_p} in (0, 1]")
   from codex_jax.checkpoint.load import load_step  # After flag checks: jax loads here.
-  from codex_jax.data.tokenizer import EOS_ID, load_tokenizer
-  from codex_jax.model.mtp import inference_params
+  from codex_jax.data.tokenizer import EOS_ID, load_tokenizer, pinned_path
   from codex_jax.model.sample import generate
+  from codex_jax.model.transformer import inference_params
 
-  path = os.path.join(flag_values.workdir, "tokenizer.json")
+  path = pinned_path(flag_values.workdir)
   loaded = load_step(flag_values.workdir, flag_values.step)
   tokenizer = load_tokenizer(path, loaded.cfg.model.vocab_size)
   prompt = tokenizer.encode(flag_values.prompt).ids

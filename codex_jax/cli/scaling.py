@@ -8,24 +8,29 @@ import time
 
 from absl import flags
 
+from codex_jax import atomic
 from codex_jax.cli import common  # noqa: F401  (--config, --json)
 
 USAGE = ("codex scaling fit RUNS... [--fit-out=FIT.json] [--plot=FIT.png] [--bootstrap=100] [--confidence=0.95]\n"
-         "       codex scaling sweep DIR [--budgets=1e12,3e12,1e13] [--sizes-per-budget=4] "
-         "[--config=experiments/codex.py:tiny]\n"
+         "       codex scaling sweep DIR [--budgets=1e12,2e12] [--sizes-per-budget=5] [--params-range=2e4,5e5] "
+         "[--sweep-vocab=512] [--config=experiments/codex.py:tiny]\n"
          "       codex scaling exchange-rate DIR [--modality=image] [--fraction=0.25] [--config=...]")
 flags.DEFINE_string("fit-out", "FIT.json", "fit: where to write the constants and intervals.")
 flags.DEFINE_string("plot", None, "fit: PNG of the fitted law against the points (default: FIT.json's name, .png).")
 flags.DEFINE_integer("bootstrap", 100, "fit: bootstrap resamples for the confidence intervals.")
 flags.DEFINE_float("confidence", 0.95, "fit: confidence level of the intervals.")
 flags.DEFINE_integer("seed", 0, "fit: bootstrap seed.")
-# Default budgets: the whole sweep (12 runs) in about half an hour on a 2-core CPU.
-flags.DEFINE_list("budgets", ["1e12", "3e12", "1e13"], "sweep: training FLOP budgets (C = 6 N D).")
+# Default budgets: 10 runs, about 35 minutes on an idle 2-core CPU; at both, 20k parameters is under-sized
+# and 470k over-sized (BUILD.md "Planning"). At 3e11 the smallest size is already at the minimum.
+flags.DEFINE_list("budgets", ["1e12", "2e12"], "sweep: training FLOP budgets (C = 6 N D).")
 DEFAULT_CONFIG = "experiments/codex.py:tiny"
 flags.DEFINE_string("modality", "image", "exchange-rate: the modality whose rate is measured.")
 flags.DEFINE_float("fraction", 0.25, "exchange-rate: share of effective tokens moved from text to the modality.")
-flags.DEFINE_integer("sizes-per-budget", 4, "sweep: model sizes trained per budget.")
-flags.DEFINE_list("params-range", ["5e5", "4e6"], "sweep: smallest and largest parameter count (embeddings included).")
+flags.DEFINE_integer("sizes-per-budget", 5, "sweep: model sizes trained per budget.")
+flags.DEFINE_list("params-range", ["2e4", "5e5"], "sweep: smallest and largest parameter count (embeddings included).")
+# A sweep-local vocabulary (a tokenizer of that size is trained once and cached): at the tiny config's 4,096
+# the embedding tables were 55-89% of the sweep's models (planning/sweep.py).
+flags.DEFINE_integer("sweep-vocab", 512, "sweep: vocabulary size of every run; 0: --config's.")
 
 
 def run(flag_values, args: list[str]):
@@ -46,8 +51,7 @@ def _fit(flag_values, paths: list[str], out: str):
   result = fit.fit(points, bootstrap=flag_values.bootstrap, confidence=flag_values.confidence,
                    seed=flag_values.seed)
   result["runs"] = paths
-  with open(out, "w") as f:
-    json.dump(result, f, indent=2)
+  atomic.write_json(out, result)
   result["fit"] = out
   result["plot"] = fit.plot(points, result, flag_values.plot or out.rsplit(".", 1)[0] + ".png")
   if not flag_values.json:
@@ -105,10 +109,11 @@ def _sweep(flag_values, out: str):
   if len(params_range) != 2 or params_range[0] > params_range[1] or sizes < 1:
     raise flags.ValidationError("--params-range needs two counts, smallest first, and --sizes-per-budget >= 1")
   base = _base(flag_values)
+  vocab = flag_values["sweep-vocab"].value or base["model"]["vocab_size"]
   os.makedirs(out, exist_ok=True)
   manifest = sweep.one_phase_manifest(base["data"]["manifest"], os.path.join(out, "manifest.yaml"))
   tokens_per_step = base["train"]["global_batch"] * base["data"]["seq_len"]
-  runs = sweep.plan_runs(budgets, sizes, tuple(params_range), base["model"]["vocab_size"], tokens_per_step)
+  runs = sweep.plan_runs(budgets, sizes, tuple(params_range), vocab, tokens_per_step)
   if not runs:
     raise flags.ValidationError(f"--budgets={budgets}: every planned run has under {sweep.MIN_STEPS} steps")
   start = time.time()
@@ -147,25 +152,25 @@ def _heldout(base: dict, workdir: str, manifest: str) -> float:
   import jax
 
   from codex_jax.checkpoint.manager import Checkpointer
+  from codex_jax.data.tokenizer import pinned_path
   from codex_jax.parallel.mesh import build_mesh
   from codex_jax.train import feed
   from codex_jax.train.inputs import TrainInputs
   from codex_jax.train.setup import build_trainer
-  pinned = os.path.join(workdir, "tokenizer.json")
-  cfg, _ = _config(base, {"data.manifest": manifest, "data.tokenizer_path": pinned})
+  cfg, _ = _config(base, {"data.manifest": manifest, "data.tokenizer_path": pinned_path(workdir)})
   mesh = build_mesh(cfg.mesh)
   trainer = build_trainer(cfg, mesh)
   checkpointer = Checkpointer(workdir, cfg.checkpoint)
   try:
     step = checkpointer.latest_step()
-    state = checkpointer.restore(step, trainer.restore_target(), meta=checkpointer.read_meta(step), resume=False)
+    params = checkpointer.restore_params(step, trainer.restore_target().params, meta=checkpointer.read_meta(step))
   finally:
     checkpointer.close()
   inputs = TrainInputs.create(cfg, workdir, is_main=False)
   batches, ce_sum, tokens = inputs.eval_iterator(step), 0.0, 0.0
   try:
     for _, batch in zip(range(max(cfg.eval.batches, 1)), batches, strict=False):
-      out = jax.device_get(trainer.eval_step(state.params, feed.to_global(batch, trainer.data_sharding)))
+      out = jax.device_get(trainer.eval_step(params, feed.to_global(batch, trainer.data_sharding)))
       ce_sum, tokens = ce_sum + float(out["ce_sum"]), tokens + float(out["tokens"])
   finally:
     batches.close()

@@ -51,7 +51,18 @@ def load(config: Any, num_devices: int | None = None, num_processes: int = 1) ->
   problems = validate(cfg, num_devices=num_devices, num_processes=num_processes)
   if problems:
     raise ConfigError(problems)
-  return cfg
+  return derive(cfg)
+
+
+def derive(cfg: schema.Config) -> schema.Config:
+  """Fills the model fields that follow from other groups: which objective heads exist, and their widths."""
+  o, d = cfg.objectives, cfg.data
+  heads = tuple(name for name in o.enabled if name != "text")
+  model = dataclasses.replace(
+      cfg.model, objectives=heads, pixel_dim=d.patch_size * d.patch_size * 3 if "vision" in heads else 0,
+      align_dim=o.align.dim if "align" in heads else 0, action_dim=o.action.dim if "action" in heads else 0,
+      action_horizon=o.action.horizon if "action" in heads else 0)
+  return dataclasses.replace(cfg, model=model)
 
 
 def _build(group: str, cls: type, values: Mapping[str, Any], problems: list[str]) -> Any:
@@ -62,6 +73,12 @@ def _build(group: str, cls: type, values: Mapping[str, Any], problems: list[str]
     where = f"config.{group}.{key}"
     if key not in fields:
       problems.append(f"{where}: unknown key; expected one of {sorted(fields)}")
+      continue
+    if dataclasses.is_dataclass(hints[key]):  # A sub-group, e.g. objectives.vision.
+      if not isinstance(value, Mapping):
+        problems.append(f"{where}={value!r}: expected a group of keys")
+        continue
+      kwargs[key] = _build(f"{group}.{key}", hints[key], value, problems)
       continue
     converted = _coerce(value, hints[key])
     if converted is _BAD:
@@ -82,6 +99,12 @@ def _coerce(value: Any, hint: Any) -> Any:
     if isinstance(value, (list, tuple)) and all(_coerce(v, item) is not _BAD for v in value):
       return tuple(value)
     return _BAD
+  if origin is dict:
+    (key, item) = typing.get_args(hint)
+    if isinstance(value, Mapping) and all(_coerce(k, key) is not _BAD and _coerce(v, item) is not _BAD
+                                          for k, v in value.items()):
+      return {k: _coerce(v, item) for k, v in value.items()}
+    return _BAD
   if origin in (typing.Union, types.UnionType):
     return _BAD  # No optional fields: every key has a concrete default.
   if hint is bool:
@@ -99,6 +122,8 @@ def _coerce(value: Any, hint: Any) -> Any:
 def _type_name(hint: Any) -> str:
   if typing.get_origin(hint) is tuple:
     return f"a list of {typing.get_args(hint)[0].__name__}"
+  if typing.get_origin(hint) is dict:
+    return f"a group of {_type_name(typing.get_args(hint)[1])} by name"
   return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
 
 
@@ -113,9 +138,20 @@ def diff(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
   return lines
 
 
+# Keys of a group that a saved config from before the group existed is taken to have had at their schema
+# defaults (what that run did); its other keys are taken as the current ones (they played no part then).
+_GROUP_IDENTITY = {"objectives": ("weights", "phase_weights")}
+
+
 def resume_conflicts(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-  """The diff lines that forbid resuming: changes outside schema.RESUME_MUTABLE."""
-  return [line for line in diff(saved, current) if line.split(":")[0] not in schema.RESUME_MUTABLE]
+  """The diff lines that forbid resuming: changes outside schema.RESUME_MUTABLE. A group the saved config
+  lacks (written before it existed, e.g. `objectives`) may only differ in its identity keys."""
+  filled = dict(saved)
+  for name, cls in schema.GROUPS.items():
+    if name not in saved and name in current:
+      defaults = to_dict(dataclasses.asdict(cls()))
+      filled[name] = {**current[name], **{k: defaults[k] for k in _GROUP_IDENTITY.get(name, ())}}
+  return [line for line in diff(filled, current) if line.split(":")[0] not in schema.RESUME_MUTABLE]
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -34,6 +34,13 @@ class ModelConfig:
   attention_chunks: int = 1  # Query chunks that skip masked blocks; >1 pays where no fused kernel does.
   feature_dim: int = 0  # Values per non-text position (patches, audio, proprio, action); 0: text only.
   mtp_depth: int = 0  # Multi-token prediction modules (DeepSeek-V3), depth k predicts token t+k+1; 0: off.
+  # Derived at the config boundary (config/load.py) from `objectives`, never set by hand: the non-text
+  # objectives whose heads exist, and the heads' widths.
+  objectives: tuple[str, ...] = ()
+  pixel_dim: int = 0  # Values of one image patch (patch_size^2 * 3): the MAE pixel head's output.
+  align_dim: int = 0
+  action_dim: int = 0
+  action_horizon: int = 0
 
   @property
   def resolved_head_dim(self) -> int:
@@ -148,6 +155,83 @@ class EvalConfig:
   task_examples: int = 64  # Examples per task in the training loop (`codex eval` scores all).
 
 
+OBJECTIVES = ("text", "vision", "align", "world", "action")  # The order of every per-objective tuple.
+TEXT_ONLY = (1.0, 0.0, 0.0, 0.0, 0.0)  # objectives.weights of a text-only run (the stack before issue 6).
+BALANCE_MODES = ("fixed", "lagrangian")
+ALIGN_KINDS = ("clip", "siglip")
+
+
+@dataclasses.dataclass(frozen=True)
+class BalanceSettings:
+  """The loss-weight tuner (objectives/balance.py): share-of-trunk-gradient bounds and its dual ascent."""
+
+  mode: str = "lagrangian"  # fixed: the configured weights throughout | lagrangian: tuned within the bounds.
+  low: tuple[float, ...] = (0.05, 0.05, 0.05, 0.05, 0.05)  # Least share of the trunk gradient norm, per objective.
+  high: tuple[float, ...] = (0.6, 0.6, 0.6, 0.6, 0.6)  # Most share.
+  measure_every: int = 10  # Steps between trunk-gradient measurements (one extra head backward per objective).
+  dual_lr: float = 0.5
+  ema_decay: float = 0.9  # Of the measured norms, per measurement.
+  slack: float = 0.01
+  max_multiplier: float = 20.0
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionObjective:
+  mask_ratio: float = 0.75  # Share of an MAE image's patches replaced by the mask embedding.
+  masked_fraction: float = 0.5  # Share of the batch's images masked for MAE (the rest stay clean for captions).
+  temperature: float = 0.1  # Of the two-view image InfoNCE.
+  max_images: int = 128  # Image slots per global batch; more are dropped (and counted).
+
+
+@dataclasses.dataclass(frozen=True)
+class AlignObjective:
+  kind: str = "clip"  # clip: symmetric InfoNCE, learned temperature | siglip: sigmoid loss, learned t and b.
+  blind_fraction: float = 0.5  # Share of media+caption pairs whose caption cannot attend to its media.
+  dim: int = 64  # Width of the shared embedding space.
+  max_pairs: int = 128  # Pair slots per global batch.
+
+
+@dataclasses.dataclass(frozen=True)
+class WorldObjective:
+  ema_decay: float = 0.99  # Of the target encoder (shared with vision's second view).
+  max_chunks: int = 128  # Video chunk slots per global batch.
+
+
+@dataclasses.dataclass(frozen=True)
+class ActionObjective:
+  horizon: int = 4  # Actions per predicted chunk.
+  dim: int = 1  # Leading action values predicted (of the zero-padded feature vector).
+  sample_steps: int = 10  # Euler steps of the flow sampler.
+  max_chunks: int = 128  # Action position slots per global batch.
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectivesConfig:
+  """The pretraining objectives (text, vision, align, world, action), their weights and settings."""
+
+  weights: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 0.0)  # Per objective, in OBJECTIVES order; 0: off.
+  # Per manifest phase (e.g. "anneal"): the weights from that phase's start step; a phase not named uses `weights`.
+  phase_weights: dict[str, tuple[float, ...]] = dataclasses.field(default_factory=dict)
+  balance: BalanceSettings = BalanceSettings()
+  vision: VisionObjective = VisionObjective()
+  align: AlignObjective = AlignObjective()
+  world: WorldObjective = WorldObjective()
+  action: ActionObjective = ActionObjective()
+
+  def phase_table(self) -> dict[str, tuple[float, ...]]:
+    return {name: tuple(w) for name, w in self.phase_weights.items()}
+
+  @property
+  def enabled(self) -> tuple[str, ...]:
+    """Objectives with a positive weight in some phase."""
+    tables = [self.weights, *self.phase_weights.values()]
+    return tuple(name for i, name in enumerate(OBJECTIVES) if any(w[i] > 0 for w in tables if len(w) > i))
+
+  @property
+  def multimodal(self) -> bool:
+    return any(name != "text" for name in self.enabled)
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
   model: ModelConfig
@@ -157,6 +241,7 @@ class Config:
   mesh: MeshConfig
   checkpoint: CheckpointConfig
   eval: EvalConfig
+  objectives: ObjectivesConfig = ObjectivesConfig()
 
 
 GROUPS: dict[str, type] = {
@@ -167,6 +252,7 @@ GROUPS: dict[str, type] = {
     "mesh": MeshConfig,
     "checkpoint": CheckpointConfig,
     "eval": EvalConfig,
+    "objectives": ObjectivesConfig,
 }
 
 # Keys that may change when a run resumes from its workdir; any other change is refused.

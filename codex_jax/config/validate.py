@@ -108,6 +108,8 @@ def validate(cfg: schema.Config, num_devices: int | None = None, num_processes: 
     need(2 <= t.spike_min_steps <= t.spike_window, "train.spike_min_steps", t.spike_min_steps,
          f"must be in [2, train.spike_window={t.spike_window}] (or set train.spike_window=0 to turn spikes off)")
 
+  problems.extend(objective_problems(cfg))
+
   # Mesh and batch.
   sizes = {"data": mesh.data, "tensor": mesh.tensor, "pipeline": mesh.pipeline}
   for axis, size in sizes.items():
@@ -176,3 +178,67 @@ def resolve_mesh_shape(mesh: schema.MeshConfig, num_devices: int | None) -> dict
     if size == -1:
       sizes[axis] = max(1, (num_devices or known) // known)
   return sizes
+
+
+def objective_problems(cfg: schema.Config) -> list[str]:
+  """The objectives group: weights per objective (and phase), the tuner, each objective's settings."""
+  o, problems = cfg.objectives, []
+  n = len(schema.OBJECTIVES)
+
+  def need(ok: bool, key: str, value, rule: str):
+    if not ok:
+      problems.append(f"config.objectives.{key}={value!r}: {rule}")
+
+  tables = {"weights": o.weights, **{f"phase_weights.{k}": v for k, v in o.phase_weights.items()}}
+  for key, weights in tables.items():
+    need(len(weights) == n and all(w >= 0 for w in weights) and sum(weights) > 0, key, weights,
+         f"must be {n} weights >= 0 with a positive sum, in the order {schema.OBJECTIVES} (0 switches one off)")
+  b = o.balance
+  need(b.mode in schema.BALANCE_MODES, "balance.mode", b.mode, f"must be one of {schema.BALANCE_MODES}")
+  for key in ("low", "high"):
+    value = getattr(b, key)
+    need(len(value) == n and all(0 <= v <= 1 for v in value), f"balance.{key}", value,
+         f"must be {n} shares in [0, 1], in the order {schema.OBJECTIVES}")
+  need(b.measure_every >= 1, "balance.measure_every", b.measure_every, "must be at least 1")
+  need(b.dual_lr > 0, "balance.dual_lr", b.dual_lr, "must be positive")
+  need(0 <= b.ema_decay < 1, "balance.ema_decay", b.ema_decay, "must be in [0, 1)")
+  need(b.slack >= 0, "balance.slack", b.slack, "must not be negative")
+  need(b.max_multiplier > 0, "balance.max_multiplier", b.max_multiplier, "must be positive")
+  if problems:
+    return problems
+  # A switched-off objective's lower bound is dropped where the tuner is built (train/objectives.py).
+  for i, name in enumerate(schema.OBJECTIVES):
+    need(b.low[i] + b.slack <= b.high[i] - b.slack, f"balance.low[{i}]", b.low[i],
+         f"must be at most balance.high[{i}]={b.high[i]} - 2 * slack ({name})")
+  need(sum(b.low) <= 1, "balance.low", b.low, "must sum to at most 1")
+  need(sum(b.high) >= 1, "balance.high", b.high, "must sum to at least 1")
+
+  v, a, w, act = o.vision, o.align, o.world, o.action
+  need(0 < v.mask_ratio < 1, "vision.mask_ratio", v.mask_ratio, "must be in (0, 1)")
+  need(0 <= v.masked_fraction <= 1, "vision.masked_fraction", v.masked_fraction, "must be in [0, 1]")
+  need(v.temperature > 0, "vision.temperature", v.temperature, "must be positive")
+  need(a.kind in schema.ALIGN_KINDS, "align.kind", a.kind, f"must be one of {schema.ALIGN_KINDS}")
+  need(0 <= a.blind_fraction <= 1, "align.blind_fraction", a.blind_fraction, "must be in [0, 1]")
+  need(0 <= w.ema_decay < 1, "world.ema_decay", w.ema_decay, "must be in [0, 1)")
+  need(act.sample_steps >= 1, "action.sample_steps", act.sample_steps, "must be at least 1")
+  for key, value in (("vision.max_images", v.max_images), ("align.dim", a.dim), ("align.max_pairs", a.max_pairs),
+                     ("world.max_chunks", w.max_chunks), ("action.horizon", act.horizon), ("action.dim", act.dim),
+                     ("action.max_chunks", act.max_chunks)):
+    need(value >= 1, key, value, "must be at least 1")
+  m, d = cfg.model, cfg.data
+  enabled = o.enabled
+  if o.multimodal:
+    need(m.feature_dim > 0, "weights", o.weights,
+         "turn on non-text objectives only with model.feature_dim > 0 (the model must see non-text positions)")
+    if cfg.mesh.pipeline > 1:
+      need(cfg.mesh.schedule != "1f1b", "weights", o.weights,
+           "non-text objectives need mesh.schedule gpipe or circular with mesh.pipeline > 1: the 1f1b "
+           "schedule's hand-written backward only knows the text (and MTP) loss")
+  if "action" in enabled and m.feature_dim > 0:
+    need(act.dim <= m.feature_dim, "action.dim", act.dim,
+         f"must be at most model.feature_dim={m.feature_dim} (an action position's values)")
+  if "vision" in enabled and m.feature_dim > 0:
+    pixels = d.patch_size * d.patch_size * 3
+    need(pixels <= m.feature_dim, "weights", o.weights,
+         f"vision needs image patches of {pixels} values to fit model.feature_dim={m.feature_dim}")
+  return problems

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from codex_jax import atomic
 from codex_jax.data.errors import DataError
 from codex_jax.data.records import MODALITIES, cache_dir
 
@@ -91,6 +92,22 @@ def read_manifest_file(path: str) -> dict[str, Any]:
   if not isinstance(raw, dict):
     raise DataError(f"{path}: a manifest is a mapping with keys {sorted(_TOP_KEYS)}, got {type(raw).__name__}.")
   return raw
+
+
+def first_phase(path: str) -> tuple[dict[str, Any], str]:
+  """The manifest file at `path` (raw) cut to its first phase, from step 0, each source keeping only that
+  phase's share; and the phase's name. For runs that must all see one mixture (planning's sweeps)."""
+  raw = read_manifest_file(path)
+  phase = raw["phases"][0]["name"]
+  raw["phases"] = [{"name": phase, "start_step": 0}]
+  for source in raw["sources"]:
+    source["share"] = {phase: source["share"].get(phase, 0.0)}
+  return raw, phase
+
+
+def write_manifest_file(raw: dict[str, Any], out: str) -> str:
+  """A raw manifest written as YAML (atomically), keys in their order."""
+  return atomic.write_text(out, yaml.safe_dump(raw, sort_keys=False))
 
 
 def load_manifest(path: str) -> Manifest:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from codex_jax import atomic
 from codex_jax.config.schema import DataConfig
 from codex_jax.data.errors import DataError
 from codex_jax.data.records import cache_dir
@@ -21,20 +21,12 @@ SPECIAL_TOKENS = ("<|pad|>", "<|endoftext|>")  # In id order: PAD_ID, EOS_ID.
 # Bump when the training recipe changes, so cached tokenizers from the old recipe are not reused.
 RECIPE_VERSION = "bytebpe-v1"
 _MIN_VOCAB = len(SPECIAL_TOKENS) + 256  # Specials plus the byte alphabet.
+PINNED_FILE = "tokenizer.json"
 
 
-def _write_atomic(path: str, text: str) -> None:
-  folder = os.path.dirname(path) or "."
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-    os.replace(tmp, path)  # Readers see the old file or the whole new one, never a torn write.
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+def pinned_path(workdir: str) -> str:
+  """Where a run pins its tokenizer at its start; resume, eval, generate and export read it back from there."""
+  return os.path.join(workdir, PINNED_FILE)
 
 
 def _check(tok: tokenizers.Tokenizer, vocab_size: int, where: str) -> tokenizers.Tokenizer:
@@ -96,10 +88,10 @@ def load_or_train_tokenizer(data_cfg: DataConfig, vocab_size: int, texts: Callab
       tok = tokenizers.Tokenizer.from_file(path)
     else:
       tok = train_tokenizer(texts(), vocab_size)
-      _write_atomic(path, tok.to_str())
+      atomic.write_text(path, tok.to_str())
     tok = _check(tok, vocab_size, repr(path))
   if workdir:
-    _pin(tok, os.path.join(workdir, "tokenizer.json"))
+    _pin(tok, pinned_path(workdir))
   return tok
 
 
@@ -117,4 +109,4 @@ def _pin(tok: tokenizers.Tokenizer, path: str) -> None:
           f"{path} holds a different tokenizer than this run's; a resumed run must keep its "
           "tokenizer. Use a fresh workdir, or set data.tokenizer_path to that file.")
     return
-  _write_atomic(path, text)
+  atomic.write_text(path, text)

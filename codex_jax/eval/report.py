@@ -2,7 +2,8 @@
 
 The PNG has one row per task (and one for held-out loss): the continuous metric on the left (bits per
 byte), accuracy and probability on the right; the snapshot average (`avg/`) is drawn dashed beside the
-latest checkpoint.
+latest checkpoint. A multimodal run adds two rows for its per-objective evals (eval/objectives.py): held-out
+losses and retrieval accuracy, then the model / baseline MSE ratios and the MSEs themselves (log scale).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from matplotlib.figure import Figure
 from codex_jax.eval import selection
 from codex_jax.telemetry.plot import read_metrics, save_png, series
 
-PREFIXES = ("heldout/", "task/", "avg/")
+PREFIXES = ("heldout/", "task/", "avg/", "objectives/")
 
 
 def history(records: list[dict]) -> dict[str, tuple[list[float], list[float]]]:
@@ -36,8 +37,37 @@ def build_report(records: list[dict], scores: dict[str, float], step: int) -> di
   out = {"step": step, "tasks": tasks, "summary": {**selection.summary(scores, chosen),
                                                      **selection.summary(scores, chosen, "avg/")},
          "informative": [n for n in names if chosen[n]["informative"]],
-         "heldout": {k: v for k, v in scores.items() if k.startswith(("heldout/", "avg/heldout/"))}}
+         "heldout": {k: v for k, v in scores.items() if k.startswith(("heldout/", "avg/heldout/"))},
+         "objectives": {k.split("/", 1)[1]: v for k, v in scores.items() if k.startswith("objectives/")}}
   return out
+
+
+# (what, model key, baseline key, the baseline in words, ratio key, count key, unit): one report line each.
+COMPARISONS = (
+    ("reconstruction", "recon_mse", "recon_zero_mse", "predicting zero", "recon_ratio", "recon_patches", "patches"),
+    ("world model", "world_mse", "world_copy_last_mse", "copy-last-chunk", "world_ratio", "world_transitions",
+     "transitions"),
+    ("sampled actions", "action_mse", "action_mean_mse", "mean action", "action_ratio", "action_chunks", "chunks"),
+    ("mean of 8 sampled actions", "action_samples_mean_mse", "action_mean_mse", "mean action",
+     "action_samples_mean_ratio", "action_chunks", "chunks"),
+)
+
+
+def objective_lines(o: dict) -> list[str]:
+  """The per-objective evals (eval/objectives.py), one line per question, each beside its baseline."""
+  if not o:
+    return []
+  g = lambda k: o.get(k) if o.get(k) is not None else float("nan")  # noqa: E731
+  losses = ", ".join(f"{k[:-5]} {g(k):.4f}" for k in o if k.endswith("_loss"))
+  lines = [f"objectives held-out loss: {losses}"]
+  if "retrieval_pairs" in o:
+    lines.append(f"retrieval top-1: image->text {g('retrieval_i2t'):.3f}, text->image {g('retrieval_t2i'):.3f} "
+                 f"(chance {g('retrieval_chance'):.3f}, {g('retrieval_pairs'):.0f} pairs)")
+  for what, model, baseline, against, ratio, count, unit in COMPARISONS:
+    if count in o and model in o:
+      lines.append(f"{what} MSE {g(model):.4f} vs {g(baseline):.4f} {against} "
+                   f"(ratio {g(ratio):.3g}, {g(count):.0f} {unit})")
+  return lines
 
 
 def format_report(report: dict) -> str:
@@ -54,6 +84,7 @@ def format_report(report: dict) -> str:
   for k in ("heldout/loss", "heldout/bpb", "avg/heldout/loss", "avg/heldout/bpb"):
     if report["heldout"].get(k) is not None:
       lines.append(f"{k}: {report['heldout'][k]:.4f}")
+  lines += objective_lines(report.get("objectives", {}))
   return "\n".join(lines)
 
 
@@ -64,7 +95,7 @@ def _draw(ax, hist, keys: list[str], title: str) -> None:
     for name, style in ((key, "-"), (f"avg/{key}", "--")):  # The average in its checkpoint's colour, dashed.
       steps, values = hist.get(name, ([], []))
       if steps:
-        label = key.rsplit("/", 1)[1] if key.startswith("task/") else key.replace("heldout/", "")
+        label = key.rsplit("/", 1)[1] if key.startswith(("task/", "objectives/")) else key.replace("heldout/", "")
         line, = ax.plot(steps, values, style, color=color, marker="o", markersize=3,
                         label=label if style == "-" else f"{label} (avg)")
         color, drawn = line.get_color(), True
@@ -83,7 +114,8 @@ def plot_scores(metrics_jsonl: str, out_png: str) -> str | None:
     return None
   names = task_names(hist)
   domains = sorted({k.split("/")[2] for k in hist if k.startswith("heldout/domain/") and k.endswith("/bpb")})
-  rows = 1 + len(names)
+  objective_losses = [k for k in hist if k.startswith("objectives/") and k.endswith("_loss")]
+  rows = 1 + len(names) + 2 * bool(objective_losses)
   fig = Figure(figsize=(10, 2.4 * rows), dpi=90, layout="constrained")
   FigureCanvasAgg(fig)
   axes = fig.subplots(rows, 2, squeeze=False)
@@ -95,6 +127,18 @@ def plot_scores(metrics_jsonl: str, out_png: str) -> str | None:
     mc = f"task/{name}/acc_norm" in hist  # A cloze task's prob is of a whole line: not on this scale.
     _draw(axes[row, 1], hist, [f"task/{name}/{m}" for m in (("acc", "acc_norm", "prob") if mc else ("acc",))],
           f"{name}: accuracy" + (" and p(gold)" if mc else " (greedy exact match)"))
+  if objective_losses:
+    o = lambda *keys: [f"objectives/{k}" for k in keys]  # noqa: E731
+    _draw(axes[-2, 0], hist, objective_losses, "held-out loss per objective")
+    _draw(axes[-2, 1], hist, o("retrieval_i2t", "retrieval_t2i", "retrieval_chance"),
+          "retrieval top-1 accuracy (chance: 1 / pairs)")
+    _draw(axes[-1, 0], hist, o("recon_ratio", "world_ratio", "action_ratio"),
+          "model / baseline MSE (< 1 beats the baseline)")
+    _draw(axes[-1, 1], hist, o("recon_mse", "recon_zero_mse", "world_mse", "world_copy_last_mse", "action_mse",
+                               "action_mean_mse"), "MSE of each model and its baseline")
+    for ax in axes[-1]:
+      if ax.has_data():
+        ax.set_yscale("log")  # Ratios and errors span decades early in a run.
   for ax in axes[-1]:
     ax.set_xlabel("step")
   return save_png(fig, out_png)

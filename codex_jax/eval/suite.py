@@ -23,7 +23,9 @@ from codex_jax.checkpoint import average
 from codex_jax.config.schema import Config
 from codex_jax.data.encode import Encoder
 from codex_jax.data.pipeline import encode_spec
+from codex_jax.data.tokenizer import pinned_path
 from codex_jax.eval import builtin, heldout, score
+from codex_jax.eval.objectives import ObjectiveEval
 from codex_jax.eval.tasks import Task, TaskError, load_tasks
 from codex_jax.objectives import mtp as mtp_objective
 from codex_jax.parallel.mesh import replicated
@@ -92,6 +94,7 @@ class Suite:
   domains: dict[int, str]              # source id -> kind
   eval_batches: Callable[[int], Any] | None  # step -> held-out batch iterator
   prepared: list | None = None         # score.prepare: the tasks' requests, tokenized and checked once.
+  objectives: ObjectiveEval | None = None  # Per-objective evals (eval/objectives.py) of a multimodal run.
 
   @classmethod
   def create(cls, cfg: Config, plan, trainer, to_global, eval_batches, *, limit: int | None) -> Suite:
@@ -101,10 +104,12 @@ class Suite:
     media_fn = lambda image: encoder.spans({"image": image})[0][1]  # noqa: E731
     encode = lambda text: plan.tokenizer.encode(text).ids  # noqa: E731
     prepared = score.prepare(tasks, encode, cfg.data.seq_len, media_fn)  # Fails before training, naming the file.
+    objectives = (ObjectiveEval.create(cfg, trainer, to_global)
+                  if getattr(trainer, "objectives", None) is not None and eval_batches is not None else None)
     return cls(cfg, make_runner(cfg, trainer, to_global), tasks, encode, media_fn,
                heldout.token_bytes(plan.tokenizer, cfg.model.vocab_size),
                {s.source_id: s.source.name for s in plan.sources}, {s.source_id: s.source.kind for s in plan.sources},
-               eval_batches, prepared)
+               eval_batches, prepared, objectives)
 
   def scores(self, params, step: int) -> dict[str, float]:
     """The flat score vector of `params`: heldout/... and task/<name>/<metric>."""
@@ -119,9 +124,16 @@ class Suite:
                                  prepared=self.prepared))
     return out
 
-  def evaluate(self, step: int, params, checkpointer=None, restore_target=None) -> dict[str, float]:
-    """Scores of `params` at `step`; with a checkpointer, also the snapshot average ending here (`avg/...`)."""
+  def evaluate(self, step: int, params, checkpointer=None, restore_target=None,
+               target_params=None) -> dict[str, float]:
+    """Scores of `params` at `step`; with a checkpointer, also the snapshot average ending here (`avg/...`).
+
+    A multimodal run's per-objective evals (`objectives/...`) are of `params` and `target_params` (the EMA
+    target encoder's, from the same state) alone: an average has no target encoder to go with it.
+    """
     out = self.scores(params, step)
+    if self.objectives is not None:
+      out.update(self.objectives.scores(params, target_params, lambda: self.eval_batches(step)))
     if checkpointer is not None and average.enabled(self.cfg.checkpoint):
       averaged = self.average_params(step, params, checkpointer, restore_target)
       if averaged is not None:
@@ -139,7 +151,8 @@ class Suite:
     if missing:
       logging.info("Step %d: no snapshot average (snapshots %s are not on disk)", step, missing)
       return None
-    trees = [checkpointer.restore(s, restore_target, meta=checkpointer.read_meta(s), resume=False).params
+    trees = [checkpointer.restore_params(s, restore_target.params, meta=checkpointer.read_meta(s),
+                                         allow_dtype_change=self.cfg.checkpoint.allow_dtype_change)
              for s in steps[:-1]]
     return average.mean_params([*trees, params], self.cfg.checkpoint)
 
@@ -153,7 +166,7 @@ def offline(loaded, workdir: str, *, limit: int | None, tasks: str | None = None
 
   cfg = loaded.cfg
   data = cfg.data if cfg.data.tokenizer_path else dataclasses.replace(
-      cfg.data, tokenizer_path=os.path.join(workdir, "tokenizer.json"))  # The run's own, pinned at its start.
+      cfg.data, tokenizer_path=pinned_path(workdir))  # The run's own, pinned at its start.
   cfg = dataclasses.replace(cfg, data=data, eval=dataclasses.replace(cfg.eval, tasks=cfg.eval.tasks if tasks is None
                                                                        else tasks))
   trainer = build_trainer(cfg, one_device_mesh(cfg))

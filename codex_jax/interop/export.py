@@ -9,7 +9,7 @@ from typing import Any
 import jax
 
 from codex_jax.checkpoint.load import LoadedStep, load_step
-from codex_jax.data.tokenizer import EOS_ID, PAD_ID, SPECIAL_TOKENS
+from codex_jax.data.tokenizer import EOS_ID, PAD_ID, SPECIAL_TOKENS, pinned_path
 from codex_jax.hashing import sha256_file
 from codex_jax.interop import files, llama
 from codex_jax.interop.llama import InteropError
@@ -34,7 +34,7 @@ def export_hf(workdir: str, out: str, *, step: int | None = None, average: int |
               max_shard_bytes: int = MAX_SHARD_BYTES) -> dict[str, Any]:
   """Writes config.json, model.safetensors (or shards + index), the tokenizer files and lineage.json to `out`."""
   check_out(out)
-  tokenizer = os.path.join(workdir, "tokenizer.json")
+  tokenizer = pinned_path(workdir)
   if not os.path.isfile(tokenizer):
     raise InteropError(f"{tokenizer}: missing; the run's tokenizer is pinned there by `codex train`")
   loaded = load(workdir, step, average)
@@ -52,7 +52,7 @@ def export_hf(workdir: str, out: str, *, step: int | None = None, average: int |
                    llama.hf_config(cfg.model, cfg.data.seq_len, cfg.model.param_dtype, PAD_ID, EOS_ID))
   files.write_json(os.path.join(partial, "generation_config.json"),
                    {"bos_token_id": EOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID})
-  shutil.copyfile(tokenizer, os.path.join(partial, "tokenizer.json"))
+  shutil.copyfile(tokenizer, os.path.join(partial, files.TOKENIZER))
   # Documents are separated by EOS and never start with a BOS: the tokenizer adds no special tokens.
   files.write_json(os.path.join(partial, "tokenizer_config.json"),
                    {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.data.seq_len,

@@ -13,6 +13,7 @@ from codex_jax.interop.llama import InteropError
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+TOKENIZER = "tokenizer.json"  # HF tokenizers format, as a run pins it (data/tokenizer.py pinned_path).
 
 
 def read_config(directory: str) -> dict[str, Any]:

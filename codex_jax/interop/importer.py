@@ -20,7 +20,7 @@ from codex_jax.checkpoint.lineage import config_hash
 from codex_jax.checkpoint.load import one_device_config, one_device_mesh
 from codex_jax.checkpoint.manager import Checkpointer, roots, state_leaf_hashes
 from codex_jax.config import load as config_load
-from codex_jax.data.tokenizer import load_tokenizer
+from codex_jax.data.tokenizer import load_tokenizer, pinned_path
 from codex_jax.hashing import sha256_file
 from codex_jax.interop import files, llama
 from codex_jax.interop.llama import InteropError
@@ -41,9 +41,9 @@ def import_hf(directory: str, workdir: str, base_config: dict[str, Any]) -> dict
   overrides = llama.model_overrides(hf, os.path.join(directory, files.CONFIG))
   config = copy.deepcopy(base_config)
   config["model"].update(overrides)
-  source_tokenizer = os.path.join(directory, "tokenizer.json")
+  source_tokenizer = os.path.join(directory, files.TOKENIZER)
   if os.path.isfile(source_tokenizer):
-    config["data"]["tokenizer_path"] = os.path.abspath(os.path.join(workdir, "tokenizer.json"))
+    config["data"]["tokenizer_path"] = os.path.abspath(pinned_path(workdir))
   elif config["data"].get("tokenizer_path"):
     source_tokenizer = config["data"]["tokenizer_path"]
   else:
@@ -74,7 +74,7 @@ def import_hf(directory: str, workdir: str, base_config: dict[str, Any]) -> dict
 
   # 3. Write: tokenizer, config, data record, the lineage start and checkpoint 0.
   os.makedirs(workdir, exist_ok=True)
-  shutil.copyfile(source_tokenizer, os.path.join(workdir, "tokenizer.json"))
+  shutil.copyfile(source_tokenizer, pinned_path(workdir))
   checkpointer = Checkpointer(workdir, cfg.checkpoint)
   try:
     checkpointer.start_fresh(start)

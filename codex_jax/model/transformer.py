@@ -7,13 +7,27 @@ import jax
 import jax.numpy as jnp
 
 from codex_jax.config.schema import ModelConfig
+from codex_jax.model.heads import HEADS, ObjectiveHeads
 from codex_jax.model.layers import Attention, RMSNorm, SwiGLU
 from codex_jax.model.mtp import MTP, MultiTokenPrediction
-from codex_jax.model.mtp import inference_params as inference_params  # Re-exported.
 
 ACT_BLD = ("act_batch", "act_seq", "act_embed")  # The residual stream between blocks.
 # Modality ids of a packed row (data/records.py): 0 padding, 1 text, then the non-text modalities.
 TEXT_MODALITY_ID, NUM_MODALITY_IDS = 1, 7
+
+# The parameters of the EMA target encoder (the trunk as far as the last block; train/state.py).
+TRUNK_PARAMS = ("embedding", "feature_in", "modality_embedding", "layers")
+
+
+def trunk_params(params: dict) -> dict:
+  """The trunk's parameters: embeddings and the block stack (scanned `layers`, or `layers_i` unrolled)."""
+  return {k: v for k, v in params.items() if k in TRUNK_PARAMS or k.startswith("layers_")}
+
+
+def inference_params(params: dict) -> dict:
+  """The parameters generation and export need: no MTP modules or objective heads (training only)."""
+  return {k: v for k, v in params.items() if k not in (MTP, HEADS)}
+
 
 # What the backward pass may keep instead of recomputing, per `model.remat`.
 REMAT_POLICIES = {
@@ -77,6 +91,8 @@ class Decoder(nn.Module):
                                                              ("modalities", "embed")),
           (NUM_MODALITY_IDS, cfg.d_model), jnp.dtype(cfg.param_dtype))
     self.final_norm = RMSNorm(cfg, name="final_norm")
+    if cfg.objectives:  # A submodule: its params (the MAE mask embedding among them) exist only for training.
+      self.heads = ObjectiveHeads(cfg, name=HEADS)
     if cfg.mtp_depth:
       self.mtp = MultiTokenPrediction(cfg, _block_class(cfg, scanned=False), name=MTP)
     if not cfg.tie_embeddings:
@@ -84,8 +100,9 @@ class Decoder(nn.Module):
           "unembed", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("embed", "vocab")),
           (cfg.d_model, cfg.vocab_size), jnp.dtype(cfg.param_dtype))
 
-  def embed(self, tokens_BL, features_BLF=None, modality_ids_BL=None):
-    """Token embeddings at text positions; projected features + modality vectors elsewhere."""
+  def embed(self, tokens_BL, features_BLF=None, modality_ids_BL=None, masked_BL=None):
+    """Token embeddings at text positions; projected features + modality vectors elsewhere; the mask
+    embedding where `masked_BL` (MAE) is set."""
     dt = self.cfg.compute_dtype
     x_BLD = jnp.take(self.embedding, tokens_BL, axis=0).astype(dt)
     if self.cfg.feature_dim and features_BLF is not None:
@@ -93,11 +110,14 @@ class Decoder(nn.Module):
                    + jnp.take(self.modality_embedding, modality_ids_BL, axis=0).astype(dt))
       is_media_BL = modality_ids_BL > TEXT_MODALITY_ID
       x_BLD = jnp.where(is_media_BL[..., None], media_BLD, x_BLD)
+    if masked_BL is not None:
+      x_BLD = jnp.where(masked_BL[..., None], self.heads.mask_embedding.astype(dt), x_BLD)
     return nn.with_logical_constraint(x_BLD, ACT_BLD)
 
-  def trunk(self, tokens_BL, segment_ids_BL, positions_BL, features_BLF=None, modality_ids_BL=None):
+  def trunk(self, tokens_BL, segment_ids_BL, positions_BL, features_BLF=None, modality_ids_BL=None,
+            masked_BL=None):
     """The last block's output [B, L, D] (before the final norm)."""
-    x_BLD = self.embed(tokens_BL, features_BLF, modality_ids_BL)
+    x_BLD = self.embed(tokens_BL, features_BLF, modality_ids_BL, masked_BL)
     if self.cfg.scan_layers:
       x_BLD, _ = self.layers(x_BLD, segment_ids_BL, positions_BL)
     else:
@@ -132,6 +152,12 @@ class Decoder(nn.Module):
     """(next-token logits, [logits of each MTP depth]): what training needs, and what init creates."""
     x_BLD = self.trunk(tokens_BL, segment_ids_BL, positions_BL, features_BLF, modality_ids_BL)
     return self.head(x_BLD), self.mtp_logits(x_BLD, tokens_BL, segment_ids_BL, positions_BL)
+
+  def init_outputs(self, tokens_BL, segment_ids_BL, positions_BL):
+    """train_outputs and every objective head: what init runs, so that all training params exist."""
+    x_BLD = self.trunk(tokens_BL, segment_ids_BL, positions_BL)
+    out = (self.head(x_BLD), self.mtp_logits(x_BLD, tokens_BL, segment_ids_BL, positions_BL))
+    return out + (self.heads.init_all(x_BLD),) if self.cfg.objectives else out
 
   def __call__(self, tokens_BL, segment_ids_BL, positions_BL, features_BLF=None, modality_ids_BL=None):
     """Next-token logits: inference needs only these (and `inference_params`)."""

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 
 # Logical names. Parameters: vocab, embed, heads, kv_heads, head_dim, mlp, norm, layers, features,
-# modalities, stage (a pipeline stage's slice of the stacked layers).
+# modalities, head_hidden, align (objective heads), stage (a pipeline stage's slice of the stacked layers).
 # Activations get their own names (act_*) so that FSDP, which shards the parameters' `embed`
 # over `data`, never shards an activation's feature dimension over the axis its batch is on.
 MESH_AXES = ("data", "tensor", "pipeline")
@@ -31,6 +31,9 @@ def logical_axis_rules(fsdp: bool, sequence_parallel: bool = False) -> tuple[tup
       ("stage", "pipeline"),
       ("features", None),  # Input width of non-text positions (patch / audio / proprio / action values).
       ("modalities", None),
+      # Objective heads (model/heads.py): small, replicated.
+      ("head_hidden", None),
+      ("align", None),
       # Activations: the batch over `data`, features over `tensor` where the math splits there.
       ("act_batch", "data"),
       ("act_length", None),

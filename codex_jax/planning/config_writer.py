@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from codex_jax import atomic
 from codex_jax.planning.shape import Shape
 
 _TEMPLATE = '''"""{title}
@@ -48,7 +49,4 @@ def write_config(path: str, shape: Shape, *, vocab_size: int, seq_len: int, glob
       vocab=vocab_size, d_model=shape.d_model, num_layers=shape.num_layers, num_heads=shape.num_heads,
       num_kv_heads=shape.num_kv_heads, mlp_dim=shape.mlp_dim, params=shape.params, seq_len=seq_len,
       lr=learning_rate, global_batch=global_batch, batch_tokens=global_batch * seq_len, steps=steps, tokens=tokens)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    f.write(text)
-  return path
+  return atomic.write_text(path, text)

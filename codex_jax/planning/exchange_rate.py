@@ -26,29 +26,28 @@ import math
 import os
 from collections.abc import Callable
 
-import yaml
+from codex_jax import atomic
+from codex_jax.config.schema import TEXT_ONLY
+from codex_jax.data.manifest import first_phase, write_manifest_file
+from codex_jax.data.tokenizer import pinned_path
 
 
 def manifests(path: str, out: str, modality: str, fraction: float) -> tuple[str, str]:
   """(text-only, mixed) one-phase copies of the manifest at `path`, written under `out`."""
-  with open(path) as f:
-    raw = yaml.safe_load(f)
-  phase = raw["phases"][0]["name"]
-  text = [s for s in raw["sources"] if s["modalities"] == ["text"] and s["share"].get(phase, 0) > 0]
-  carriers = [s for s in raw["sources"] if modality in s["modalities"] and s["share"].get(phase, 0) > 0]
+  raw, phase = first_phase(path)
+  text = [s for s in raw["sources"] if s["modalities"] == ["text"] and s["share"][phase] > 0]
+  carriers = [s for s in raw["sources"] if modality in s["modalities"] and s["share"][phase] > 0]
   if not text or not carriers:
     raise ValueError(f"{path}: needs text-only sources and sources with {modality!r} in phase {phase!r} "
                      f"(found {len(text)} and {len(carriers)})")
-  raw["phases"] = [{"name": phase, "start_step": 0}]
   paths = []
   for name, groups in (("text", [(text, 1.0)]), ("mixed", [(text, 1 - fraction), (carriers, fraction)])):
     sources = []
     for group, weight in groups:
       total = sum(s["share"][phase] for s in group)
       sources += [{**s, "share": {phase: weight * s["share"][phase] / total}} for s in group]
-    paths.append(os.path.join(out, f"{name}.yaml"))
-    with open(paths[-1], "w") as f:
-      yaml.safe_dump({**raw, "name": f"{raw['name']}-{name}", "sources": sources}, f, sort_keys=False)
+    paths.append(write_manifest_file({**raw, "name": f"{raw['name']}-{name}", "sources": sources},
+                                     os.path.join(out, f"{name}.yaml")))
   return paths[0], paths[1]
 
 
@@ -87,8 +86,8 @@ def measure(out: str, base_manifest: str, modality: str, fraction: float, steps:
     workdir = os.path.join(out, name)
     log(f"{name}: {n} steps on {manifest}")
     train(workdir, {"data.manifest": manifest, "train.steps": n, "eval.every": n, "checkpoint.every": n,
-                    "eval.tasks": "", **tokenizer})
-    tokenizer = tokenizer or {"data.tokenizer_path": os.path.join(workdir, "tokenizer.json")}
+                    "eval.tasks": "", "objectives.weights": TEXT_ONLY, **tokenizer})  # Text loss alone is compared.
+    tokenizer = tokenizer or {"data.tokenizer_path": pinned_path(workdir)}
     result["runs"][name] = {"steps": n, "text_tokens": raw_tokens(workdir, "text"),
                             f"{modality}_tokens": raw_tokens(workdir, modality),
                             "heldout_text_loss": heldout(workdir, text)}
@@ -97,6 +96,5 @@ def measure(out: str, base_manifest: str, modality: str, fraction: float, steps:
   result.update(rate((r["text-half"]["text_tokens"], r["text-half"]["heldout_text_loss"]),
                      (r["text"]["text_tokens"], r["text"]["heldout_text_loss"]),
                      (r["mixed"]["text_tokens"], r["mixed"][f"{modality}_tokens"], r["mixed"]["heldout_text_loss"])))
-  with open(os.path.join(out, "EXCHANGE_RATE.json"), "w") as f:
-    json.dump(result, f, indent=2)
+  atomic.write_json(os.path.join(out, "EXCHANGE_RATE.json"), result)
   return result

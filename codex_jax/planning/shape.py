@@ -35,14 +35,22 @@ class Shape:
             "num_kv_heads": self.num_kv_heads, "head_dim": 0, "mlp_dim": self.mlp_dim}
 
 
-def shape_for(d_model: int, num_layers: int, vocab_size: int) -> Shape:
-  head_dim = 128 if d_model >= 2048 else 64
+def shape_for(d_model: int, num_layers: int, vocab_size: int, *, head_dim: int = 0, mlp_multiple: int = 256) -> Shape:
+  """The table's shape at this width and depth; head_dim 0 picks the table's (64, or 128 from 2048 up)."""
+  head_dim = head_dim or (128 if d_model >= 2048 else 64)
   heads = max(1, d_model // head_dim)
   kv = heads // 4 if heads >= 8 and heads % 4 == 0 else heads
-  mlp = max(256, round(8 * d_model / 3 / 256) * 256)
+  mlp = max(mlp_multiple, round(8 * d_model / 3 / mlp_multiple) * mlp_multiple)
   cfg = ModelConfig(vocab_size=vocab_size, d_model=d_model, num_layers=num_layers, num_heads=heads,
                     num_kv_heads=kv, mlp_dim=mlp)
   return Shape(num_layers, d_model, heads, kv, mlp, param_counts(cfg)["total"])
+
+
+def score(s: Shape, target_params: float, aspect: tuple[float, float] = ASPECT) -> float:
+  """Distance of s from target_params in log count, plus half the log distance of d_model / layers from aspect."""
+  ratio = s.d_model / s.num_layers
+  off = max(0.0, math.log(aspect[0] / ratio), math.log(ratio / aspect[1]))
+  return abs(math.log(s.params / target_params)) + 0.5 * off
 
 
 def model_shape(target_params: float, vocab_size: int) -> Shape:
@@ -60,12 +68,10 @@ def model_shape(target_params: float, vocab_size: int) -> Shape:
     per_layer = two.params - one.params
     layers = (target_params - one.params) / per_layer + 1
     for num_layers in {max(1, math.floor(layers)), max(1, math.ceil(layers))}:
-      shape = shape_for(d_model, num_layers, vocab_size)
-      aspect = d_model / num_layers
-      off = max(0.0, math.log(ASPECT[0] / aspect), math.log(aspect / ASPECT[1]))
-      score = abs(math.log(shape.params / target_params)) + 0.5 * off
-      if score < best_score:
-        best, best_score = shape, score
+      candidate = shape_for(d_model, num_layers, vocab_size)
+      candidate_score = score(candidate, target_params)
+      if candidate_score < best_score:
+        best, best_score = candidate, candidate_score
   return best
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from codex_jax import atomic
 from codex_jax.cache import cache_dir
 
 # Dense (no sparsity) peaks per device in FLOP/s: (device_kind substring, bf16, f32 or None = as bf16).
@@ -116,7 +116,7 @@ def _cached_probe(kind: str, dtype: str) -> float:
   flops = _measure(dtype)
   cache = _read(path)  # Re-read: another process may have added keys while we measured.
   cache[key] = {"flops": flops, "measured_at": time.time(), "matmul": _PROBE_N}
-  _write_atomic(path, cache)
+  atomic.write_json(path, cache, sort_keys=True)
   return flops
 
 
@@ -152,15 +152,3 @@ def _read(path: str) -> dict:
     return data if isinstance(data, dict) else {}
   except (OSError, ValueError):
     return {}
-
-
-def _write_atomic(path: str, data: dict) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".peak_flops.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(data, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
+from codex_jax import atomic
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -87,14 +88,7 @@ def truncate_jsonl(path: str, max_step: int) -> int:
       pass  # A half-written line from a run killed mid-write.
   if len(kept) == len(lines) and all(a == b for a, b in zip(kept, lines, strict=True)):
     return 0
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".metrics.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.writelines(kept)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
+  atomic.write_text(path, "".join(kept))
   return len(lines) - len(kept)
 
 

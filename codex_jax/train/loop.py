@@ -50,7 +50,7 @@ def train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: b
     inputs.eval_iterator(0).close()  # Fails now, not at the first eval, if no source holds eval records.
 
   # 4. Model, optimizer, the state's shardings and the jitted steps (nothing allocated yet).
-  trainer = build_trainer(cfg, mesh)
+  trainer = build_trainer(cfg, mesh, phase_starts={p.name: p.start_step for p in inputs.plan.manifest.phases})
   to_global = lambda batch: feed.to_global(batch, trainer.data_sharding)  # noqa: E731
   if trainer.pipeline is not None:
     s = trainer.pipeline.schedule
@@ -114,7 +114,8 @@ def train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: b
         guard.check_consecutive(reporter.last, cfg.train.max_consecutive_bad, pending[0])
       done, pending = step + 1, (step + 1, metrics, data_metrics, batch_samples(batch))
       if evaluating and (done % cfg.eval.every == 0 or done == total_steps):
-        scores = suite.evaluate(done, train_state.params, checkpointer, trainer.restore_target())
+        scores = suite.evaluate(done, train_state.params, checkpointer, trainer.restore_target(),
+                                target_params=getattr(train_state, "target_params", None))
         eval_loss = scores["heldout_loss"]
         reporter.eval(done, eval_loss, scores)
         evaluated_at = done

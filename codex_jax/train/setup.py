@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,7 @@ from codex_jax.parallel.mesh import batch_sharding
 from codex_jax.parallel.pipeline import LAYERS, Pipeline, Schedule
 from codex_jax.parallel.rules import logical_axis_rules
 from codex_jax.telemetry import flops
+from codex_jax.train import objectives as objectives_lib
 from codex_jax.train import optimizer
 from codex_jax.train import state as state_lib
 from codex_jax.train import step as step_lib
@@ -34,6 +36,8 @@ class Trainer:
   train_step: Any   # jitted (state, batch) -> (state, metrics), state donated.
   eval_step: Any    # jitted (params, batch) -> {ce_sum, tokens}.
   pipeline: Pipeline | None = None  # The layer stack's schedule over `pipeline`, when that axis is > 1.
+  objectives: Any = None  # train/objectives.py's Spec when a non-text objective is on (state: ObjectiveState).
+  objective_outputs: Any = None  # jitted (params, target_params, batch, rng) -> per-objective outputs (evals).
 
   def init_state(self) -> state_lib.TrainState:
     """A fresh state, born sharded: each device only ever holds its own shards."""
@@ -43,23 +47,30 @@ class Trainer:
     return state_lib.abstract_with_shardings(self.abstract_state, self.shardings)
 
 
-def build_trainer(cfg: Config, mesh: Mesh) -> Trainer:
+def build_trainer(cfg: Config, mesh: Mesh, phase_starts: dict[str, int] | None = None) -> Trainer:
+  """`phase_starts` (manifest phase -> start step) switches the objectives' weights per phase."""
   rules = logical_axis_rules(cfg.mesh.fsdp, cfg.mesh.sequence_parallel)
   seq_len, total_steps = cfg.data.seq_len, cfg.train.steps
   model = Decoder(cfg.model)
   pipeline = build_pipeline(cfg, mesh, model)
   schedule = optimizer.learning_rate_schedule(cfg.optimizer, total_steps)
   tx = optimizer.make_optimizer(cfg.optimizer, total_steps)
-  init = state_lib.init_fn(model, tx, cfg.train.seed, seq_len, cfg.train.spike_window)
+  spec = objectives_lib.spec_of(cfg, phase_starts) if cfg.objectives.multimodal else None
+  init = state_lib.init_fn(model, tx, cfg.train.seed, seq_len, cfg.train.spike_window,
+                           tuner=spec.phases[0][1] if spec else None)
   abstract_state = jax.eval_shape(init)
   shardings = state_lib.state_shardings(model, tx, mesh, rules, abstract_state, seq_len)
   data_sharding = batch_sharding(mesh)
+  step = spec and functools.partial(objectives_lib.train_step, model=model, tx=tx, schedule=schedule,
+                                    train=cfg.train, spec=spec, pipeline=pipeline)
   train_step = step_lib.jit_train_step(model, tx, schedule, cfg.train, shardings, data_sharding, mesh,
-                                       rules, pipeline)
+                                       rules, pipeline, step=step)
+  outputs = spec and objectives_lib.jit_objective_outputs(model, spec, shardings, data_sharding, mesh, rules,
+                                                          pipeline)
   eval_step = step_lib.jit_eval_step(model, cfg.train.z_loss, shardings.params, data_sharding, mesh, rules,
                                      pipeline)
   return Trainer(model, tx, schedule, init, abstract_state, shardings, data_sharding, train_step, eval_step,
-                 pipeline)
+                 pipeline, spec, outputs)
 
 
 def build_pipeline(cfg: Config, mesh: Mesh, model: Decoder) -> Pipeline | None:

@@ -23,10 +23,10 @@ def trunk_fn(params, batch: dict, *, model: Decoder, pipeline: Pipeline | None =
   """The last block's output [B, L, D] of one batch; with a pipeline, the layer stack runs over its stages."""
   if pipeline is None:
     return model.apply({"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"],
-                       batch.get("features"), batch.get("modality_ids"),
+                       batch.get("features"), batch.get("modality_ids"), batch.get("masked"),
                        rngs=None if rng is None else {"dropout": rng}, method=Decoder.trunk)
   x_BLD = model.apply({"params": params}, batch["inputs"], batch.get("features"), batch.get("modality_ids"),
-                      method=Decoder.embed)
+                      batch.get("masked"), method=Decoder.embed)
   return pipeline.stack(params[LAYERS], x_BLD, batch["segment_ids"], batch["positions"])
 
 
@@ -90,6 +90,13 @@ def train_step(state: TrainState, batch: dict, *, model: Decoder, tx: optax.Grad
   step_rng = jax.random.fold_in(state.rng, state.step)
   (loss, aux), grads = value_and_grad(state.params, batch, model=model, z_loss=train.z_loss, rng=step_rng,
                                       pipeline=pipeline, mtp_weight=mtp_weight(train, state.step))
+  state, metrics, _ = apply_update(state, loss, aux, grads, tx=tx, schedule=schedule, train=train)
+  return state, metrics
+
+
+def apply_update(state: TrainState, loss: jax.Array, aux: dict, grads, *, tx: optax.GradientTransformation,
+                 schedule: optax.Schedule, train: TrainConfig) -> tuple[TrainState, dict, jax.Array]:
+  """The guarded AdamW update of `grads` (or none, if the step is bad): (state, metrics, bad)."""
   grad_norm = optax.tree.norm(grads)
   bad, threshold = guard_lib.is_bad(state.guard, loss, grad_norm, train)
   updates, candidate_opt_state = tx.update(grads, state.opt_state, state.params)
@@ -107,7 +114,7 @@ def train_step(state: TrainState, batch: dict, *, model: Decoder, tx: optax.Grad
              "learning_rate": schedule(state.step - state.guard.skipped),
              "skipped": bad.astype(jnp.int32), "skipped_total": guard.skipped,
              "consecutive_bad": guard.consecutive_bad, "spike_threshold": threshold}
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state, guard=guard), metrics
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state, guard=guard), metrics, bad
 
 
 def eval_step(params, batch: dict, *, model: Decoder, z_loss: float, pipeline: Pipeline | None = None) -> dict:
@@ -118,9 +125,11 @@ def eval_step(params, batch: dict, *, model: Decoder, z_loss: float, pipeline: P
 
 
 def jit_train_step(model, tx, schedule, train: TrainConfig, state_shardings, batch_sharding, mesh, rules,
-                   pipeline: Pipeline | None = None):
-  """train_step jitted once: explicit in/out shardings, the state donated, logical rules in scope."""
-  step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, train=train, pipeline=pipeline)
+                   pipeline: Pipeline | None = None, step=None):
+  """train_step (or `step`, a (state, batch) function: train/objectives.py's) jitted once: explicit in/out
+  shardings, the state donated, logical rules in scope."""
+  step = step or functools.partial(train_step, model=model, tx=tx, schedule=schedule, train=train,
+                                   pipeline=pipeline)
 
   def ruled_step(state, batch):
     with sharding_scope(mesh, rules):

@@ -6,6 +6,7 @@ import json
 import os
 from typing import Any
 
+from codex_jax import atomic
 from codex_jax.config.errors import ConfigError
 from codex_jax.config.load import diff, resume_conflicts
 
@@ -31,12 +32,7 @@ def check_config(workdir: str, config: dict[str, Any]) -> list[str]:
 
 def write_config(workdir: str, config: dict[str, Any]) -> None:
   """Records `config` as the workdir's config (atomically), once every check has passed."""
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, CONFIG_FILE)
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(config, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  atomic.write_json(os.path.join(workdir, CONFIG_FILE), config, sort_keys=True)
 
 
 def _allowed() -> str:

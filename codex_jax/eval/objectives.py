@@ -1,0 +1,279 @@
+"""Evals per objective on the held-out batches: each objective's loss, and what each one is for, beside a baseline.
+
+For one set of parameters (and the EMA target encoder's), over the first `eval.batches` held-out batches:
+- `<name>_loss` per objective (text, vision, align, world, action): the training loss on held-out data, each
+  batch's loss weighted by its units (text tokens, masked images, align pairs, world transitions, action
+  chunks). For text, world and action that is the mean over all units; vision (MAE over patches + InfoNCE
+  over images) and align (contrastive within a batch) are batch losses, so theirs is the units-weighted mean.
+- retrieval: image->text and text->image top-1 accuracy over every held-out align pair, pooled across
+  batches (cosine similarity of the projected latents), with the chance level 1 / pairs.
+- reconstruction: MSE of the pixel head on masked patches against the normalised pixels, and of predicting
+  zero (each patch's own mean, the normalised target's mean) as the baseline; their ratio.
+- world: MSE of the predicted latent of chunk t+1 against its layer-normed EMA target, and of copying
+  chunk t's target (copy-last-chunk); the ratio model / baseline (< 1: the predictor beats copying).
+- actions: MSE of Euler-sampled action chunks against the true ones, and of the mean held-out chunk;
+  the ratio model / baseline (< 1: sampling beats the mean action).
+Every number is built from sums that add across batches (float64 on the host), so any split of the same
+batches gives the same metrics. The layout's masking and blinding, the flow-matching noise and the
+sampler's noise come from one fixed key per batch index: every eval of a run sees the same draws.
+Letters: C slots, P patches, X values per patch, D model width, E align width, T horizon, A action values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from codex_jax.config.schema import OBJECTIVES, Config
+from codex_jax.parallel.mesh import replicated
+from codex_jax.parallel.rules import logical_axis_rules, sharding_scope
+from codex_jax.train import objectives as objectives_lib
+
+PREFIX = "objectives/"
+EVAL_STREAM = 0x0E7A1  # Folded into the run's seed: the evals' own key, apart from training's.
+SAMPLE_STREAM = 2      # fold_in(batch key, 2): the sampler's noise (layout uses 0, flow matching 1).
+ACTION_SAMPLES = 8     # Sampled chunks per condition whose mean is scored beside the single sample.
+MAX_BATCHES = 64       # The held-out pass is read whole (the media sources hold few held-out records), up to this.
+COUNTS = ("_units", "_pairs", "_patches", "_transitions", "_chunks")  # Metrics that count, not score.
+
+
+# --- Per-batch sums (numpy, float64): they add across batches. -----------------------------------------
+
+def _sq_mean(x: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+  return np.mean(np.square(np.asarray(x, np.float64)), axis=axes)
+
+
+def loss_sums(losses: dict, present, units: dict[str, float]) -> dict[str, float]:
+  """`<name>_loss_sum` (loss x units) and `<name>_units` per objective; an absent one adds nothing."""
+  out = {}
+  for i, name in enumerate(OBJECTIVES):
+    if name not in losses:
+      continue
+    n = float(units.get(name, 0.0)) if bool(np.asarray(present)[i]) else 0.0
+    out[f"{name}_loss_sum"] = float(losses[name]) * n if n else 0.0
+    out[f"{name}_units"] = n
+  return out
+
+
+def reconstruction_sums(pixels_CPX, targets_CPX, patch_masked_CP) -> dict[str, float]:
+  """Squared error (mean over X) of the pixel head and of predicting zero, summed over masked patches."""
+  m = np.asarray(patch_masked_CP, bool)
+  targets = np.asarray(targets_CPX, np.float64)
+  return {"recon_sq": float(_sq_mean(np.asarray(pixels_CPX, np.float64) - targets, (-1,))[m].sum()),
+          "recon_zero_sq": float(_sq_mean(targets, (-1,))[m].sum()), "recon_patches": float(m.sum())}
+
+
+def world_sums(prediction_CD, target_CD, last_CD, valid_C) -> dict[str, float]:
+  """Squared error (mean over D) of the prediction and of copying chunk t's target, over valid transitions."""
+  v = np.asarray(valid_C, bool)
+  target = np.asarray(target_CD, np.float64)
+  return {"world_sq": float(_sq_mean(np.asarray(prediction_CD, np.float64) - target, (-1,))[v].sum()),
+          "world_copy_sq": float(_sq_mean(np.asarray(last_CD, np.float64) - target, (-1,))[v].sum()),
+          "world_transitions": float(v.sum())}
+
+
+def action_sums(sampled_CTA, actions_CTA, valid_C, sampled_mean_CTA=None) -> dict[str, Any]:
+  """Squared error (mean over T, A) of sampled chunks (and of the mean of several samples, when given), and
+  the first two moments of the true chunks.
+
+  The mean-action baseline needs the mean over every held-out chunk, known only at the end: with
+  S1 = sum a, S2 = sum a^2 over n chunks, sum (a - S1/n)^2 = S2 - S1^2 / n, per (t, a).
+  """
+  v = np.asarray(valid_C, bool)
+  actions = np.asarray(actions_CTA, np.float64)[v]
+  out = {"action_sq": float(_sq_mean(np.asarray(sampled_CTA, np.float64)[v] - actions, (1, 2)).sum()),
+         "action_s1": actions.sum(0), "action_s2": np.square(actions).sum(0), "action_chunks": float(v.sum())}
+  if sampled_mean_CTA is not None:
+    out["action_mean_of_samples_sq"] = float(_sq_mean(np.asarray(sampled_mean_CTA, np.float64)[v] - actions,
+                                                      (1, 2)).sum())
+  return out
+
+
+def action_baseline_mse(s1_TA: np.ndarray, s2_TA: np.ndarray, n: float) -> float:
+  """MSE (mean over chunks, T and A) of predicting every chunk by the mean chunk, from the moments."""
+  if not n:
+    return float("nan")
+  return float(np.sum(s2_TA - np.square(s1_TA) / n) / (n * s1_TA.size))
+
+
+def retrieval_accuracy(media_NE: np.ndarray, text_NE: np.ndarray) -> tuple[float, float]:
+  """(image->text, text->image) top-1 accuracy: pair i is right when its own partner is the most cosine-similar.
+
+  Ties go to the lower index (argmax), so a collapsed embedding scores chance, not 1.
+  """
+  if len(media_NE) < 2:
+    return float("nan"), float("nan")
+  unit = lambda x: x / np.sqrt(np.sum(x * x, -1, keepdims=True) + 1e-12)  # noqa: E731
+  sim_NN = unit(np.asarray(media_NE, np.float64)) @ unit(np.asarray(text_NE, np.float64)).T
+  idx = np.arange(len(sim_NN))
+  return float(np.mean(np.argmax(sim_NN, axis=1) == idx)), float(np.mean(np.argmax(sim_NN, axis=0) == idx))
+
+
+def units_of(out: dict) -> dict[str, float]:
+  """Each objective's units in one batch's outputs: what its loss is a mean over."""
+  units = {"text": float(out["metrics"].get("tokens", 0.0))}
+  for name in ("vision", "align", "world", "action"):
+    if name in out:
+      units[name] = float(np.sum(out[name]["valid"]))
+  return units
+
+
+# --- Accumulation over batches. --------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Totals:
+  """The sums of every batch so far, and the valid align latents (retrieval is over all pairs at once)."""
+
+  sums: dict[str, Any] = dataclasses.field(default_factory=dict)
+  media: list[np.ndarray] = dataclasses.field(default_factory=list)
+  text: list[np.ndarray] = dataclasses.field(default_factory=list)
+
+  def add(self, out: dict) -> None:
+    """One batch's objective outputs (train/objectives.objective_outputs, numpy; action with `sampled`)."""
+    parts = [loss_sums(out["losses"], out["present"], units_of(out))]
+    if "vision" in out:
+      v = out["vision"]
+      parts.append(reconstruction_sums(v["pixels"], v["targets"], v["patch_masked"]))
+    if "world" in out:
+      w = out["world"]
+      parts.append(world_sums(w["prediction"], w["target"], w["last"], w["valid"]))
+    if "action" in out and "sampled" in out["action"]:
+      a = out["action"]
+      parts.append(action_sums(a["sampled"], a["actions"], a["valid"], a.get("sampled_mean")))
+    for part in parts:
+      for k, value in part.items():
+        self.sums[k] = self.sums[k] + value if k in self.sums else value
+    if "align" in out:
+      valid = np.asarray(out["align"]["valid"], bool)
+      self.media.append(np.asarray(out["align"]["media"])[valid])
+      self.text.append(np.asarray(out["align"]["text"])[valid])
+
+  def metrics(self) -> dict[str, float]:
+    """The flat metrics, without the `objectives/` prefix; NaN where an objective had no held-out units."""
+    s, out = self.sums, {}
+    ratio = lambda a, b: a / b if b else float("nan")  # noqa: E731
+    for name in OBJECTIVES:
+      if f"{name}_units" in s:
+        out[f"{name}_loss"] = ratio(s[f"{name}_loss_sum"], s[f"{name}_units"])
+        out[f"{name}_units"] = s[f"{name}_units"]
+    if self.media:
+      media, text = np.concatenate(self.media), np.concatenate(self.text)
+      out["retrieval_i2t"], out["retrieval_t2i"] = retrieval_accuracy(media, text)
+      out["retrieval_chance"] = ratio(1.0, len(media)) if len(media) >= 2 else float("nan")
+      out["retrieval_pairs"] = float(len(media))
+    if "recon_patches" in s:
+      out["recon_mse"] = ratio(s["recon_sq"], s["recon_patches"])
+      out["recon_zero_mse"] = ratio(s["recon_zero_sq"], s["recon_patches"])
+      out["recon_ratio"] = ratio(out["recon_mse"], out["recon_zero_mse"])
+      out["recon_patches"] = s["recon_patches"]
+    if "world_transitions" in s:
+      out["world_mse"] = ratio(s["world_sq"], s["world_transitions"])
+      out["world_copy_last_mse"] = ratio(s["world_copy_sq"], s["world_transitions"])
+      out["world_ratio"] = ratio(out["world_mse"], out["world_copy_last_mse"])
+      out["world_transitions"] = s["world_transitions"]
+    if "action_chunks" in s:
+      out["action_mse"] = ratio(s["action_sq"], s["action_chunks"])
+      out["action_mean_mse"] = action_baseline_mse(s["action_s1"], s["action_s2"], s["action_chunks"])
+      out["action_ratio"] = ratio(out["action_mse"], out["action_mean_mse"])
+      if "action_mean_of_samples_sq" in s:
+        out["action_samples_mean_mse"] = ratio(s["action_mean_of_samples_sq"], s["action_chunks"])
+        out["action_samples_mean_ratio"] = ratio(out["action_samples_mean_mse"], out["action_mean_mse"])
+      out["action_chunks"] = s["action_chunks"]
+    return {k: float(v) for k, v in out.items()}
+
+
+# --- The device side and the whole eval. -----------------------------------------------------------------
+
+def eval_specs(spec: objectives_lib.Spec) -> tuple[objectives_lib.Spec, objectives_lib.Spec]:
+  """(every image masked, every caption blind; no image masked, every caption blind): the held-out draws.
+
+  Training splits each batch at random (a share of images masked for MAE, a share of captions blind for
+  align); the evals take every unit instead, in two passes: the first scores MAE on every image and the
+  other objectives, the second scores align on every pair (align needs the picture unmasked).
+  """
+  o = spec.objectives
+  first = dataclasses.replace(o, vision=dataclasses.replace(o.vision, masked_fraction=1.0),
+                              align=dataclasses.replace(o.align, blind_fraction=1.0))
+  second = dataclasses.replace(first, vision=dataclasses.replace(o.vision, masked_fraction=0.0))
+  return dataclasses.replace(spec, objectives=first), dataclasses.replace(spec, objectives=second)
+
+
+def make_runner(cfg: Config, trainer) -> Callable[..., dict]:
+  """(params, target_params, global batch, key) -> objective_outputs with `action.sampled`, replicated.
+
+  One jit with the trainer's shardings: the two held-out passes of `eval_specs` (align from the second),
+  the heads and the Euler sampler (objectives.action.sample_steps): one sampled chunk per condition, and
+  the mean of ACTION_SAMPLES chunks (the policy's MSE-optimal prediction) as `sampled_mean`.
+  """
+  mesh = trainer.data_sharding.mesh
+  rules = logical_axis_rules(cfg.mesh.fsdp, cfg.mesh.sequence_parallel)
+  model, steps = trainer.model, cfg.objectives.action.sample_steps
+  first, second = eval_specs(trainer.objectives)
+
+  def run(params, target_params, batch, key):
+    with sharding_scope(mesh, rules):
+      outputs = functools.partial(objectives_lib.objective_outputs, params, target_params, batch, key, model=model,
+                                  pipeline=trainer.pipeline)
+      out = outputs(spec=first)
+      if "align" in out:
+        paired = outputs(spec=second)
+        out["align"] = paired["align"]
+        out["losses"] = {**out["losses"], "align": paired["losses"]["align"]}
+        out["present"] = out["present"].at[OBJECTIVES.index("align")].set(paired["present"][OBJECTIVES.index("align")])
+      if "action" in out:
+        noise = jax.random.split(jax.random.fold_in(key, SAMPLE_STREAM), ACTION_SAMPLES)
+        sample = lambda k: objectives_lib.sample_actions(params, out["action"]["condition"], k, model=model,  # noqa: E731
+                                                         steps=steps)
+        sampled_SCTA = jax.vmap(sample)(noise)
+        out["action"] = {**out["action"], "sampled": sampled_SCTA[0], "sampled_mean": sampled_SCTA.mean(0)}
+    return out
+
+  return jax.jit(run, in_shardings=(trainer.shardings.params, trainer.shardings.target_params,
+                                    trainer.data_sharding, replicated(mesh)), out_shardings=replicated(mesh))
+
+
+@dataclasses.dataclass
+class ObjectiveEval:
+  """The per-objective evals of one run: built once (the jit is compiled at the first eval)."""
+
+  run: Callable[..., dict]           # make_runner's function.
+  to_global: Callable[[dict], dict]  # A process's host batch -> the global batch.
+  key: jax.Array                     # The evals' key; batch i uses fold_in(key, i).
+  num_batches: int
+  needs_target: bool                 # Vision or world on: no metrics without the EMA target's parameters.
+
+  @classmethod
+  def create(cls, cfg: Config, trainer, to_global: Callable[[dict], dict]) -> ObjectiveEval:
+    key = jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), EVAL_STREAM)
+    return cls(make_runner(cfg, trainer), to_global, key, MAX_BATCHES, trainer.objectives.needs_target)
+
+  def scores(self, params, target_params, batches: Callable[[], Iterable[dict]]) -> dict[str, float]:
+    """`objectives/...` over the first num_batches of `batches()` (a fresh held-out pass, closed after); {}
+    without the EMA target's parameters when vision or world needs them."""
+    if target_params is None and self.needs_target:
+      logging.info("Objective evals skipped: vision / world need the EMA target encoder's parameters")
+      return {}
+    target_params = {} if target_params is None else target_params
+    totals, start, iterator = Totals(), time.perf_counter(), batches()
+    try:
+      for i, batch in enumerate(iterator):
+        if i >= self.num_batches:
+          break
+        out = self.run(params, target_params, self.to_global(batch), jax.random.fold_in(self.key, i))
+        totals.add(jax.device_get(out))
+    finally:
+      close = getattr(iterator, "close", None)
+      if close is not None:
+        close()
+    metrics = totals.metrics()
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if math.isfinite(v) and not k.endswith(COUNTS))
+    logging.info("Objective evals: %s (%.1f s)", shown, time.perf_counter() - start)
+    return {f"{PREFIX}{k}": v for k, v in metrics.items()}
