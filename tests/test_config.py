@@ -127,7 +127,7 @@ def test_resume_refuses_changes_outside_the_allow_list(tmp_path):
   write_config(workdir, config_dict("tiny"))
   allowed = config_dict("tiny", **{"train.steps": 500, "eval.every": 25})
   changes = check_config(workdir, allowed)
-  assert changes == ["eval.every: 50 -> 25", "train.steps: 300 -> 500"]
+  assert changes == ["eval.every: 100 -> 25", "train.steps: 300 -> 500"]
   write_config(workdir, allowed)
   with pytest.raises(ConfigError) as info:
     check_config(workdir, config_dict("tiny", **{"train.steps": 500, "model.d_model": 64}))
