@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from codex_jax.objectives.masked import NEG, info_nce, l2_normalise, masked_mean
+from codex_jax.objectives.masked import info_nce, l2_normalise, masked_mean
 
 MAX_LOG_SCALE = 4.6052  # log(100): CLIP's clamp on the learned logit scale.
 
@@ -40,10 +40,3 @@ def loss(kind: str, media_CE, text_CE, valid_C, log_scale, bias) -> jax.Array:
     return clip_loss(media_CE, text_CE, valid_C, log_scale)
   return siglip_loss(media_CE, text_CE, valid_C, log_scale, bias)
 
-
-def retrieval_hits(media_CE, text_CE, valid_C) -> tuple[jax.Array, jax.Array]:
-  """(image->text, text->image) top-1 hits among valid pairs, for evals (chance: 1 / valid pairs)."""
-  sim_CC = jnp.where(valid_C[None, :] & valid_C[:, None], similarity(media_CE, text_CE), NEG)
-  idx_C = jnp.arange(sim_CC.shape[0])
-  return (jnp.sum((jnp.argmax(sim_CC, axis=1) == idx_C) & valid_C),
-          jnp.sum((jnp.argmax(sim_CC, axis=0) == idx_C) & valid_C))

@@ -155,21 +155,18 @@ def weighted_loss(losses: Mapping[str, jax.Array], present_N: jax.Array, state: 
 
 def trunk_grad_norms(losses_fn: Callable[[Any], Mapping[str, jax.Array]], params: Any,
                      trunk_of: Callable[[Any], Any], objectives: tuple[str, ...]) -> jax.Array:
-  """[N] |d L_i / d trunk|: one forward pass and one backward pass per objective, so run it only on
-  `is_measure_step` steps (every k). `losses_fn(params)` returns the unweighted losses by name; `trunk_of`
-  picks the shared parameter subtree from a params-shaped tree (the heads' gradients, never read, are pruned
-  under jit). A name missing from the losses gets norm 0: mark it absent."""
-  losses, vjp_fn = jax.vjp(losses_fn, params)
-  norms = []
-  for name in objectives:
-    if name not in losses:
-      norms.append(jnp.zeros((), jnp.float32))
-      continue
-    one_hot = {k: jnp.ones_like(v) if k == name else jnp.zeros_like(v) for k, v in losses.items()}
-    (grads,) = vjp_fn(one_hot)
-    leaves = jax.tree.leaves(trunk_of(grads))
-    norms.append(jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in leaves)))
-  return jnp.stack(norms)
+  """[N] |d L_i / d trunk|: one forward pass and one backward pass per objective (batched into one vmapped
+  backward), so run it only on `is_measure_step` steps (every k). `losses_fn(params)` returns the unweighted
+  losses by name; `trunk_of` picks the shared subtree from a params-shaped tree (the heads' gradients, never
+  read, are pruned under jit). A name missing from the losses gets norm 0: mark it absent."""
+  def stacked_N(p):
+    losses = losses_fn(p)
+    return jnp.stack([jnp.asarray(losses.get(name, 0.0), jnp.float32) for name in objectives])
+
+  _, vjp_fn = jax.vjp(stacked_N, params)
+  (grads,) = jax.vmap(vjp_fn)(jnp.eye(len(objectives), dtype=jnp.float32))  # Row i: d L_i / d params.
+  leaves = jax.tree.leaves(trunk_of(grads))
+  return jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)), axis=tuple(range(1, g.ndim))) for g in leaves))
 
 
 def _weights_from_multipliers(state: BalanceState, lam_low_N, lam_high_N, present_N, cfg: BalanceConfig):

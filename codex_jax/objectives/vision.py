@@ -10,15 +10,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from codex_jax.objectives.masked import info_nce, l2_normalise, masked_mean
+from codex_jax.objectives.masked import info_nce, l2_normalise, layer_norm, masked_mean
 
 
-def normalised_pixels(patches_CPX: jax.Array, eps: float = 1e-6) -> jax.Array:
-  """Each patch minus its mean over its values, over its std (MAE's norm_pix_loss target)."""
-  x = patches_CPX.astype(jnp.float32)
-  mean = jnp.mean(x, axis=-1, keepdims=True)
-  var = jnp.var(x, axis=-1, keepdims=True)
-  return (x - mean) / jnp.sqrt(var + eps)
+def normalised_pixels(patches_CPX: jax.Array) -> jax.Array:
+  """Each patch minus its mean over its values, over its std (MAE's norm_pix_loss target): a parameter-free
+  layer norm over the patch's values."""
+  return layer_norm(patches_CPX)
 
 
 def mae_loss(pred_CPX: jax.Array, patches_CPX: jax.Array, masked_CP: jax.Array) -> jax.Array:

@@ -207,25 +207,14 @@ def _phase(step: jax.Array, spec: Spec) -> tuple[jax.Array, jax.Array]:
   return jnp.sum(step >= starts) - 1, jnp.any((step == starts) & (starts > 0))
 
 
-def trunk_grad_norms(losses_of_h, h_BLD: jax.Array) -> jax.Array:
-  """[5] |dL_i/dh| at the trunk's output: balance.trunk_grad_norms with h as the "params", its one VJP per
-  objective batched into one vmapped backward (a fifth of the program to compile)."""
-  def stacked(h):
-    losses = losses_of_h(h)
-    return jnp.stack([losses.get(name, jnp.zeros((), jnp.float32)) for name in OBJECTIVES])
-
-  _, vjp_fn = jax.vjp(stacked, h_BLD)
-  (grads_NBLD,) = jax.vmap(vjp_fn)(jnp.eye(len(OBJECTIVES), dtype=jnp.float32))
-  return jnp.sqrt(jnp.sum(jnp.square(grads_NBLD.astype(jnp.float32)), axis=(1, 2, 3)))
-
-
 def _tune(state: ObjectiveState, h_BLD, losses_of_h, present_N, spec: Spec):
   """(balance state, metrics): a measurement and a dual step on measure steps, else the shares as they are."""
   phase, _ = _phase(state.step, spec)
   cfg0 = spec.phases[0][1]
 
   def measure(bstate):
-    norms_N = trunk_grad_norms(losses_of_h, h_BLD)
+    # h as the "params": the gradient at the trunk's output, through the heads only.
+    norms_N = balance.trunk_grad_norms(losses_of_h, h_BLD, lambda g: g, OBJECTIVES)
     branches = [functools.partial(balance.update, cfg=c) for _, c in spec.phases]
     new, metrics = jax.lax.switch(phase, branches, bstate, norms_N, present_N)
     return new, metrics | {"balance_measured": jnp.ones((), jnp.int32)}
