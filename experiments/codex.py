@@ -119,6 +119,15 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.noise_scale_every = 0
   config.train.noise_scale_microbatches = 4
   config.train.noise_scale_ema = 0.9     # Moving-average decay of |G|^2 and tr(Sigma) before the ratio.
+  # Gradient accumulation: each update's global_batch rows come as grad_accum micro-batches of
+  # global_batch / grad_accum rows (the data pipeline's batch; activation memory is one micro-batch's).
+  config.train.grad_accum = 1
+  # Batch-size ramp: micro-batches per update grow linearly from batch_ramp_start to grad_accum over the
+  # first batch_ramp_steps updates (0: off), and with batch_ramp_noise_cap stay at most
+  # max(1, B_simple / micro-batch rows) by the noise probe's estimate (needs noise_scale_every > 0).
+  config.train.batch_ramp_steps = 0
+  config.train.batch_ramp_start = 1
+  config.train.batch_ramp_noise_cap = False
 
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1                  # -1: all devices left after tensor and pipeline.

@@ -53,6 +53,20 @@ def test_tuner_holds_shares_in_bounds_where_fixed_weights_fail():
   chex.assert_trees_all_equal(fixed_state.weights_N, jnp.ones(5))
 
 
+def test_a_zero_low_or_unit_high_bound_never_pulls():
+  """A low of 0 is no constraint: an objective with a 1e-5 gradient keeps its configured weight (tightened by
+  the slack into a low of 0.02, it would drain the weight sum from the others)."""
+  cfg = dataclasses.replace(CFG, low=(0.1, 0.1, 0.1, 0.0, 0.1), high=(0.6, 0.6, 0.6, 1.0, 0.6))
+  norms_TN = np.tile([1.0, 1, 1, 1e-5, 1], (100, 1))
+  state, shares_TN = _run(cfg, norms_TN, np.ones((100, 5), bool))
+  np.testing.assert_array_equal(np.asarray(state.lam_low_N), 0.0)
+  np.testing.assert_array_equal(np.asarray(state.lam_high_N), 0.0)
+  np.testing.assert_allclose(np.asarray(state.weights_N), 1.0, rtol=1e-6)
+  slack_bound = dataclasses.replace(cfg, low=(0.1, 0.1, 0.1, 1e-3, 0.1))  # Any positive low does pull.
+  pulled, _ = _run(slack_bound, norms_TN, np.ones((100, 5), bool))
+  assert float(pulled.weights_N[3]) > 10 * float(pulled.weights_N[0])
+
+
 def test_absent_objective_keeps_its_state_and_stays_out_of_shares():
   warm, _ = _run(CFG, _synthetic_norms(50), np.ones((50, 5), bool))
   update = jax.jit(balance.update, static_argnames="cfg")
@@ -118,8 +132,8 @@ def test_trunk_grad_norms_match_jax_grad():
 
 @pytest.mark.parametrize("change, field", [
     ({"low": (0.35, 0.1, 0.1, 0.1, 0.1), "high": (0.3, 0.4, 0.4, 0.4, 0.4)}, r"balance.low\[0\]=0.35"),
-    ({"low": (0.3,) * 5}, "balance.low sums"),
-    ({"high": (0.15,) * 5}, "balance.high sums"),
+    ({"low": (0.3,) * 5}, "balance.low=.* must sum to at most 1, not 1.5"),
+    ({"high": (0.15,) * 5}, "balance.high=.* must sum to at least 1, not 0.75"),
     ({"weights": (1.0, -1.0, 1.0, 1.0, 1.0)}, "balance.weights"),
     ({"weights": (1.0, 1.0)}, "balance.weights"),
     ({"mode": "auto"}, "balance.mode"),

@@ -67,6 +67,45 @@ def test_global_batch_must_divide_over_data_axis():
   assert "config.train.global_batch=12: must be divisible by the data axis size 8" in message
 
 
+@pytest.mark.parametrize("overrides,want", [
+    ({"train.grad_accum": 0}, "config.train.grad_accum=0: must be at least 1"),
+    ({"train.grad_accum": 3}, "config.train.global_batch=16: must be divisible by train.grad_accum=3"),
+    # Micro-batches of 16 / 4 = 4 rows cannot split over the 8 data devices (16 rows could).
+    ({"train.grad_accum": 4}, "config.train.global_batch=16: must make the micro-batch rows train.global_batch / "
+                              "train.grad_accum = 4 divisible by the data axis size 8"),
+    ({"train.grad_accum": 2, "train.batch_ramp_start": 3},
+     "config.train.batch_ramp_start=3: must be in [1, train.grad_accum=2]"),
+    ({"train.batch_ramp_steps": -1}, "config.train.batch_ramp_steps=-1: must not be negative"),
+    ({"train.batch_ramp_noise_cap": True}, "config.train.batch_ramp_noise_cap=True: needs the noise probe on"),
+    # The probe splits each micro-batch's rows: 8 / 16 rows do not split in 16.
+    ({"train.grad_accum": 2, "train.noise_scale_every": 5, "train.noise_scale_microbatches": 16},
+     "config.train.noise_scale_microbatches=16: must be at least 2 and divide the micro-batch rows "
+     "train.global_batch / train.grad_accum = 8"),
+])
+def test_accumulation_and_batch_ramp_keys_are_checked(overrides, want):
+  assert want in _problems(**overrides)
+
+
+def test_a_batch_ramp_loads_and_only_its_own_keys_may_change_on_resume(tmp_path):
+  cfg = load(num_devices=8, **{"train.grad_accum": 2, "train.batch_ramp_steps": 10, "train.noise_scale_every": 5,
+                               "train.batch_ramp_noise_cap": True})
+  assert cfg.train.micro_batch == 8 and cfg.train.batch_ramp_start == 1
+  write_config(str(tmp_path), config_dict("tiny", **{"train.grad_accum": 2}))
+  assert check_config(str(tmp_path), config_dict("tiny", **{"train.grad_accum": 2, "train.batch_ramp_steps": 5}))
+  with pytest.raises(ConfigError, match="train.grad_accum: 2 -> 1"):  # The pipeline's batch shape would change.
+    check_config(str(tmp_path), config_dict("tiny"))
+  # A workdir written before these keys existed trained with their defaults: it resumes, and only that way.
+  old = config_dict("tiny")
+  for key in ("grad_accum", "batch_ramp_steps", "batch_ramp_start", "batch_ramp_noise_cap"):
+    del old["train"][key]
+  write_config(str(tmp_path), old)
+  assert check_config(str(tmp_path), config_dict("tiny")) == [
+      f"train.{key}: '<absent>' -> {value!r}" for key, value in
+      (("batch_ramp_noise_cap", False), ("batch_ramp_start", 1), ("batch_ramp_steps", 0), ("grad_accum", 1))]
+  with pytest.raises(ConfigError, match="train.grad_accum: 1 -> 2"):
+    check_config(str(tmp_path), config_dict("tiny", **{"train.grad_accum": 2}))
+
+
 def test_mesh_product_must_equal_device_count():
   message = _problems(num_devices=8, **{"mesh.data": 2, "mesh.tensor": 2})
   assert re.search(r"config\.mesh=.*'data': 2, 'tensor': 2.*: data\*tensor\*pipeline=4 must equal the 8 "

@@ -110,6 +110,8 @@ def test_selection_keeps_a_trending_task_and_drops_a_flat_noisy_and_a_saturated_
   assert chosen["trend"]["informative"] and chosen["trend"]["snr"] > 10
   assert not chosen["flat"]["informative"] and chosen["flat"]["weight"] == 0
   assert not chosen["done"]["informative"] and chosen["done"]["saturation"] > 0.95
+  import json
+  json.dumps(chosen)  # `codex eval` writes it: plain Python numbers and bools, no numpy scalars.
   summary = selection.summary({"task/trend/acc": 0.4, "task/flat/acc": 0.9, "task/done/acc": 1.0}, chosen)
   assert summary["summary/acc"] == pytest.approx(0.4)  # Only the informative task counts.
 

@@ -3,6 +3,7 @@ one end-to-end eval of a tiny multimodal model on hand-made batches."""
 
 import math
 import os
+import sys
 
 import jax
 import numpy as np
@@ -31,6 +32,52 @@ def test_retrieval_accuracy_on_a_known_similarity_matrix():
   assert all(math.isnan(x) for x in evals.retrieval_accuracy(media[:1], text[:1]))
 
 
+def test_caption_match_retrieval_and_its_chance_on_duplicate_captions():
+  # Pairs 0, 1 share caption A, 2 and 3 have B and C. Same similarity matrix as above: image 1's best text
+  # is text 0, a miss by index but a hit by caption (both "A").
+  text = np.eye(4) * 5.0
+  media = np.array([[0.9, 0.1, 0, 0], [0.8, 0.2, 0, 0], [0, 0, 1.0, 0.5], [0, 0, 0.2, 0.9]])
+  got = evals.retrieval_scores(media, text, np.array([7, 7, 3, 5]))
+  assert (got["retrieval_i2t"], got["retrieval_t2i"], got["retrieval_chance"]) == (0.75, 1.0, 0.25)
+  assert (got["retrieval_caption_i2t"], got["retrieval_caption_t2i"]) == (1.0, 1.0)
+  # Chance: a random pick shares the query's caption with probability 2/4 for pairs 0, 1 and 1/4 for 2, 3.
+  assert got["retrieval_caption_chance"] == np.mean([2 / 4, 2 / 4, 1 / 4, 1 / 4]) and got["retrieval_captions"] == 3
+  # Ranks: image 1's own text is second (one better of 3 others): i2t ranks (0, 1, 0, 0) / 3; t2i all first.
+  assert (got["retrieval_i2t_rank"], got["retrieval_t2i_rank"]) == (1 / 12, 0.0)
+  assert (got["retrieval_i2t_r10"], got["retrieval_r10_chance"]) == (1.0, 1.0)  # K = 10 > 4 pairs: all in.
+  unit = media / np.linalg.norm(media, axis=1, keepdims=True)
+  np.testing.assert_allclose(got["retrieval_cos_pair"], np.mean(np.diag(unit)), rtol=1e-12)
+  other = [unit[i, j] for i in range(4) for j in range(4) if not (i < 2 and j < 2) and i != j]
+  np.testing.assert_allclose(got["retrieval_cos_other"], np.mean(other), rtol=1e-12)
+  # Every caption distinct: caption match is exact-index retrieval and its chance 1 / N.
+  distinct = evals.retrieval_scores(media, text, np.arange(4))
+  assert (distinct["retrieval_caption_i2t"], distinct["retrieval_caption_chance"]) == (0.75, 0.25)
+  # Chance by simulation: a random similarity matrix's caption-match rate averages to the formula.
+  rng, ids = np.random.default_rng(0), np.array([0, 0, 0, 1, 1, 2])
+  draws = [evals.retrieval_scores(rng.normal(size=(6, 3)), rng.normal(size=(6, 3)), ids) for _ in range(3000)]
+  assert abs(np.mean([d["retrieval_caption_i2t"] for d in draws]) - (9 + 4 + 1) / 36) < 0.02
+  assert abs(np.mean([d["retrieval_i2t_rank"] for d in draws]) - 0.5) < 0.02  # Chance rank: 0.5.
+  # Recall@10 over 40 pairs: partner ranked 0-9 of the 39 others; by chance 10 / 40.
+  got = evals.retrieval_scores(np.eye(40), np.roll(np.eye(40), 1, axis=1) + 0.5 * np.eye(40))
+  assert got["retrieval_i2t_r10"] == 1.0 and got["retrieval_r10_chance"] == 0.25
+  far = evals.retrieval_scores(np.eye(40), np.roll(np.eye(40), 1, axis=1))  # Own partner tied at 0 with 38.
+  assert far["retrieval_i2t_r10"] == 1.0 and far["retrieval_i2t"] == 0.0
+  draws = [evals.retrieval_scores(rng.normal(size=(40, 3)), rng.normal(size=(40, 3))) for _ in range(300)]
+  assert abs(np.mean([d["retrieval_i2t_r10"] for d in draws]) - 0.25) < 0.02
+
+
+def test_caption_keys_name_token_sequences_per_pair_slot():
+  from codex_jax.objectives.layout import caption_keys
+  # Slots 0..3 (4 = trash): captions [5, 6], [5, 6] (equal), [6, 5] (same tokens, other order), [5] (prefix).
+  tokens = np.array([0, 5, 6, 0, 5, 6, 9, 6, 5, 0, 5, 8])
+  slot = np.array([0, 0, 0, 1, 1, 1, 4, 2, 2, 3, 3, 4])
+  text = np.array([0, 1, 1, 0, 1, 1, 1, 1, 1, 0, 1, 1], np.float32)
+  keys = np.asarray(caption_keys(tokens, slot, text, 4))
+  assert keys.shape == (4, 3) and keys.dtype == np.uint32
+  assert (keys[0] == keys[1]).all() and len({tuple(k) for k in keys}) == 3
+  assert list(keys[:, 2]) == [2, 2, 2, 1]
+
+
 def test_reconstruction_world_and_action_baselines_match_numpy():
   rng = np.random.default_rng(0)
   pixels, targets = rng.normal(size=(3, 4, 6)), rng.normal(size=(3, 4, 6))
@@ -45,6 +92,14 @@ def test_reconstruction_world_and_action_baselines_match_numpy():
   got = evals.world_sums(pred, target, last, valid)
   np.testing.assert_allclose(got["world_copy_sq"] / 3, np.mean(((last - target) ** 2).mean(-1)[valid]), rtol=1e-12)
   np.testing.assert_allclose(got["world_sq"] / 3, np.mean(((pred - target) ** 2).mean(-1)[valid]), rtol=1e-12)
+  np.testing.assert_allclose(evals.variance_of_moments(got["world_t1"], got["world_t2"], 3),
+                             np.mean(np.var(target[valid], axis=0)), rtol=1e-12)
+  totals = evals.Totals(sums=got)
+  m = totals.metrics()  # Normalised: scale-free, so a target (and prediction) twice as large reads the same.
+  twice = evals.Totals(sums=evals.world_sums(2 * pred, 2 * target, 2 * last, valid)).metrics()
+  np.testing.assert_allclose(twice["world_nmse"], m["world_nmse"], rtol=1e-12)
+  np.testing.assert_allclose(twice["world_mse"], 4 * m["world_mse"], rtol=1e-12)
+  np.testing.assert_allclose(m["world_nmse"], m["world_mse"] / np.mean(np.var(target[valid], axis=0)), rtol=1e-12)
 
   sampled, actions = rng.normal(size=(2, 6, 3, 2))
   valid = np.array([True, True, False, True, True, False])
@@ -64,7 +119,8 @@ def _outputs(rng, C: int, present_align: bool = True) -> dict:
   out = {"metrics": {"tokens": tokens},
          "vision": {"pixels": rng.normal(size=(C, 4, 6)), "targets": rng.normal(size=(C, 4, 6)),
                     "patch_masked": rng.uniform(size=(C, 4)) < 0.75, "valid": valid},
-         "align": {"media": rng.normal(size=(C, 5)), "text": rng.normal(size=(C, 5)), "valid": valid},
+         "align": {"media": rng.normal(size=(C, 5)), "text": rng.normal(size=(C, 5)), "valid": valid,
+                   "caption": rng.integers(0, 3, size=(C, 3)).astype(np.uint32)},
          "world": {"prediction": rng.normal(size=(C, 8)), "target": rng.normal(size=(C, 8)),
                    "last": rng.normal(size=(C, 8)), "valid": valid, "err": world_err},
          "action": {"sampled": rng.normal(size=(C, 3, 2)), "actions": rng.normal(size=(C, 3, 2)) + 0.5,
@@ -99,7 +155,7 @@ def test_two_batches_accumulate_to_exactly_one_pass_over_both():
   one = evals.Totals()
   one.add(_concatenated(a, b))
   got, want = two.metrics(), one.metrics()
-  assert got.keys() == want.keys() and len(got) == 26
+  assert got.keys() == want.keys() and len(got) == 40
   for k in got:
     np.testing.assert_allclose(got[k], want[k], rtol=1e-12, err_msg=k)
   # World and action losses are per-unit means: across batches, the mean over every held-out unit.
@@ -126,7 +182,8 @@ def test_the_report_prints_each_objective_beside_its_baseline():
   totals.add(_outputs(np.random.default_rng(3), 6))
   scores = {f"{evals.PREFIX}{k}": v for k, v in totals.metrics().items()}
   text = report.format_report(report.build_report([], scores, 10))
-  for words in ("objectives held-out loss: text", "retrieval top-1: image->text", "copy-last-chunk",
+  for words in ("objectives held-out loss: text", "retrieval top-1, exact pair: image->text", "retrieval recall@10: image->text",
+                "retrieval top-1, caption match: image->text", "world model / target variance", "copy-last-chunk",
                 "vs", "mean action", "predicting zero"):
     assert words in text, text
 
@@ -136,7 +193,8 @@ def test_the_report_prints_each_objective_beside_its_baseline():
 PATCHES = 4  # data.image_size 8 / data.patch_size 4.
 MM = {**MICRO, "data.image_size": 8, "objectives.weights": (1.0, 1.0, 1.0, 1.0, 1.0), "objectives.action.horizon": 2,
       "objectives.align.blind_fraction": 1.0, "objectives.action.sample_steps": 3,
-      "eval.batches": 2, "model.num_layers": 1, "model.remat": "none", "model.attention_chunks": 1}  # Quick to compile.
+      "eval.batches": 2, "model.num_layers": 1, "model.remat": "none", "model.attention_chunks": 1,  # Quick to compile.
+      "model.mtp_depth": 1}  # Multi-token prediction beside every objective: the evals must not mind its modules.
 
 
 @pytest.fixture(scope="module")
@@ -157,9 +215,12 @@ def test_the_eval_of_a_tiny_multimodal_model_returns_every_metric_finite_and_rep
   batches = [make_batch(8, 32, 96, PATCHES, 256, seed=s) for s in range(3)]  # The whole pass is read.
   scores = ev.scores(params, target, lambda: iter(batches))
   names = [f"{n}_{m}" for n in ("text", "vision", "align", "world", "action") for m in ("loss", "units")]
-  names += [f"retrieval_{m}" for m in ("i2t", "t2i", "chance", "pairs")]
+  names += [f"retrieval_{m}" for m in ("i2t", "t2i", "chance", "pairs", "caption_i2t", "caption_t2i",
+                                       "caption_chance", "captions", "cos_pair", "cos_other", "i2t_rank",
+                                       "t2i_rank", "i2t_r10", "t2i_r10", "r10_chance")]
   names += [f"recon_{m}" for m in ("mse", "zero_mse", "ratio", "patches")]
-  names += [f"world_{m}" for m in ("mse", "copy_last_mse", "ratio", "transitions")]
+  names += [f"world_{m}" for m in ("mse", "copy_last_mse", "ratio", "transitions", "target_var", "nmse",
+                                   "copy_last_nmse")]
   names += [f"action_{m}" for m in ("mse", "mean_mse", "ratio", "chunks", "samples_mean_mse", "samples_mean_ratio")]
   assert sorted(scores) == sorted(f"objectives/{n}" for n in names)
   assert all(np.isfinite(v) for v in scores.values()), scores
@@ -207,3 +268,38 @@ def test_the_target_encoder_restores_beside_the_params_and_a_changed_byte_is_ref
                                       "target_params": abstract(state["target_params"])}, meta=meta)
   finally:
     checkpointer.close()
+
+
+# --- align and action only: no EMA target encoder, through a checkpoint and `codex eval` ------------------
+
+@pytest.mark.slow
+def test_an_align_and_action_run_with_mtp_and_no_target_encoder_checkpoints_and_codex_eval_scores_it(tmp_path):
+  import json
+  import subprocess
+
+  from codex_jax.checkpoint.load import load_step
+  from codex_jax.data.default_corpus.build import build_default_corpus
+  from tests.helpers import ROOT, RUN_OVERRIDES, run_env, run_train
+
+  build_default_corpus()
+  workdir = str(tmp_path / "run")
+  # Multi-token prediction on too: it trains beside the objectives and its modules ride through the checkpoint.
+  overrides = {**RUN_OVERRIDES, "objectives.weights": (1.0, 0.0, 1.0, 0.0, 1.0), "model.mtp_depth": 1, "train.steps": 2,
+               "checkpoint.every": 2, "eval.every": 1000, "eval.batches": 1, "objectives.action.sample_steps": 2}
+  result = run_train(workdir, overrides)
+  assert result.returncode == 0, result.stderr[-3000:]
+  loaded = load_step(workdir, 2, with_target=True)
+  assert loaded.target_params is None  # Neither vision nor world: no EMA target encoder to keep.
+  assert "align_media" in loaded.params["objectives"] and "flow_head" in loaded.params["objectives"]
+  assert "mtp" in loaded.params
+  rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  trained = [r for r in rows if "loss_align" in r]
+  assert trained and all(np.isfinite(r["loss"]) for r in trained)  # (A 2-step batch may hold no action.)
+  assert np.isfinite(trained[-1]["mtp_loss"]) and trained[-1]["mtp_loss"] > 0
+  out = subprocess.run([sys.executable, "-m", "codex_jax", "eval", f"--workdir={workdir}", "--tasks=", "--json"],
+                       cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  scores = json.loads(out.stdout.strip().splitlines()[-1])["scores"]
+  for key in ("align_loss", "action_loss", "action_ratio", "retrieval_pairs", "retrieval_caption_chance"):
+    assert np.isfinite(scores[f"objectives/{key}"]), key
+  assert not any(k.startswith(("objectives/vision", "objectives/world")) for k in scores)

@@ -58,6 +58,7 @@ def source(raw, name):
     (lambda r: source(r, "clips").update(name="code"), r"source 'code': the name is used more than once"),
     (lambda r: source(r, "code").update(exchange_rate={"image": -1}), r"source 'code': exchange_rate.image"),
     (lambda r: r["phases"][1].update(start_step=0), r"start_step values must increase"),
+    (lambda r: source(r, "clips").update(eval_fraction=1.0), r"source 'clips': eval_fraction 1.0 must be"),
 ])
 def test_manifest_errors_name_the_source_and_field(corpus_dir, tmp_path, edit, expected):
   with pytest.raises(DataError, match=expected) as info:
@@ -192,6 +193,21 @@ def test_record_split_is_stable_and_the_fraction_is_right():
   assert split_of("a.jsonl:line 3", 0.5) != split_of("b.jsonl:line 3", 0.5) or split_of(
       "c.jsonl:line 3", 0.5) != split_of("d.jsonl:line 3", 0.5)  # The file is part of the key.
   assert {split_of(f"x:{i}", 0.0) for i in range(100)} == {"train"}
+
+
+def test_a_source_eval_fraction_overrides_the_config_and_only_adds_held_out_records(plan, corpus_dir, tmp_path):
+  cfg = DataConfig(eval_fraction=0.1)
+  path = edited(corpus_dir, tmp_path, lambda r: source(r, "code").update(eval_fraction=0.5))
+  more = build_plan(cfg, vocab_size=VOCAB, feature_dim=96, manifest_path=path)
+  by_name = lambda p: {s.source.name: s.records for s in p.sources}  # noqa: E731
+  before, after = by_name(plan), by_name(more)
+  assert len(after["code"]["eval"]) > len(before["code"]["eval"])
+  assert all(r in after["code"]["eval"] for r in before["code"]["eval"])  # The same hash, a higher threshold.
+  assert all(after[n] == before[n] for n in before if n != "code")  # Other sources keep data.eval_fraction.
+  assert more.manifest_hash != plan.manifest_hash
+  assert "eval_fraction" not in load_manifest(os.path.join(corpus_dir, "manifest.yaml")).canonical()["sources"][0]
+  off = build_plan(DataConfig(eval_fraction=0.0), vocab_size=VOCAB, feature_dim=96, manifest_path=path)
+  assert all(not s.records["eval"] for s in off.sources)  # data.eval_fraction 0: nothing held out anywhere.
 
 
 def test_json_manifests_load_like_yaml(corpus_dir, tmp_path):

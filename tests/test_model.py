@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from codex_jax.config.schema import ModelConfig
-from codex_jax.model.transformer import Decoder
+from codex_jax.model.transformer import Decoder, block_params
 from codex_jax.objectives.text import next_token_loss
 from codex_jax.telemetry.flops import param_counts
 
@@ -92,8 +92,7 @@ def test_packed_segments_do_not_see_each_other(params):
 def test_unscanned_layers_compute_the_same_function(params):
   cfg = dataclasses.replace(CFG, scan_layers=False)
   unrolled = {k: v for k, v in params.items() if k != "layers"}
-  for i in range(CFG.num_layers):
-    unrolled[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
+  unrolled.update({f"layers_{i}": block for i, block in enumerate(block_params(params, CFG.num_layers))})
   tokens = np.random.default_rng(2).integers(0, 128, (2, L)).astype(np.int32)
   np.testing.assert_allclose(np.asarray(_logits(cfg, unrolled, tokens)), np.asarray(_logits(CFG, params, tokens)),
                              atol=1e-5)

@@ -1,4 +1,8 @@
-"""The gradient noise scale (train/noise_scale.py): the estimator against a problem whose B_simple is known."""
+"""The gradient noise scale (train/noise_scale.py): the estimator against a problem whose B_simple is known;
+its moving averages through a checkpoint; the batch ramp it caps (train/batch_ramp.py) and the micro-batch
+split both use (train/accumulate.py)."""
+
+import json
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +10,8 @@ import numpy as np
 import pytest
 
 from codex_jax.config.errors import ConfigError
-from codex_jax.train import noise_scale
+from codex_jax.config.schema import TrainConfig
+from codex_jax.train import accumulate, batch_ramp, noise_scale
 from tests.helpers import load
 
 # loss(w) = mean_i 0.5 |w - x_i|^2 with x_i ~ N(mu, diag(var)): the per-example gradient is w - x_i, so
@@ -85,9 +90,9 @@ def test_probe_on_the_model_matches_gradients_of_each_micro_batch_and_logs_on_sc
   for step in range(7):
     probe.maybe_measure(step, params, feed.to_global(host, trainer.data_sharding))
   assert [step for step, _ in written] == [1, 4, 7]  # Steps 0, 3, 6, logged under the update they precede.
-  # The reference: each 2-row micro-batch differentiated on its own, on one device.
+  # The reference: each 2-row micro-batch (rows i and i + 4: the strided split) differentiated on its own.
   grad = jax.jit(jax.grad(lambda p, b: loss_fn(p, b, model=trainer.model, z_loss=cfg.train.z_loss)[0]))
-  grads = [grad(params, {k: v[2 * i:2 * i + 2] for k, v in host.items()}) for i in range(4)]
+  grads = [grad(params, {k: v[i::4] for k, v in host.items()}) for i in range(4)]
   sq = lambda g: sum(float(jnp.sum(x.astype(jnp.float32) ** 2)) for x in jax.tree.leaves(g))  # noqa: E731
   small = np.mean([sq(g) for g in grads])
   big = sq(jax.tree.map(lambda *g: sum(g) / 4, *grads))
@@ -103,3 +108,87 @@ def test_probe_on_the_model_matches_gradients_of_each_micro_batch_and_logs_on_sc
   off = noise_scale.Probe.create(load(**MICRO), trainer, mesh, None)
   off.maybe_measure(0, params, host)  # Off: nothing compiled, nothing written, no error.
   assert off.norms is None
+
+
+def test_ema_state_survives_a_json_checkpoint_and_continues_as_if_uninterrupted():
+  pairs = [(2.0, 30.0), (1.5, 40.0), (-0.5, 35.0), (1.0, 20.0), (0.8, 25.0)]
+  whole, first = noise_scale.Ema(0.9), noise_scale.Ema(0.9)
+  want = [whole.update(*p) for p in pairs]
+  for p in pairs[:3]:
+    first.update(*p)
+  saved = json.loads(json.dumps(first.state(), allow_nan=False))  # The meta item is strict JSON.
+  resumed = noise_scale.Ema(0.9)
+  resumed.restore(saved)
+  assert resumed.estimate() == want[2] and saved["b_simple"] == pytest.approx(want[2])
+  assert [resumed.update(*p) for p in pairs[3:]] == want[3:]
+  fresh = noise_scale.Ema(0.9)
+  fresh.restore(None)  # A checkpoint from before the probe was on, or from before this key existed.
+  assert fresh.estimate() is None and fresh.state() == {"g2": None, "trace": None, "b_simple": None}
+  unbounded = noise_scale.Ema(0.9)
+  unbounded.update(-1.0, 5.0)  # |G|^2 <= 0: B_simple is inf, saved as None, restored as inf again.
+  assert unbounded.state()["b_simple"] is None and unbounded.estimate() == float("inf")
+  assert noise_scale.Probe(0).state() is None and noise_scale.Probe(0).b_simple is None
+
+
+def test_batch_ramp_grows_linearly_and_the_noise_cap_holds_it_at_b_simple():
+  train = TrainConfig(global_batch=16, grad_accum=4, batch_ramp_steps=6, batch_ramp_start=1)
+  assert train.micro_batch == 4
+  assert [batch_ramp.micro_batches(train, s) for s in range(9)] == [1, 1, 2, 2, 3, 3, 4, 4, 4]
+  assert batch_ramp.micro_batches(train, 3, b_simple=4.0) == 2  # The cap is off unless asked for.
+  assert [batch_ramp.micro_batches(TrainConfig(global_batch=16, grad_accum=4), s) for s in (0, 5)] == [4, 4]
+  capped = TrainConfig(global_batch=16, grad_accum=4, batch_ramp_steps=6, batch_ramp_noise_cap=True,
+                       noise_scale_every=1)
+  # B_simple in sequences over 4-row micro-batches: 9 -> at most 2 of them; under one micro-batch -> still 1.
+  assert [batch_ramp.micro_batches(capped, 7, b) for b in (9.0, 16.0, 100.0, 3.0, -2.0)] == [2, 4, 4, 1, 1]
+  assert batch_ramp.micro_batches(capped, 2, 100.0) == 2  # The ramp below the cap.
+  for unknown in (None, float("inf"), float("nan")):  # No estimate yet, or unbounded: the ramp alone.
+    assert batch_ramp.micro_batches(capped, 7, unknown) == 4
+  from_two = TrainConfig(global_batch=16, grad_accum=4, batch_ramp_steps=4, batch_ramp_start=2)
+  assert [batch_ramp.micro_batches(from_two, s) for s in range(5)] == [2, 2, 3, 3, 4]
+
+
+def test_split_takes_every_kth_row_and_interleave_makes_micro_batch_m_pipeline_batch_m():
+  k, rows_per_process, processes = 3, 4, 2
+  rng = np.random.default_rng(0)
+  # Pipeline batch m of each process (its rows of the global micro-batch m), as the data pipeline yields them.
+  batches = [[{"x": rng.integers(0, 1000, (rows_per_process, 5)), "f": rng.normal(size=(rows_per_process, 5, 2))}
+              for _ in range(k)] for _ in range(processes)]
+  local = [accumulate.interleave(b) for b in batches]
+  assert local[0]["x"].shape == (k * rows_per_process, 5) and local[0]["f"].shape == (k * rows_per_process, 5, 2)
+  # feed.to_global puts process p's rows after process p-1's: the global batch is their concatenation.
+  global_batch = {name: np.concatenate([b[name] for b in local]) for name in local[0]}
+  for m in range(k):
+    for name in ("x", "f"):
+      want = np.concatenate([batches[p][m][name] for p in range(processes)])  # The global pipeline batch m.
+      np.testing.assert_array_equal(accumulate.split(global_batch[name], k)[m], want)
+  assert accumulate.interleave(batches[0][:1]) is batches[0][0]  # k = 1: the batch itself.
+  # A contiguous split ([k, rows / k]) would give other rows: the identity above can fail.
+  assert not np.array_equal(global_batch["x"].reshape(k, -1, 5)[1], accumulate.split(global_batch["x"], k)[1])
+
+
+def test_split_of_data_sharded_rows_moves_no_row_between_devices():
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+  mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4])
+  x = jax.device_put(np.arange(4 * 6 * 3, dtype=np.float32).reshape(24, 3), NamedSharding(mesh, P("data")))
+  lowered = jax.jit(lambda x: accumulate.split(x, 3).sum(axis=2)).lower(x)
+  hlo = lowered.compile().as_text()
+  assert not any(op in hlo for op in ("all-to-all", "all-gather", "collective-permute", "all-reduce")), hlo
+  np.testing.assert_array_equal(jax.jit(lambda x: accumulate.split(x, 3))(x), accumulate.split(np.asarray(x), 3))
+
+
+def test_accumulate_averages_floats_sums_counts_and_ors_flags():
+  batch = {"x": jnp.arange(12.0).reshape(6, 2)}
+
+  def fn(mb, index):
+    return {"mean": jnp.mean(mb["x"]), "count": jnp.sum(mb["x"] > 4).astype(jnp.int32),
+            "any": jnp.any(mb["x"] == 11.0), "index": jnp.asarray(index, jnp.float32)}
+
+  out = jax.jit(lambda b: accumulate.accumulate(fn, b, 3))(batch)
+  assert float(out["mean"]) == pytest.approx(5.5) and int(out["count"]) == 7 and bool(out["any"])
+  assert float(out["index"]) == pytest.approx(1.0)  # Micro-batches 0, 1, 2 each saw their own index.
+  assert out["count"].dtype == jnp.int32 and out["mean"].dtype == jnp.float32
+  one = accumulate.accumulate(fn, batch, 1)
+  assert float(one["mean"]) == pytest.approx(5.5) and int(one["count"]) == 7 and float(one["index"]) == 0
+  with pytest.raises(ValueError, match="no whole number of micro-batches of 4 rows"):
+    accumulate.count(batch, 4)

@@ -235,9 +235,15 @@ def test_multimodal_train_step_updates_ema_exactly_and_moves_the_tuner(trainer):
   for _ in range(2):  # Steps 1-2: step 1 does not measure; step 2 measures again.
     state, metrics = tr.train_step(state, batch)
   assert jax.device_get(state.balance.measured_N).tolist() == [2] * 5
-  state, metrics = tr.train_step(state, batch)  # Step 3 opens the "anneal" phase: weights back to its w0.
+  before = jax.device_get(state.balance)
+  state, metrics = tr.train_step(state, batch)  # Step 3 opens the "anneal" phase: its w0 under the multipliers.
   assert jax.device_get(metrics["balance_measured"]) == 0
-  np.testing.assert_allclose(jax.device_get(state.balance.weights_N), 1.0)
+  w0_N = np.asarray(cfg.objectives.weights)  # No phase_weights: anneal keeps the configured weights.
+  carried_N = w0_N * np.exp(before.lam_low_N - before.lam_high_N)
+  assert np.any(before.lam_low_N > 0) or np.any(before.lam_high_N > 0)  # So the carried weights are not w0.
+  np.testing.assert_allclose(jax.device_get(state.balance.weights_N), carried_N * w0_N.sum() / carried_N.sum(),
+                             rtol=1e-5)
+  chex.assert_trees_all_equal(state.balance.lam_low_N, before.lam_low_N)
   assert int(state.guard.count) == 1  # The spike window restarted with the phase (its losses were on old weights).
   outputs = tr.objective_outputs(state.params, state.target_params, batch, jax.random.PRNGKey(1))
   assert outputs["align"]["media"].shape == (cfg.objectives.align.max_pairs, cfg.objectives.align.dim)
@@ -245,6 +251,28 @@ def test_multimodal_train_step_updates_ema_exactly_and_moves_the_tuner(trainer):
   sampled = objectives_lib.sample_actions(state.params, outputs["action"]["condition"][:3], jax.random.PRNGKey(2),
                                           model=tr.model, steps=cfg.objectives.action.sample_steps)
   assert sampled.shape == (3, 2, 1) and bool(jnp.all(jnp.isfinite(sampled)))
+
+
+def test_an_accumulated_multimodal_step_updates_tuner_optimizer_and_target_once(trainer):
+  """16 rows through the fixture's step, whose micro-batch is train.global_batch = 8 rows: k = 2 micro-batches,
+  each with its own layout, forwards and trunk-norm measurement, then one tuner, optimizer and EMA step."""
+  cfg, _, _, _ = trainer
+  rows = make_batch(16, 32, 96, PATCHES, 256)
+  before, state, metrics = _step(trainer, rows)  # Step 0: a measure step.
+  after = jax.device_get(state)
+  assert int(after.step) == 1 and metrics["skipped"] == 0 and metrics["balance_measured"] == 1
+  assert after.balance.measured_N.tolist() == [1] * 5  # One tuner update per update, not one per micro-batch.
+  assert all(metrics[f"present_{k}"] == 1 for k in ("text", "vision", "align", "world", "action"))  # OR-ed.
+  assert all(np.isfinite(metrics[f"loss_{k}"]) and metrics[f"loss_{k}"] > 0
+             for k in ("text", "vision", "align", "world", "action"))
+  assert not np.allclose(after.balance.weights_N, 1.0)
+  decay = cfg.objectives.world.ema_decay
+  want = jax.tree.map(lambda t, p: decay * t + (1 - decay) * p, before.target_params,
+                      {k: after.params[k] for k in before.target_params})
+  chex.assert_trees_all_close(after.target_params, want, rtol=1e-6)  # One EMA step.
+  has_count = lambda x: "count" in getattr(x, "_fields", ())  # noqa: E731  (optax states are NamedTuples)
+  counts = [int(s.count) for s in jax.tree.leaves(after.opt_state, is_leaf=has_count) if has_count(s)]
+  assert counts and all(c == 1 for c in counts)  # Adam's (and the schedule's) count: one optimizer update.
 
 
 # Config.
@@ -255,6 +283,9 @@ def test_multimodal_train_step_updates_ema_exactly_and_moves_the_tuner(trainer):
     ({"objectives.align.kind": "cosine"}, ["objectives.align.kind='cosine'", "clip"]),
     ({"objectives.action.dim": 200}, ["objectives.action.dim=200", "feature_dim=96"]),
     ({"objectives.balance.mode": "auto"}, ["objectives.balance.mode='auto'"]),
+    ({"objectives.balance.low": (0.3,) * 5}, ["objectives.balance.low=(0.3,", "sum to at most 1, not 1.5"]),
+    ({"objectives.balance.low": (0.35, 0.1, 0.1, 0.1, 0.1), "objectives.balance.high": (0.3, 0.4, 0.4, 0.4, 0.4)},
+     ["objectives.balance.low[0]=0.35", "objectives.balance.high[0]=0.3"]),
     ({"objectives.vision.max_images": 0}, ["objectives.vision.max_images=0", "at least 1"]),
     ({"mesh.pipeline": 2, "mesh.schedule": "1f1b", "model.num_layers": 2},
      ["objectives.weights", "1f1b"]),

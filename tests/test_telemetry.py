@@ -295,3 +295,37 @@ def test_param_table_total():
   assert "params/layers/0/q" in table
   assert lines[-1].split()[-2:] == ["1,878", "(1.88K)"]
   assert "4.21 KiB" in lines[-1]  # 1600 * 2 + 278 * 4 bytes.
+
+
+def test_objective_heads_are_counted_apart_and_codex_config_lists_them():
+  import json
+  import subprocess
+  import sys
+
+  from codex_jax.model.heads import HEADS
+  from codex_jax.model.transformer import Decoder
+  from tests.helpers import MICRO, ROOT, load
+
+  assert flops.head_counts(TINY) == {} and flops.param_counts(TINY)["heads"] == 0  # Text only: no heads.
+  every = {"objectives.weights": (1.0, 1.0, 1.0, 1.0, 1.0)}  # tests/helpers.py turns them off by default.
+  cfg = load("tiny", num_devices=1, **MICRO, **every).model
+  assert set(cfg.objectives) == {"vision", "align", "world", "action"}
+  t = jnp.zeros((1, 8), jnp.int32)
+  method = lambda m, *a: m.init_outputs(*a)  # noqa: E731
+  params = jax.eval_shape(lambda: Decoder(cfg).init(jax.random.PRNGKey(0), t, t + 1, t, method=method))["params"]
+  size = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
+  counts = flops.head_counts(cfg)
+  assert counts == {name: size({k: v for k, v in params[HEADS].items() if k in keys}) for name, keys in {
+      "vision": ("mask_embedding", "pixel_head", "vision_proj"),
+      "align": ("align_media", "align_text", "align_logit_bias"),
+      "world": ("action_in", "null_action_embedding", "world_predictor"),
+      "action": ("flow_head",)}.items()}
+  c = flops.param_counts(cfg)
+  assert c["heads"] == size(params[HEADS]) and size(params) == c["total"] + c["heads"] + c["mtp"]
+  out = subprocess.run([sys.executable, "-m", "codex_jax", "config", "--config=experiments/codex.py:tiny",
+                        "--devices=1", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
+  shown = json.loads(out.stdout)["params"]
+  tiny = load("tiny", num_devices=1, **every).model  # The experiment's own tiny trains every objective.
+  assert shown["heads (training only)"] == {**flops.head_counts(tiny), "total": flops.param_counts(tiny)["heads"]}
+  assert "heads" not in shown and shown["total"] == flops.param_counts(tiny)["total"]

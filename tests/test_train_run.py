@@ -17,7 +17,7 @@ from codex_jax.data.default_corpus.build import build_default_corpus
 from codex_jax.data.sample_ids import split_id
 from codex_jax.data.stream import EpochBlockShuffle
 from codex_jax.train.ledger import SampleLedger, ledger_path, read_ledger
-from tests.helpers import ROOT, RUN_OVERRIDES, run_env, run_train, train_command
+from tests.helpers import ROOT, RUN_OVERRIDES, run_env, run_train, train_command, trained_workdir
 
 pytestmark = pytest.mark.slow
 
@@ -250,3 +250,39 @@ def test_allowed_change_extends_a_finished_run(reference, tmp_path):
   summary = json.loads(result.stdout)
   assert summary["start_step"] == 40 and summary["final_step"] == 44
   assert "train.steps: 40 -> 44" in result.stderr
+
+
+# Gradient accumulation with a batch ramp to 2 micro-batches of 4 rows over the first 2 updates, capped by the
+# noise scale measured every 2 updates (train/batch_ramp.py): 4 updates, checkpoints at 2 and 4.
+RAMP = {**RUN_OVERRIDES, "train.steps": 4, "checkpoint.every": 2, "eval.batches": 0, "train.grad_accum": 2,
+        "train.batch_ramp_steps": 2, "train.noise_scale_every": 2, "train.noise_scale_microbatches": 2,
+        "train.batch_ramp_noise_cap": True}
+
+
+def _rows(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_a_noise_capped_batch_ramp_logs_its_batches_and_checkpoints_its_estimate(tmp_path_factory):
+  from codex_jax.config.schema import TrainConfig
+  from codex_jax.train import batch_ramp
+  ref_dir, _ = trained_workdir(tmp_path_factory, "ramp", RAMP)
+  rows = _rows(ref_dir)
+  accum = {r["step"]: r["batch/accum"] for r in rows if "batch/accum" in r}
+  assert accum == {1: 1, 2: 1, 3: 2, 4: 2}  # Update s is logged under s + 1.
+  assert all(r["batch/rows"] == 4 * r["batch/accum"] for r in rows if "batch/rows" in r)
+  # Each k is the ramp's, capped by the estimate logged before its update (null: unbounded, no cap).
+  train = TrainConfig(global_batch=8, grad_accum=2, batch_ramp_steps=2, batch_ramp_noise_cap=True,
+                      noise_scale_every=2)
+  estimates = [(r["step"], r["noise_scale/b_simple"]) for r in rows if "noise_scale/g2" in r]
+  assert [step for step, _ in estimates] == [1, 3]
+  for step, k in accum.items():
+    known = [b for s, b in estimates if s < step]
+    assert k == batch_ramp.micro_batches(train, step - 1, known[-1] if known else None)
+  meta = json.load(open(os.path.join(ref_dir, "checkpoints", "2", "meta", "metadata")))
+  assert meta["noise_scale"]["g2"] == next(r for r in rows if "noise_scale/g2" in r)["noise_scale/g2"]
+  # Resume: the probe's averages come back from this meta (train/noise_scale.Probe.restore; the round trip
+  # continuing exactly as an uninterrupted run is tests/test_noise_scale.py's), so k stays a pure function of
+  # (step, restored estimate). A second, resumed subprocess run here cost 60 s of test time.
+  assert meta["noise_scale"]["b_simple"] == estimates[0][1]

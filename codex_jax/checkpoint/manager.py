@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 import grain
@@ -175,18 +176,11 @@ class Checkpointer:
     back to it); resume=False only reads (eval, export, averaging) and leaves the workdir untouched.
     """
     step_dir = self.step_dir(step)
-    recorded = [r["files"] for r in lineage.read_log(self.workdir) if r.get("files_of") == meta["lineage"]["lineage_hash"]]
-    if recorded:
-      check_files(recorded[-1], step_dir)
-    check_structure(meta["leaves"], abstract_state, step_dir, allow_dtype_change)
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    except Exception as e:
-      raise CheckpointIntegrityError(f"{step_dir}: restore failed ({type(e).__name__}: {_short(e)})") from e
-    check_leaves(meta["leaves"], state_leaf_hashes(restored.state), step_dir)
+    state = self._verified_read(step, meta, meta["leaves"], abstract_state, allow_dtype_change,
+                                lambda: self.manager.restore(step, args=ocp.args.Composite(**items)).state)
     if data_iterator is not None and self.primary:
       got = iterator_hash(data_iterator.get_state())
       if got != meta["lineage"]["iterator_hash"]:
@@ -196,7 +190,7 @@ class Checkpointer:
       self.parent = meta["lineage"]["lineage_hash"]
       if self.primary:
         lineage.truncate_log(self.workdir, step)
-    return restored.state
+    return state
 
   def restore_params(self, step: int, abstract_params, *, meta: dict, allow_dtype_change: bool = False):
     """Only the parameters at `step`, in `abstract_params`' shardings, verified as `restore` verifies them.
@@ -212,18 +206,28 @@ class Checkpointer:
   def restore_fields(self, step: int, abstract: dict[str, Any], *, meta: dict,
                      allow_dtype_change: bool = False) -> dict[str, Any]:
     """The named train-state fields at `step` ({"params": ..., "target_params": ...}), as restore_params."""
+    leaves = {path: h for path, h in meta["leaves"].items() if path.split("/", 1)[0] in abstract}
+    target = dict(abstract)
+    args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                  partial_restore=True)
+
+    def read():
+      with ocp.PyTreeCheckpointer() as reader:
+        return reader.restore(os.path.join(self.step_dir(step), "state"), args=args)
+
+    return self._verified_read(step, meta, leaves, target, allow_dtype_change, read)
+
+  def _verified_read(self, step: int, meta: dict, leaves: dict[str, str], target, allow_dtype_change: bool,
+                     read: Callable[[], Any]):
+    """`read()`'s state tree, read only once the step's files match their recorded hashes and `target` the saved
+    tensors (`leaves`, path -> hash), and handed back only once every tensor matches its hash."""
     step_dir = self.step_dir(step)
     recorded = [r["files"] for r in lineage.read_log(self.workdir) if r.get("files_of") == meta["lineage"]["lineage_hash"]]
     if recorded:
       check_files(recorded[-1], step_dir)
-    leaves = {path: h for path, h in meta["leaves"].items() if path.split("/", 1)[0] in abstract}
-    target = dict(abstract)
     check_structure(leaves, target, step_dir, allow_dtype_change)
-    args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                                  partial_restore=True)
     try:
-      with ocp.PyTreeCheckpointer() as reader:
-        restored = reader.restore(os.path.join(step_dir, "state"), args=args)
+      restored = read()
     except Exception as e:
       raise CheckpointIntegrityError(f"{step_dir}: restore failed ({type(e).__name__}: {_short(e)})") from e
     check_leaves(leaves, state_leaf_hashes(restored), step_dir)

@@ -33,8 +33,8 @@ def resolve(as_dict: dict[str, Any], num_devices: int, num_processes: int = 1) -
     topo = topology.hypothetical(jax.devices()[0].device_kind, num_devices, num_processes)
   choice = layout_cost.best(cfg, topo)
   chosen = copy.deepcopy(as_dict)
-  chosen["mesh"].update(choice.layout.mesh_values())
-  chosen["model"]["remat"] = choice.layout.remat
+  for group, values in choice.layout.config_values().items():  # As layout_cost.apply sets them on a typed config.
+    chosen.setdefault(group, {}).update(values)
   logging.info("mesh.auto: %s on %s (predicted %.3g s/step, %.2f GB/device%s); `codex mesh` shows the ranking",
                choice.layout.label(), topo.describe(), choice.step_s, choice.total_bytes / 1e9,
                "" if choice.fits else ", OVER the device memory")

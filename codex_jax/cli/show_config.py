@@ -21,7 +21,7 @@ def run(flag_values):
   cfg, _ = common.load_config(flag_values, devices, processes)
   from codex_jax.config.validate import resolve_mesh_shape
   from codex_jax.parallel.pipeline import Schedule
-  from codex_jax.telemetry.flops import param_counts
+  from codex_jax.telemetry.flops import head_counts, param_counts
   resolved = dataclasses.asdict(cfg)
   sizes = resolve_mesh_shape(cfg.mesh, devices)
   resolved["mesh"]["resolved"] = sizes
@@ -29,7 +29,10 @@ def run(flag_values):
     schedule = Schedule.of(cfg.mesh, sizes["pipeline"])
     resolved["mesh"]["pipeline_ticks"] = schedule.ticks
     resolved["mesh"]["pipeline_bubble"] = round(schedule.bubble_fraction, 4)
-  resolved["params"] = param_counts(cfg.model)
+  resolved["params"] = params = param_counts(cfg.model)
+  heads = params.pop("heads")
+  if heads:  # Non-text objectives on: their heads train beside the trunk but are not exported (not in total).
+    params["heads (training only)"] = {**head_counts(cfg.model), "total": heads}
   if not flag_values.json:
     for group, values in resolved.items():
       print(f"{group}: {values}")

@@ -145,12 +145,18 @@ _GROUP_IDENTITY = {"objectives": ("weights", "phase_weights")}
 
 def resume_conflicts(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
   """The diff lines that forbid resuming: changes outside schema.RESUME_MUTABLE. A group the saved config
-  lacks (written before it existed, e.g. `objectives`) may only differ in its identity keys."""
+  lacks (written before it existed, e.g. `objectives`) may only differ in its identity keys; a key it lacks
+  is taken at its schema default."""
   filled = dict(saved)
   for name, cls in schema.GROUPS.items():
-    if name not in saved and name in current:
-      defaults = to_dict(dataclasses.asdict(cls()))
+    if name not in current:
+      continue
+    defaults = to_dict(dataclasses.asdict(cls()))
+    if name not in saved:
       filled[name] = {**current[name], **{k: defaults[k] for k in _GROUP_IDENTITY.get(name, ())}}
+    else:  # A key added since the workdir was written (e.g. train.grad_accum): that run had its default.
+      filled[name] = {**{k: defaults[k] for k in current[name] if k in defaults and k not in saved[name]},
+                      **saved[name]}
   return [line for line in diff(filled, current) if line.split(":")[0] not in schema.RESUME_MUTABLE]
 
 

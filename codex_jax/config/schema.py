@@ -110,6 +110,22 @@ class TrainConfig:
   noise_scale_every: int = 0  # Log the gradient noise scale B_simple every this many steps; 0: off.
   noise_scale_microbatches: int = 4  # k: rows split in k micro-batches (B_small = global_batch / k, B_big).
   noise_scale_ema: float = 0.9  # Decay of the moving averages of |G|^2 and tr(Sigma) before their ratio.
+  # Gradient accumulation: an update of global_batch rows is fed as grad_accum micro-batches of
+  # global_batch // grad_accum rows (the data pipeline's batch), their gradients averaged inside the step,
+  # so activation memory is that of one micro-batch.
+  grad_accum: int = 1
+  # Batch-size ramp (train/batch_ramp.py): micro-batches per update grow linearly from batch_ramp_start
+  # to grad_accum over the first batch_ramp_steps updates; 0: every update takes grad_accum of them.
+  batch_ramp_steps: int = 0
+  batch_ramp_start: int = 1
+  # Also cap micro-batches per update at max(1, B_simple // micro-batch rows), B_simple being the noise
+  # probe's current estimate (needs train.noise_scale_every > 0): the batch grows no larger than useful.
+  batch_ramp_noise_cap: bool = False
+
+  @property
+  def micro_batch(self) -> int:
+    """Rows of one micro-batch: the data pipeline's global batch, and the step's unit of work."""
+    return self.global_batch // max(self.grad_accum, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +166,7 @@ class EvalConfig:
   """Held-out loss and task cadence (codex_jax/eval)."""
 
   every: int = 100
-  batches: int = 4
+  batches: int = 4  # Held-out batches of one micro-batch each (train.global_batch / train.grad_accum rows).
   tasks: str = "builtin"  # Comma-separated: "builtin" and/or folders of *.jsonl task files; "": none.
   task_examples: int = 64  # Examples per task in the training loop (`codex eval` scores all).
 
@@ -266,9 +282,17 @@ RESUME_MUTABLE = frozenset({
     "eval.batches",
     "eval.tasks",
     "eval.task_examples",
-    "train.noise_scale_every",  # The noise-scale probe only measures and logs; it never touches the state.
+    # The noise-scale probe only measures and logs; it never touches the state. (Under
+    # train.batch_ramp_noise_cap its estimate also caps the batch of the updates after the resume.)
+    "train.noise_scale_every",
     "train.noise_scale_microbatches",
     "train.noise_scale_ema",
+    # The ramp only decides how many of the pipeline's micro-batches each later update draws: no state, and
+    # no data position, depends on it. train.grad_accum is not here: it sets the pipeline's batch shape
+    # (the Grain iterator's state, the ledger's rows per batch).
+    "train.batch_ramp_steps",
+    "train.batch_ramp_start",
+    "train.batch_ramp_noise_cap",
     "checkpoint.average_count",
     "checkpoint.average_every",
     "checkpoint.average_every_seconds",

@@ -61,11 +61,29 @@ def validate(cfg: schema.Config, num_devices: int | None = None, num_processes: 
   if m.mtp_depth > 0 and d.seq_len > 0:
     need(m.mtp_depth < d.seq_len - 1, "model.mtp_depth", m.mtp_depth,
          f"must be below data.seq_len - 1 = {d.seq_len - 1} (depth k predicts k + 1 tokens ahead)")
+  # Gradient accumulation and the batch ramp; every batch rule below applies to one micro-batch's rows.
+  need(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, "must be at least 1 (1: no accumulation)")
+  if t.grad_accum >= 1 and t.global_batch > 0:
+    need(t.global_batch % t.grad_accum == 0, "train.global_batch", t.global_batch,
+         f"must be divisible by train.grad_accum={t.grad_accum} (micro-batches of equal rows)")
+  micro = t.micro_batch
+
+  def divisible_by(what: str) -> str:  # The rule for the rows each step's forward sees.
+    if t.grad_accum == 1:
+      return f"must be divisible by {what}"
+    return f"must make the micro-batch rows train.global_batch / train.grad_accum = {micro} divisible by {what}"
+
+  need(t.batch_ramp_steps >= 0, "train.batch_ramp_steps", t.batch_ramp_steps, "must not be negative (0: off)")
+  need(1 <= t.batch_ramp_start <= max(t.grad_accum, 1), "train.batch_ramp_start", t.batch_ramp_start,
+       f"must be in [1, train.grad_accum={t.grad_accum}] (micro-batches in the first update)")
+  need(not t.batch_ramp_noise_cap or t.noise_scale_every > 0, "train.batch_ramp_noise_cap", t.batch_ramp_noise_cap,
+       "needs the noise probe on (train.noise_scale_every > 0): the cap is its B_simple estimate")
   need(t.noise_scale_every >= 0, "train.noise_scale_every", t.noise_scale_every, "must not be negative (0: off)")
   if t.noise_scale_every > 0:
-    need(t.noise_scale_microbatches >= 2 and t.global_batch % t.noise_scale_microbatches == 0,
+    need(t.noise_scale_microbatches >= 2 and micro % t.noise_scale_microbatches == 0,
          "train.noise_scale_microbatches", t.noise_scale_microbatches,
-         f"must be at least 2 and divide train.global_batch={t.global_batch} (B_small < B_big)")
+         f"must be at least 2 and divide the micro-batch rows train.global_batch / train.grad_accum = {micro} "
+         "(B_small < B_big)")
     need(0 <= t.noise_scale_ema < 1, "train.noise_scale_ema", t.noise_scale_ema, "must be in [0, 1)")
   need(0 <= t.mtp_weight_switch <= 1, "train.mtp_weight_switch", t.mtp_weight_switch,
        "must be in [0, 1] (a fraction of train.steps)")
@@ -136,23 +154,23 @@ def validate(cfg: schema.Config, num_devices: int | None = None, num_processes: 
     if problems:
       return problems
   data_size, tensor_size, stages = resolved["data"], resolved["tensor"], resolved["pipeline"]
-  need(t.global_batch % data_size == 0, "train.global_batch", t.global_batch,
-       f"must be divisible by the data axis size {data_size}")
+  need(micro % data_size == 0, "train.global_batch", t.global_batch,
+       divisible_by(f"the data axis size {data_size}"))
   if stages > 1:
     microbatches = resolve_microbatches(mesh, stages)
     need(m.scan_layers, "model.scan_layers", m.scan_layers, "must be True with pipeline stages (the layers are stacked)")
     need(m.num_layers % (stages * mesh.repeats) == 0, "model.num_layers", m.num_layers,
          f"must be divisible by pipeline stages x mesh.repeats = {stages} x {mesh.repeats}")
-    need(t.global_batch % (data_size * microbatches) == 0, "train.global_batch", t.global_batch,
-         f"must be divisible by the data axis size x pipeline microbatches = {data_size} x {microbatches}")
+    need(micro % (data_size * microbatches) == 0, "train.global_batch", t.global_batch,
+         divisible_by(f"the data axis size x pipeline microbatches = {data_size} x {microbatches}"))
     if mesh.schedule == "circular":
       need(microbatches >= stages, "mesh.microbatches", microbatches,
            f"must be at least the {stages} pipeline stages with the circular schedule")
   if mesh.sequence_parallel:
     need(d.seq_len % tensor_size == 0, "data.seq_len", d.seq_len,
          f"must be divisible by the tensor axis size {tensor_size} when mesh.sequence_parallel is on")
-  need(t.global_batch % num_processes == 0, "train.global_batch", t.global_batch,
-       f"must be divisible by the {num_processes} JAX processes")
+  need(micro % num_processes == 0, "train.global_batch", t.global_batch,
+       divisible_by(f"the {num_processes} JAX processes"))
   for key, value in (("num_heads", m.num_heads), ("num_kv_heads", m.num_kv_heads),
                      ("mlp_dim", m.mlp_dim), ("vocab_size", m.vocab_size)):
     need(value % tensor_size == 0, f"model.{key}", value, f"must be divisible by the tensor axis size {tensor_size}")
@@ -180,10 +198,49 @@ def resolve_mesh_shape(mesh: schema.MeshConfig, num_devices: int | None) -> dict
   return sizes
 
 
+def weight_problems(weights: tuple[float, ...], objectives: tuple[str, ...], key: str) -> list[str]:
+  """Loss weights, one per objective (here and in objectives/balance.py); `key` names them in the message."""
+  if len(weights) == len(objectives) and all(w >= 0 for w in weights) and sum(weights) > 0:
+    return []
+  return [f"{key}={weights!r}: must be {len(objectives)} weights >= 0 with a positive sum, in the order "
+          f"{objectives} (0 switches one off)"]
+
+
+def share_problems(b, objectives: tuple[str, ...], prefix: str) -> list[str]:
+  """The loss-weight tuner's rules: share bounds and dual ascent settings. One set for config.objectives.balance
+  (schema.BalanceSettings) and objectives/balance.py's BalanceConfig, whose fields they share; `prefix` names
+  the keys in the messages."""
+  problems, n = [], len(objectives)
+
+  def need(ok: bool, key: str, value, rule: str):
+    if not ok:
+      problems.append(f"{prefix}{key}={value!r}: {rule}")
+
+  need(b.mode in schema.BALANCE_MODES, "mode", b.mode, f"must be one of {schema.BALANCE_MODES}")
+  for key in ("low", "high"):
+    value = getattr(b, key)
+    need(len(value) == n and all(0 <= v <= 1 for v in value), key, value,
+         f"must be {n} shares in [0, 1], in the order {objectives}")
+  need(b.measure_every >= 1, "measure_every", b.measure_every, "must be at least 1")
+  need(b.dual_lr > 0, "dual_lr", b.dual_lr, "must be positive")
+  need(0 <= b.ema_decay < 1, "ema_decay", b.ema_decay, "must be in [0, 1)")
+  need(b.slack >= 0, "slack", b.slack, "must not be negative")
+  need(b.max_multiplier > 0, "max_multiplier", b.max_multiplier, "must be positive")
+  if problems:
+    return problems
+  for i, name in enumerate(objectives):
+    need(b.low[i] + b.slack <= b.high[i] - b.slack, f"low[{i}]", b.low[i],
+         f"must be at most {prefix}high[{i}]={b.high[i]} - 2 * slack={b.slack} ({name})")
+  need(sum(b.low) <= 1, "low", b.low, f"must sum to at most 1, not {sum(b.low):g}: no shares could meet every "
+       "lower bound")
+  need(sum(b.high) >= 1, "high", b.high, f"must sum to at least 1, not {sum(b.high):g}: no shares could meet "
+       "every upper bound")
+  return problems
+
+
 def objective_problems(cfg: schema.Config) -> list[str]:
   """The objectives group: weights per objective (and phase), the tuner, each objective's settings."""
   o, problems = cfg.objectives, []
-  n = len(schema.OBJECTIVES)
 
   def need(ok: bool, key: str, value, rule: str):
     if not ok:
@@ -191,27 +248,9 @@ def objective_problems(cfg: schema.Config) -> list[str]:
 
   tables = {"weights": o.weights, **{f"phase_weights.{k}": v for k, v in o.phase_weights.items()}}
   for key, weights in tables.items():
-    need(len(weights) == n and all(w >= 0 for w in weights) and sum(weights) > 0, key, weights,
-         f"must be {n} weights >= 0 with a positive sum, in the order {schema.OBJECTIVES} (0 switches one off)")
-  b = o.balance
-  need(b.mode in schema.BALANCE_MODES, "balance.mode", b.mode, f"must be one of {schema.BALANCE_MODES}")
-  for key in ("low", "high"):
-    value = getattr(b, key)
-    need(len(value) == n and all(0 <= v <= 1 for v in value), f"balance.{key}", value,
-         f"must be {n} shares in [0, 1], in the order {schema.OBJECTIVES}")
-  need(b.measure_every >= 1, "balance.measure_every", b.measure_every, "must be at least 1")
-  need(b.dual_lr > 0, "balance.dual_lr", b.dual_lr, "must be positive")
-  need(0 <= b.ema_decay < 1, "balance.ema_decay", b.ema_decay, "must be in [0, 1)")
-  need(b.slack >= 0, "balance.slack", b.slack, "must not be negative")
-  need(b.max_multiplier > 0, "balance.max_multiplier", b.max_multiplier, "must be positive")
-  if problems:
-    return problems
+    problems.extend(weight_problems(weights, schema.OBJECTIVES, f"config.objectives.{key}"))
   # A switched-off objective's lower bound is dropped where the tuner is built (train/objectives.py).
-  for i, name in enumerate(schema.OBJECTIVES):
-    need(b.low[i] + b.slack <= b.high[i] - b.slack, f"balance.low[{i}]", b.low[i],
-         f"must be at most balance.high[{i}]={b.high[i]} - 2 * slack ({name})")
-  need(sum(b.low) <= 1, "balance.low", b.low, "must sum to at most 1")
-  need(sum(b.high) >= 1, "balance.high", b.high, "must sum to at least 1")
+  problems.extend(share_problems(o.balance, schema.OBJECTIVES, "config.objectives.balance."))
 
   v, a, w, act = o.vision, o.align, o.world, o.action
   need(0 < v.mask_ratio < 1, "vision.mask_ratio", v.mask_ratio, "must be in (0, 1)")

@@ -27,7 +27,7 @@ _SHARE_TOLERANCE = 1e-6
 
 _TOP_KEYS = {"version", "name", "description", "root", "exchange_rates", "phases", "sources"}
 _SOURCE_REQUIRED = ("name", "kind", "modalities", "format", "locations", "licence", "share")
-_SOURCE_KEYS = {*_SOURCE_REQUIRED, "options", "exchange_rate", "origin", "description"}
+_SOURCE_KEYS = {*_SOURCE_REQUIRED, "options", "exchange_rate", "eval_fraction", "origin", "description"}
 _PHASE_KEYS = {"name", "start_step"}
 
 
@@ -49,6 +49,9 @@ class Source:
   exchange_rates: dict[str, float]  # Modality -> rate, the manifest's defaults with this source's overrides.
   options: dict[str, Any]
   origin: str = ""
+  # Share of this source's records held out, instead of data.eval_fraction (None: that one). For sources with
+  # few records whose held-out evals need more than 1% of them (the default corpus's captioned media).
+  eval_fraction: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +79,8 @@ class Manifest:
             "locations": [os.path.relpath(loc, self.root) for loc in s.locations], "licence": s.licence,
             "share": dict(sorted(s.share.items())), "exchange_rates": dict(sorted(s.exchange_rates.items())),
             "options": s.options,
+            # Only when set, so that a manifest without overrides keeps its hash.
+            **({"eval_fraction": s.eval_fraction} if s.eval_fraction is not None else {}),
         } for s in self.sources],
     }
 
@@ -233,10 +238,15 @@ def _source(entry: Any, i: int, root: str, rates: dict[str, float], phase_names:
   if not isinstance(options, dict):
     problems.append(f"{where}: options must be a mapping, got {options!r}")
   source_rates = _rates(entry.get("exchange_rate") or {}, f"{where}: exchange_rate", rates, problems)
+  eval_fraction = entry.get("eval_fraction")
+  if eval_fraction is not None and (not isinstance(eval_fraction, int | float) or isinstance(eval_fraction, bool)
+                                    or not 0 <= eval_fraction < 1):
+    problems.append(f"{where}: eval_fraction {eval_fraction!r} must be a number in [0, 1)")
   if len(problems) > before:
     return None
   return Source(name=str(entry["name"]), kind=entry["kind"], modalities=tuple(modalities), format=entry["format"],
                 locations=tuple(os.path.normpath(os.path.join(root, os.path.expanduser(str(loc))))
                                 for loc in locations),
                 licence=str(entry["licence"]), share={p: float(share[p]) for p in phase_names},
-                exchange_rates=source_rates, options=dict(options), origin=str(entry.get("origin", "")))
+                exchange_rates=source_rates, options=dict(options), origin=str(entry.get("origin", "")),
+                eval_fraction=None if eval_fraction is None else float(eval_fraction))

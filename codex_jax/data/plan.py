@@ -105,13 +105,15 @@ def _index_source(source: Source, source_id: int, root: str, cfg: DataConfig) ->
   paths = _expand(source)
   records: dict[str, list[tuple[int, Any]]] = {split: [] for split in SPLITS}
   malformed = []
+  # A source's own eval_fraction (manifest) overrides data.eval_fraction, unless that is 0: no held-out split.
+  fraction = source.eval_fraction if source.eval_fraction is not None and cfg.eval_fraction > 0 else cfg.eval_fraction
   for file_no, path in enumerate(paths):
     index: FileIndex = index_file(fmt, path, options)
     rel = os.path.relpath(path, root)
     for name, reason in index.malformed:
       malformed.append({"source": source.name, "file": path, "record": name, "reason": reason})
     for name, locator in index.records:
-      records[split_of(f"{rel}:{name}", cfg.eval_fraction)].append((file_no, locator))
+      records[split_of(f"{rel}:{name}", fraction)].append((file_no, locator))
   if malformed and cfg.on_malformed == "fail":
     listed = "\n  ".join(f"{m['file']}:{m['record']}: {m['reason']}" for m in malformed[:_MAX_LISTED])
     more = f"\n  ... and {len(malformed) - _MAX_LISTED} more" if len(malformed) > _MAX_LISTED else ""
@@ -119,7 +121,7 @@ def _index_source(source: Source, source_id: int, root: str, cfg: DataConfig) ->
                     f"'skip' drops them and logs them to the quarantine file):\n  {listed}{more}")
   if not records["train"]:
     raise DataError(f"source {source.name!r}: no usable training records in {len(paths)} file(s) "
-                    f"({len(malformed)} malformed, {len(records['eval'])} held out by data.eval_fraction).")
+                    f"({len(malformed)} malformed, {len(records['eval'])} held out by the eval fraction {fraction:g}).")
   hashes = tuple(fingerprint.file_sha256(p) for p in paths)
   return SourcePlan(source, source_id, tuple(paths), hashes, records, tuple(malformed))
 

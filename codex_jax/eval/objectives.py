@@ -6,11 +6,22 @@ For one set of parameters (and the EMA target encoder's), over the first `eval.b
   chunks). For text, world and action that is the mean over all units; vision (MAE over patches + InfoNCE
   over images) and align (contrastive within a batch) are batch losses, so theirs is the units-weighted mean.
 - retrieval: image->text and text->image top-1 accuracy over every held-out align pair, pooled across
-  batches (cosine similarity of the projected latents), with the chance level 1 / pairs.
+  batches (cosine similarity of the projected latents), scored two ways. Exact index: a hit only when the
+  retrieved item is the query's own partner (chance 1 / pairs). Caption match: a hit when the retrieved
+  caption (i2t), or the retrieved image's caption (t2i), is token for token the query's true caption, since
+  captions can repeat (the default corpus's are templates over digit, stroke and slant: 460 distinct for
+  1,797 digits); its chance is exact for the duplicate structure: the mean over queries of (pairs sharing
+  the query's caption) / pairs. Top-1 over a hundred candidates moves late; the mean rank of the true
+  partner among the N - 1 others, as a fraction (0: always first, 0.5: chance, whatever N), and recall@10
+  (the partner among the 10 most similar, chance 10 / N, CLIP's R@10) show progress before it. Beside them the mean cosine of matched pairs and of pairs with different captions: the gap
+  shows whether align separates the latents at all, whatever the top-1 says.
 - reconstruction: MSE of the pixel head on masked patches against the normalised pixels, and of predicting
   zero (each patch's own mean, the normalised target's mean) as the baseline; their ratio.
 - world: MSE of the predicted latent of chunk t+1 against its layer-normed EMA target, and of copying
-  chunk t's target (copy-last-chunk); the ratio model / baseline (< 1: the predictor beats copying).
+  chunk t's target (copy-last-chunk); the ratio model / baseline (< 1: the predictor beats copying). The
+  target is the moving EMA encoder, so the raw MSE of two evals has two different yardsticks; `world_nmse`
+  divides it by the variance of the same eval's targets across transitions (mean over D): the fraction
+  of the target's variance left unexplained (1 - R^2), scale-free, the world loss to compare over a run.
 - actions: MSE of Euler-sampled action chunks against the true ones, and of the mean held-out chunk;
   the ratio model / baseline (< 1: sampling beats the mean action).
 Every number is built from sums that add across batches (float64 on the host), so any split of the same
@@ -41,8 +52,9 @@ PREFIX = "objectives/"
 EVAL_STREAM = 0x0E7A1  # Folded into the run's seed: the evals' own key, apart from training's.
 SAMPLE_STREAM = 2      # fold_in(batch key, 2): the sampler's noise (layout uses 0, flow matching 1).
 ACTION_SAMPLES = 8     # Sampled chunks per condition whose mean is scored beside the single sample.
+RECALL_K = 10          # Retrieval recall@K: the true partner among the K most similar.
 MAX_BATCHES = 64       # The held-out pass is read whole (the media sources hold few held-out records), up to this.
-COUNTS = ("_units", "_pairs", "_patches", "_transitions", "_chunks")  # Metrics that count, not score.
+COUNTS = ("_units", "_pairs", "_captions", "_patches", "_transitions", "_chunks")  # Metrics that count, not score.
 
 
 # --- Per-batch sums (numpy, float64): they add across batches. -----------------------------------------
@@ -71,13 +83,21 @@ def reconstruction_sums(pixels_CPX, targets_CPX, patch_masked_CP) -> dict[str, f
           "recon_zero_sq": float(_sq_mean(targets, (-1,))[m].sum()), "recon_patches": float(m.sum())}
 
 
-def world_sums(prediction_CD, target_CD, last_CD, valid_C) -> dict[str, float]:
-  """Squared error (mean over D) of the prediction and of copying chunk t's target, over valid transitions."""
+def world_sums(prediction_CD, target_CD, last_CD, valid_C) -> dict[str, Any]:
+  """Squared error (mean over D) of the prediction and of copying chunk t's target, over valid transitions,
+  and the targets' first two moments per D (their variance across transitions, known only at the end)."""
   v = np.asarray(valid_C, bool)
   target = np.asarray(target_CD, np.float64)
   return {"world_sq": float(_sq_mean(np.asarray(prediction_CD, np.float64) - target, (-1,))[v].sum()),
           "world_copy_sq": float(_sq_mean(np.asarray(last_CD, np.float64) - target, (-1,))[v].sum()),
-          "world_transitions": float(v.sum())}
+          "world_t1": target[v].sum(0), "world_t2": np.square(target[v]).sum(0), "world_transitions": float(v.sum())}
+
+
+def variance_of_moments(s1_D: np.ndarray, s2_D: np.ndarray, n: float) -> float:
+  """Mean over D of the variance across n vectors, from their sums and sums of squares."""
+  if not n:
+    return float("nan")
+  return float(np.mean(s2_D / n - np.square(s1_D / n)))
 
 
 def action_sums(sampled_CTA, actions_CTA, valid_C, sampled_mean_CTA=None) -> dict[str, Any]:
@@ -117,6 +137,45 @@ def retrieval_accuracy(media_NE: np.ndarray, text_NE: np.ndarray) -> tuple[float
   return float(np.mean(np.argmax(sim_NN, axis=1) == idx)), float(np.mean(np.argmax(sim_NN, axis=0) == idx))
 
 
+def caption_ids(keys_NK: np.ndarray) -> np.ndarray:
+  """Caption keys [N, K] (objectives/layout.caption_keys) -> one small int per distinct caption [N]."""
+  return np.unique(np.asarray(keys_NK).reshape(len(keys_NK), -1), axis=0, return_inverse=True)[1].reshape(-1)
+
+
+def retrieval_scores(media_NE: np.ndarray, text_NE: np.ndarray, caption_N: np.ndarray | None = None
+                     ) -> dict[str, float]:
+  """Every retrieval metric of N pairs (see the module docstring); `caption_N` names each pair's caption
+  (equal ids: equal token sequences), None when unknown: then only the exact-index scores and the cosines.
+
+  Caption match and its chance, with n_c pairs of caption c: a random pick hits for query i with
+  probability n_{c(i)} / N, so chance = mean_i n_{c(i)} / N = sum_c n_c^2 / N^2 (both directions alike).
+  """
+  N = len(media_NE)
+  if N < 2:  # One pair has nothing to be confused with.
+    return {"retrieval_pairs": float(N), **{f"retrieval_{k}": float("nan") for k in ("i2t", "t2i", "chance")}}
+  out = {"retrieval_pairs": float(N), "retrieval_chance": 1.0 / N}
+  out["retrieval_i2t"], out["retrieval_t2i"] = retrieval_accuracy(media_NE, text_NE)
+  unit = lambda x: x / np.sqrt(np.sum(x * x, -1, keepdims=True) + 1e-12)  # noqa: E731
+  sim_NN = unit(np.asarray(media_NE, np.float64)) @ unit(np.asarray(text_NE, np.float64)).T
+  same_NN = np.eye(N, dtype=bool) if caption_N is None else caption_N[:, None] == caption_N[None, :]
+  own_N = np.diag(sim_NN)
+  better_i2t_N, better_t2i_N = np.sum(sim_NN > own_N[:, None], axis=1), np.sum(sim_NN > own_N[None, :], axis=0)
+  out["retrieval_i2t_rank"] = float(np.mean(better_i2t_N) / (N - 1))
+  out["retrieval_t2i_rank"] = float(np.mean(better_t2i_N) / (N - 1))
+  # Recall@K (CLIP's R@K): the true partner among the K best; chance K / N.
+  out["retrieval_i2t_r10"], out["retrieval_t2i_r10"] = float(np.mean(better_i2t_N < RECALL_K)), float(
+      np.mean(better_t2i_N < RECALL_K))
+  out["retrieval_r10_chance"] = min(RECALL_K / N, 1.0)
+  out["retrieval_cos_pair"] = float(np.mean(own_N))
+  out["retrieval_cos_other"] = float(np.mean(sim_NN[~same_NN])) if (~same_NN).any() else float("nan")
+  if caption_N is not None:
+    out["retrieval_caption_i2t"] = float(np.mean(same_NN[np.arange(N), np.argmax(sim_NN, axis=1)]))
+    out["retrieval_caption_t2i"] = float(np.mean(same_NN[np.argmax(sim_NN, axis=0), np.arange(N)]))
+    out["retrieval_caption_chance"] = float(np.mean(same_NN.sum(1)) / N)
+    out["retrieval_captions"] = float(len(np.unique(caption_N)))
+  return out
+
+
 def units_of(out: dict) -> dict[str, float]:
   """Each objective's units in one batch's outputs: what its loss is a mean over."""
   units = {"text": float(out["metrics"].get("tokens", 0.0))}
@@ -135,6 +194,7 @@ class Totals:
   sums: dict[str, Any] = dataclasses.field(default_factory=dict)
   media: list[np.ndarray] = dataclasses.field(default_factory=list)
   text: list[np.ndarray] = dataclasses.field(default_factory=list)
+  captions: list[np.ndarray] = dataclasses.field(default_factory=list)
 
   def add(self, out: dict) -> None:
     """One batch's objective outputs (train/objectives.objective_outputs, numpy; action with `sampled`)."""
@@ -155,6 +215,8 @@ class Totals:
       valid = np.asarray(out["align"]["valid"], bool)
       self.media.append(np.asarray(out["align"]["media"])[valid])
       self.text.append(np.asarray(out["align"]["text"])[valid])
+      if "caption" in out["align"]:
+        self.captions.append(np.asarray(out["align"]["caption"])[valid])
 
   def metrics(self) -> dict[str, float]:
     """The flat metrics, without the `objectives/` prefix; NaN where an objective had no held-out units."""
@@ -166,9 +228,8 @@ class Totals:
         out[f"{name}_units"] = s[f"{name}_units"]
     if self.media:
       media, text = np.concatenate(self.media), np.concatenate(self.text)
-      out["retrieval_i2t"], out["retrieval_t2i"] = retrieval_accuracy(media, text)
-      out["retrieval_chance"] = ratio(1.0, len(media)) if len(media) >= 2 else float("nan")
-      out["retrieval_pairs"] = float(len(media))
+      captions = caption_ids(np.concatenate(self.captions)) if len(self.captions) == len(self.media) else None
+      out.update(retrieval_scores(media, text, captions))
     if "recon_patches" in s:
       out["recon_mse"] = ratio(s["recon_sq"], s["recon_patches"])
       out["recon_zero_mse"] = ratio(s["recon_zero_sq"], s["recon_patches"])
@@ -178,6 +239,9 @@ class Totals:
       out["world_mse"] = ratio(s["world_sq"], s["world_transitions"])
       out["world_copy_last_mse"] = ratio(s["world_copy_sq"], s["world_transitions"])
       out["world_ratio"] = ratio(out["world_mse"], out["world_copy_last_mse"])
+      out["world_target_var"] = variance_of_moments(s["world_t1"], s["world_t2"], s["world_transitions"])
+      out["world_nmse"] = ratio(out["world_mse"], out["world_target_var"])
+      out["world_copy_last_nmse"] = ratio(out["world_copy_last_mse"], out["world_target_var"])
       out["world_transitions"] = s["world_transitions"]
     if "action_chunks" in s:
       out["action_mse"] = ratio(s["action_sq"], s["action_chunks"])

@@ -3,7 +3,8 @@
 The PNG has one row per task (and one for held-out loss): the continuous metric on the left (bits per
 byte), accuracy and probability on the right; the snapshot average (`avg/`) is drawn dashed beside the
 latest checkpoint. A multimodal run adds two rows for its per-objective evals (eval/objectives.py): held-out
-losses and retrieval accuracy, then the model / baseline MSE ratios and the MSEs themselves (log scale).
+losses (and the normalised world loss) and retrieval accuracy (exact pair and caption match, each with its
+chance), then the model / baseline MSE ratios and the MSEs themselves (log scale).
 """
 
 from __future__ import annotations
@@ -47,9 +48,20 @@ COMPARISONS = (
     ("reconstruction", "recon_mse", "recon_zero_mse", "predicting zero", "recon_ratio", "recon_patches", "patches"),
     ("world model", "world_mse", "world_copy_last_mse", "copy-last-chunk", "world_ratio", "world_transitions",
      "transitions"),
+    ("world model / target variance", "world_nmse", "world_copy_last_nmse", "copy-last-chunk", "world_ratio",
+     "world_transitions", "transitions"),
     ("sampled actions", "action_mse", "action_mean_mse", "mean action", "action_ratio", "action_chunks", "chunks"),
     ("mean of 8 sampled actions", "action_samples_mean_mse", "action_mean_mse", "mean action",
      "action_samples_mean_ratio", "action_chunks", "chunks"),
+)
+
+
+# (how a hit is counted, image->text key, text->image key, chance key, count key, unit): one line each.
+RETRIEVALS = (
+    ("top-1, exact pair", "retrieval_i2t", "retrieval_t2i", "retrieval_chance", "retrieval_pairs", "pairs"),
+    ("top-1, caption match", "retrieval_caption_i2t", "retrieval_caption_t2i", "retrieval_caption_chance",
+     "retrieval_captions", "distinct captions"),
+    ("recall@10", "retrieval_i2t_r10", "retrieval_t2i_r10", "retrieval_r10_chance", "retrieval_pairs", "pairs"),
 )
 
 
@@ -59,10 +71,19 @@ def objective_lines(o: dict) -> list[str]:
     return []
   g = lambda k: o.get(k) if o.get(k) is not None else float("nan")  # noqa: E731
   losses = ", ".join(f"{k[:-5]} {g(k):.4f}" for k in o if k.endswith("_loss"))
+  if "world_nmse" in o:
+    losses += f" (world / target variance {g('world_nmse'):.4f})"
   lines = [f"objectives held-out loss: {losses}"]
-  if "retrieval_pairs" in o:
-    lines.append(f"retrieval top-1: image->text {g('retrieval_i2t'):.3f}, text->image {g('retrieval_t2i'):.3f} "
-                 f"(chance {g('retrieval_chance'):.3f}, {g('retrieval_pairs'):.0f} pairs)")
+  for how, i2t, t2i, chance, count, unit in RETRIEVALS:
+    if i2t in o:
+      lines.append(f"retrieval {how}: image->text {g(i2t):.3f}, text->image {g(t2i):.3f} "
+                   f"(chance {g(chance):.3f}, {g(count):.0f} {unit})")
+  if "retrieval_i2t_rank" in o:
+    lines.append(f"retrieval mean rank of the true partner (0 first, 0.5 chance): image->text "
+                 f"{g('retrieval_i2t_rank'):.3f}, text->image {g('retrieval_t2i_rank'):.3f}")
+  if "retrieval_cos_pair" in o:
+    lines.append(f"align cosine: matched pairs {g('retrieval_cos_pair'):.3f} vs pairs of different captions "
+                 f"{g('retrieval_cos_other'):.3f}")
   for what, model, baseline, against, ratio, count, unit in COMPARISONS:
     if count in o and model in o:
       lines.append(f"{what} MSE {g(model):.4f} vs {g(baseline):.4f} {against} "
@@ -129,9 +150,11 @@ def plot_scores(metrics_jsonl: str, out_png: str) -> str | None:
           f"{name}: accuracy" + (" and p(gold)" if mc else " (greedy exact match)"))
   if objective_losses:
     o = lambda *keys: [f"objectives/{k}" for k in keys]  # noqa: E731
-    _draw(axes[-2, 0], hist, objective_losses, "held-out loss per objective")
-    _draw(axes[-2, 1], hist, o("retrieval_i2t", "retrieval_t2i", "retrieval_chance"),
-          "retrieval top-1 accuracy (chance: 1 / pairs)")
+    _draw(axes[-2, 0], hist, objective_losses + o("world_nmse"), "held-out loss per objective")
+    _draw(axes[-2, 1], hist, o("retrieval_i2t", "retrieval_t2i", "retrieval_chance", "retrieval_caption_i2t",
+                               "retrieval_caption_t2i", "retrieval_caption_chance", "retrieval_i2t_rank",
+                               "retrieval_t2i_rank"),
+          "retrieval: top-1 exact / caption match with chances; mean rank (chance 0.5)")
     _draw(axes[-1, 0], hist, o("recon_ratio", "world_ratio", "action_ratio"),
           "model / baseline MSE (< 1 beats the baseline)")
     _draw(axes[-1, 1], hist, o("recon_mse", "recon_zero_mse", "world_mse", "world_copy_last_mse", "action_mse",

@@ -31,7 +31,7 @@ def trend_snr(steps: list[float], values: list[float], window: int = WINDOW) -> 
   signal = abs(slope) * float(np.ptp(x))
   if noise == 0:  # A perfect line: all signal, or (a constant) none.
     return CAP * 100 if signal > 0 else 0.0
-  return signal / noise
+  return float(signal / noise)  # A Python float: a numpy one makes numpy bools that json refuses (codex eval).
 
 
 def select(history: dict[str, tuple[list[float], list[float]]], tasks: list[str]) -> dict[str, dict]:

@@ -118,7 +118,7 @@ class Suite:
       run = functools.partial(self.run, params, mtp=True)
       out.update(heldout.heldout_scores(self.eval_batches(step), run, num_batches=self.cfg.eval.batches,
                                         byte_table=self.byte_table, names=self.names, domains=self.domains))
-    rows, seq_len = self.cfg.train.global_batch, self.cfg.data.seq_len
+    rows, seq_len = self.cfg.train.micro_batch, self.cfg.data.seq_len  # One micro-batch: the memory trained in.
     out.update(score.score_tasks(self.tasks, self.encode, lambda b: self.run(params, _local_rows(b)), rows=rows,
                                  seq_len=seq_len, feature_dim=self.cfg.model.feature_dim, media_fn=self.media_fn,
                                  prepared=self.prepared))

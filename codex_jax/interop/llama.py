@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from codex_jax.config.schema import ModelConfig
+from codex_jax.model.transformer import block_params, stack_blocks
 
 ARCHITECTURE = "LlamaForCausalLM"
 # The decoder's own parameters, the only top-level keys exported. Anything else (mtp, feature_in,
@@ -89,17 +90,6 @@ def model_overrides(config: dict[str, Any], where: str) -> dict[str, Any]:
 
 # --- tensors ---------------------------------------------------------------------------------------
 
-def _layers(params: dict, cfg: ModelConfig) -> list[dict]:
-  """Per-layer parameter dicts, whether the stack is scanned (leading layer axis) or not."""
-  if "layers" in params:
-    return [_index(params["layers"], i) for i in range(cfg.num_layers)]
-  return [params[f"layers_{i}"] for i in range(cfg.num_layers)]
-
-
-def _index(tree, i):
-  return {k: _index(v, i) for k, v in tree.items()} if isinstance(tree, dict) else tree[i]
-
-
 def left_out(params: dict) -> list[str]:
   """Top-level parameter keys an export does not carry (objective heads, non-text inputs)."""
   return sorted(k for k in params if k not in DECODER_KEYS and not k.startswith("layers_"))
@@ -112,7 +102,7 @@ def to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
   out = {"model.embed_tokens.weight": a(params["embedding"]), "model.norm.weight": a(params["final_norm"]["scale"])}
   if not cfg.tie_embeddings:
     out["lm_head.weight"] = a(params["unembed"]).T
-  for i, layer in enumerate(_layers(params, cfg)):
+  for i, layer in enumerate(block_params(params, cfg.num_layers)):
     p, attn, mlp = f"model.layers.{i}.", layer["attention"], layer["mlp"]
     out[p + "self_attn.q_proj.weight"] = a(attn["q"]).reshape(D, H * K).T
     out[p + "self_attn.k_proj.weight"] = a(attn["k"]).reshape(D, G * K).T
@@ -176,13 +166,7 @@ def from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, scanned: bool) -> 
   if not cfg.tie_embeddings:
     params["unembed"] = tensors["lm_head.weight"].T
   if scanned:
-    params["layers"] = _stack(layers)
+    params["layers"] = stack_blocks(layers, np.stack)
   else:
     params.update({f"layers_{i}": layer for i, layer in enumerate(layers)})
   return params
-
-
-def _stack(trees: list):
-  if isinstance(trees[0], dict):
-    return {k: _stack([t[k] for t in trees]) for k in trees[0]}
-  return np.stack(trees)

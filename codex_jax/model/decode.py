@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from codex_jax.config.schema import ModelConfig
-from codex_jax.model.transformer import Block, Decoder
+from codex_jax.model.transformer import Block, Decoder, block_params, stack_blocks
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict[str, Any]:
@@ -24,9 +24,7 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict[str, Any]:
 
 def stacked_layers(params: dict, cfg: ModelConfig) -> dict:
   """The blocks' parameters with a leading layer axis, whether or not the stack was scanned."""
-  if "layers" in params:
-    return params["layers"]
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *[params[f"layers_{i}"] for i in range(cfg.num_layers)])
+  return params["layers"] if "layers" in params else stack_blocks(block_params(params, cfg.num_layers))
 
 
 def forward(params: dict, cfg: ModelConfig, tokens_BL: jax.Array, cache: dict) -> tuple[jax.Array, dict]:

@@ -29,6 +29,18 @@ def inference_params(params: dict) -> dict:
   return {k: v for k, v in params.items() if k not in (MTP, HEADS)}
 
 
+def block_params(params: dict, num_layers: int) -> list[dict]:
+  """Each block's parameters, from the scanned stack (`layers`, a leading layer axis) or the unrolled `layers_i`."""
+  if "layers" in params:
+    return [jax.tree.map(lambda x, i=i: x[i], params["layers"]) for i in range(num_layers)]
+  return [params[f"layers_{i}"] for i in range(num_layers)]
+
+
+def stack_blocks(blocks: list[dict], stack=jnp.stack) -> dict:
+  """Per-block parameters as the scanned stack's `layers` (a leading layer axis); np.stack keeps them on the host."""
+  return jax.tree.map(lambda *xs: stack(xs), *blocks)
+
+
 # What the backward pass may keep instead of recomputing, per `model.remat`.
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,

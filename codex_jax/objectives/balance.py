@@ -31,7 +31,8 @@ Dual step (projected gradient ascent on the dual; dLag/dlam is the constraint vi
 A multiplier grows while its bound is broken and decays back to 0 once it holds with room to spare, so the
 tuner is idle when the configured weights already satisfy the bounds. The dual aims at bounds tightened by
 `slack`: approached from outside, a share converges onto its target, and the slack keeps it strictly inside
-the configured bound despite noise in the measured norms. The clip keeps exp() finite when bounds cannot hold
+the configured bound despite noise in the measured norms. A low of 0 or a high of 1 is no constraint at all:
+its multiplier stays 0 (it is not tightened into a bound of `slack`). The clip keeps exp() finite when bounds cannot hold
 (an objective with zero gradient, or present objectives whose highs sum below 1).
 
 An absent objective (present False, or a non-finite norm) keeps its weight, multipliers and EMA, and is left
@@ -49,9 +50,9 @@ import jax
 import jax.numpy as jnp
 
 from codex_jax.config.errors import ConfigError
+from codex_jax.config.schema import OBJECTIVES
+from codex_jax.config.validate import share_problems, weight_problems
 
-OBJECTIVES = ("text", "vision", "align", "world", "action")
-MODES = ("fixed", "lagrangian")
 _TINY = 1e-12  # Floor for shares and norms inside log(); a zero share reads as a very broken low bound.
 
 
@@ -76,38 +77,17 @@ class BalanceConfig:
       raise ConfigError(problems)
 
   def problems(self) -> list[str]:
-    n, out = len(self.objectives), []
-    if len(set(self.objectives)) != n or not n:
-      out.append(f"balance.objectives={self.objectives!r} must be non-empty with distinct names")
-    if self.mode not in MODES:
-      out.append(f"balance.mode={self.mode!r} must be one of {MODES}")
-    for field in ("weights", "low", "high"):
-      if len(getattr(self, field)) != n:
-        out.append(f"balance.{field} has {len(getattr(self, field))} entries for {n} objectives")
+    """config.objectives.balance's rules (config/validate.py), keyed "balance.", and this phase's own."""
+    out = []
+    if len(set(self.objectives)) != len(self.objectives) or not self.objectives:
+      out.append(f"balance.objectives={self.objectives!r}: must be non-empty with distinct names")
+    out += weight_problems(self.weights, self.objectives, "balance.weights")
+    out += share_problems(self, self.objectives, "balance.")
     if out:
       return out
-    if any(w < 0 for w in self.weights) or not sum(self.weights) > 0:
-      out.append(f"balance.weights={self.weights} must be >= 0 with a positive sum")
-    for i, (lo, hi) in enumerate(zip(self.low, self.high, strict=True)):
-      if not 0 <= lo + self.slack <= hi - self.slack <= 1:
-        out.append(f"balance.low[{i}]={lo} / balance.high[{i}]={hi} ({self.objectives[i]}) need "
-                   f"0 <= low + slack <= high - slack <= 1 (slack {self.slack})")
-      if self.mode == "lagrangian" and self.weights[i] == 0 and lo > 0:
-        out.append(f"balance.low[{i}]={lo} must be 0: weight 0 switches {self.objectives[i]} off")
-    if sum(self.low) > 1:
-      out.append(f"balance.low sums to {sum(self.low)} > 1: no shares can meet every lower bound")
-    if sum(self.high) < 1:
-      out.append(f"balance.high sums to {sum(self.high)} < 1: no shares can meet every upper bound")
-    if not self.dual_lr > 0:
-      out.append(f"balance.dual_lr={self.dual_lr} must be > 0")
-    if not 0 <= self.ema_decay < 1:
-      out.append(f"balance.ema_decay={self.ema_decay} must be in [0, 1)")
-    if self.measure_every < 1:
-      out.append(f"balance.measure_every={self.measure_every} must be >= 1")
-    if self.slack < 0:
-      out.append(f"balance.slack={self.slack} must be >= 0")
-    if not self.max_multiplier > 0:
-      out.append(f"balance.max_multiplier={self.max_multiplier} must be > 0")
+    for i, (name, weight, lo) in enumerate(zip(self.objectives, self.weights, self.low, strict=True)):
+      if self.mode == "lagrangian" and weight == 0 and lo > 0:
+        out.append(f"balance.low[{i}]={lo}: must be 0, as weight 0 switches {name} off")
     return out
 
 
@@ -178,6 +158,15 @@ def _weights_from_multipliers(state: BalanceState, lam_low_N, lam_high_N, presen
   return jnp.where(present_N, scaled_N, state.weights_N)
 
 
+def phase_weights(w0_N: jax.Array, state: BalanceState) -> jax.Array:
+  """The weights a new phase opens with: its configured w0 under the multipliers so far, w0 * exp(lam_low -
+  lam_high) scaled to w0's sum. The multipliers hold what the bounds needed against the measured norms, which
+  a phase switch does not change: restarting them from 0 would re-open every bound the tuner had closed
+  (measured: text's share fell from 0.25 to 0.04 for the 40 steps the dual took to recover)."""
+  raw_N = w0_N * jnp.exp(state.lam_low_N - state.lam_high_N)
+  return raw_N * jnp.sum(w0_N) / jnp.maximum(jnp.sum(raw_N), _TINY)
+
+
 def update(state: BalanceState, grad_norms_N: jax.Array, present_N: jax.Array,
            cfg: BalanceConfig) -> tuple[BalanceState, dict[str, jax.Array]]:
   """One measurement: EMA the norms, take the shares at the current weights, then (lagrangian mode) one dual
@@ -191,8 +180,11 @@ def update(state: BalanceState, grad_norms_N: jax.Array, present_N: jax.Array,
   new = state.replace(norm_ema_N=ema_N, measured_N=state.measured_N + present_N.astype(jnp.int32))
   if cfg.mode == "lagrangian":
     log_share_N = jnp.log(jnp.maximum(share_N, _TINY))
-    low_N = jnp.log(jnp.maximum(jnp.asarray(cfg.low) + cfg.slack, _TINY))
-    high_N = jnp.log(jnp.asarray(cfg.high) - cfg.slack)
+    # A bound of 0 (low) or 1 (high) is no bound: it is not tightened by the slack into one (a low of 0 aimed
+    # at `slack` would chase a share of 1% for an objective whose trunk gradient is 1e-5 of the others').
+    low, high = jnp.asarray(cfg.low), jnp.asarray(cfg.high)
+    low_N = jnp.where(low > 0, jnp.log(jnp.maximum(low + cfg.slack, _TINY)), -jnp.inf)
+    high_N = jnp.where(high < 1, jnp.log(jnp.maximum(high - cfg.slack, _TINY)), jnp.inf)
     step = lambda lam_N, violation_N: jnp.where(
         present_N, jnp.clip(lam_N + cfg.dual_lr * violation_N, 0.0, cfg.max_multiplier), lam_N)
     lam_low_N = step(state.lam_low_N, low_N - log_share_N)

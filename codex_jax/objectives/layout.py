@@ -170,3 +170,31 @@ def pool(h_ND: jax.Array, slot_N: jax.Array, weight_N: jax.Array, cap: int) -> j
 def grid_mean(h_ND: jax.Array, idx_CP: jax.Array) -> jax.Array:
   """Mean of h over each fixed-size unit's positions [C, D]."""
   return jnp.mean(h_ND[idx_CP].astype(jnp.float32), axis=1)
+
+
+def _mix32(x: jax.Array) -> jax.Array:
+  """MurmurHash3's 32-bit finaliser: every input bit moves every output bit."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x85EBCA6B)
+  x = x ^ (x >> 13)
+  x = x * jnp.uint32(0xC2B2AE35)
+  return x ^ (x >> 16)
+
+
+def caption_keys(tokens_N: jax.Array, slot_N: jax.Array, text_N: jax.Array, cap: int) -> jax.Array:
+  """A key [cap, 3] uint32 per pair slot naming its caption's token sequence: two sums (mod 2^32) of a hash
+  of (token, rank in the caption) under two salts, and the caption's length. Equal captions get equal keys;
+  different ones collide with probability ~2^-64. Retrieval evals use it to count a retrieved duplicate
+  caption as a hit (eval/objectives.py)."""
+  is_text_N = (text_N > 0) & (slot_N < cap)
+  count_N = jnp.cumsum(is_text_N.astype(jnp.int32))
+  first_C = jax.ops.segment_min(jnp.where(is_text_N, count_N, jnp.iinfo(jnp.int32).max), slot_N,
+                                num_segments=cap + 1)
+  rank_N = (count_N - first_C[slot_N]).astype(jnp.uint32)
+  token_N = tokens_N.astype(jnp.uint32)
+  keys = []
+  for salt in (0x9E3779B9, 0x7F4A7C15):
+    h_N = _mix32(_mix32(token_N * jnp.uint32(0x01000193) + jnp.uint32(salt)) ^ (rank_N * jnp.uint32(0x27D4EB2F)))
+    keys.append(jax.ops.segment_sum(jnp.where(is_text_N, h_N, jnp.uint32(0)), slot_N, num_segments=cap + 1)[:cap])
+  length_C = jax.ops.segment_sum(is_text_N.astype(jnp.uint32), slot_N, num_segments=cap + 1)[:cap]
+  return jnp.stack(keys + [length_C], axis=-1)

@@ -50,6 +50,10 @@ class Layout:
             "schedule": self.schedule, "microbatches": self.microbatches if self.pipeline > 1 else 0,
             "repeats": self.repeats}
 
+  def config_values(self) -> dict[str, dict]:
+    """Every config key this layout sets, by group: the one place a layout becomes config (`apply`, mesh.auto)."""
+    return {"mesh": self.mesh_values(), "model": {"remat": self.remat}}
+
   def label(self) -> str:
     text = f"d{self.data} t{self.tensor} p{self.pipeline}{' fsdp' if self.fsdp else ''}"
     if self.pipeline > 1:
@@ -98,8 +102,10 @@ class Estimate:
 
 def apply(cfg: schema.Config, layout: Layout, auto: bool | None = None) -> schema.Config:
   """`cfg` run with `layout` (its mesh and model.remat); `auto` kept unless given."""
-  mesh = dataclasses.replace(cfg.mesh, **layout.mesh_values(), auto=cfg.mesh.auto if auto is None else auto)
-  return dataclasses.replace(cfg, mesh=mesh, model=dataclasses.replace(cfg.model, remat=layout.remat))
+  groups = {group: dataclasses.replace(getattr(cfg, group), **values) for group, values in layout.config_values().items()}
+  if auto is not None:
+    groups["mesh"] = dataclasses.replace(groups["mesh"], auto=auto)
+  return dataclasses.replace(cfg, **groups)
 
 
 def candidates(cfg: schema.Config, topo: Topology, remats: tuple[str, ...] = REMATS) -> list[Layout]:
@@ -136,7 +142,8 @@ def estimate(cfg: schema.Config, layout: Layout, topo: Topology) -> Estimate:
   d_sz, t_sz, s_sz, mb, reps = layout.data, layout.tensor, layout.pipeline, layout.microbatches, layout.repeats
   p_bytes, c_bytes = _itemsize(m.param_dtype), _itemsize(m.compute_dtype)
   fsdp_div = d_sz if layout.fsdp else 1
-  rows = cfg.train.global_batch // d_sz // mb  # Rows of one microbatch on one device.
+  # Rows of one pipeline microbatch on one device: activations live for one accumulation micro-batch.
+  rows = cfg.train.micro_batch // d_sz // mb
   layers_here = m.num_layers // s_sz
   seq_div = t_sz if cfg.mesh.sequence_parallel else 1
 

@@ -7,6 +7,7 @@ from typing import Any
 import jax
 
 from codex_jax.config.schema import ModelConfig
+from codex_jax.model.heads import TAU_DIM
 
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
@@ -40,7 +41,28 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
       "mlp_per_layer": mlp,
       "feature_in": feature_in,
       "mtp": cfg.mtp_depth * (2 * d * d + per_layer + 3 * d),
+      "heads": sum(head_counts(cfg).values()),
   }
+
+
+def head_counts(cfg: ModelConfig) -> dict[str, int]:
+  """Parameters of each non-text objective's heads (model/heads.py), by objective; {} for a text-only model.
+
+  Training only, like `mtp`: kept out of `total` (the exported model has none of them). Linear layers carry
+  a bias. vision: mask embedding [D] + pixel head [D,X] + projection MLP [D,D],[D,D]; align: two
+  projections [D,E] + (log scale, bias); world: action projection [F,D] + null action [D] + predictor MLP
+  [2D,2D],[2D,D]; action: flow MLP [D + T*A + 32, 2D],[2D, T*A] (32: the flow-time embedding).
+  """
+  d, on = cfg.d_model, set(cfg.objectives)
+  linear = lambda n_in, n_out: n_in * n_out + n_out  # noqa: E731
+  ta = cfg.action_horizon * cfg.action_dim
+  counts = {
+      "vision": d + linear(d, cfg.pixel_dim) + 2 * linear(d, d),
+      "align": 2 * linear(d, cfg.align_dim) + 2,
+      "world": linear(cfg.feature_dim, d) + d + linear(2 * d, 2 * d) + linear(2 * d, d),
+      "action": linear(d + ta + TAU_DIM, 2 * d) + linear(2 * d, ta),
+  }
+  return {name: n for name, n in counts.items() if name in on}
 
 
 def matmul_params(cfg: ModelConfig) -> int:

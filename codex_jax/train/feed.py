@@ -20,8 +20,8 @@ def check_batch(batch: dict, local_batch: int, seq_len: int, vocab_size: int, fe
     shape = (local_batch, seq_len, feature_dim) if name == "features" else (local_batch, seq_len)
     if array.shape != shape or array.dtype != dtype:
       raise DataError(f"batch[{name!r}] is {array.dtype}{list(array.shape)}; the model expects "
-                      f"{np.dtype(dtype).name}{list(shape)} (train.global_batch / processes, data.seq_len"
-                      f"{', model.feature_dim' if name == 'features' else ''})")
+                      f"{np.dtype(dtype).name}{list(shape)} (micro-batches x train.global_batch / train.grad_accum "
+                      f"/ processes, data.seq_len{', model.feature_dim' if name == 'features' else ''})")
   for name in ("inputs", "targets"):
     top = int(np.max(batch[name]))
     if top >= vocab_size or int(np.min(batch[name])) < 0:

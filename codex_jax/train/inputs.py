@@ -21,13 +21,14 @@ from codex_jax.data import pipeline
 from codex_jax.data.accounting import TokenAccountant
 from codex_jax.data.errors import DataError
 from codex_jax.data.plan import DataPlan, build_plan, write_data_record
+from codex_jax.train import accumulate
 
 
 @dataclasses.dataclass
 class TrainInputs:
   cfg: Config
   plan: DataPlan
-  local_batch: int
+  local_batch: int  # This process's rows of one micro-batch: the pipeline's batch.
   batches: pipeline.Batches | None = None
   phase: str = ""
   accountant: TokenAccountant | None = None
@@ -43,7 +44,7 @@ class TrainInputs:
     logging.info("Data %s: manifest hash %s, sources %s, excluded %s", plan.manifest.path, plan.manifest_hash,
                  ", ".join(s.source.name for s in plan.sources),
                  ", ".join(f"{e.source} ({e.reason})" for e in plan.exclusions) or "none")
-    return cls(cfg, plan, cfg.train.global_batch // jax.process_count())
+    return cls(cfg, plan, cfg.train.micro_batch // jax.process_count())  # The pipeline yields micro-batches.
 
   def _build(self, phase: str, split: str = "train", num_epochs: int | None = None) -> pipeline.Batches:
     return pipeline.build_batches(
@@ -83,8 +84,14 @@ class TrainInputs:
                  old_phase, self.cfg.data.phase, saved.get("manifest_hash"), self.plan.manifest_hash)
     self.restore_iterator = False
 
-  def next_batch(self, step: int) -> tuple[dict, dict[str, float]]:
-    """The batch for update `step` (0-based) and its data metrics; switches mixture phase on time."""
+  def next_update(self, step: int, k: int) -> tuple[dict, dict[str, float]]:
+    """This process's rows of update `step` (0-based): k pipeline batches interleaved so that micro-batch m
+    is batch m (train/accumulate.py), and the update's data metrics; switches mixture phase on time."""
+    self._switch_phase(step)
+    batch = accumulate.interleave([next(self.batches.iterator) for _ in range(k)])
+    return batch, self.accountant.update(batch)
+
+  def _switch_phase(self, step: int) -> None:
     phase = self.plan.manifest.phase_at(step).name
     if phase != self.phase:
       sources = self.batches.source_states()
@@ -93,8 +100,6 @@ class TrainInputs:
       self.phase, self.batches = phase, self._build(phase)
       self.batches.start_from(sources)
       self.accountant = TokenAccountant(self.plan, phase)
-    batch = next(self.batches.iterator)
-    return batch, self.accountant.update(batch)
 
   def write_record(self, workdir: str) -> None:
     """workdir/data/: the manifest record (sources, exclusions and why, shares, hashes) and the quarantine."""

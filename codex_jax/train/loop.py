@@ -19,7 +19,7 @@ from codex_jax.parallel.mesh import build_mesh
 from codex_jax.telemetry import flops, params_table, peak, plot
 from codex_jax.telemetry.progress import Progress
 from codex_jax.telemetry.writer import MetricsWriter
-from codex_jax.train import feed, guard, noise_scale
+from codex_jax.train import batch_ramp, feed, guard, noise_scale
 from codex_jax.train.inputs import TrainInputs
 from codex_jax.train.ledger import SampleLedger
 from codex_jax.train.preemption import Preemption
@@ -82,37 +82,59 @@ def train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: b
   if is_main:
     logging.info("Parameters:\n%s", params_table.param_table(train_state.params))
 
-  # 6. Compile once, ahead of time, and count FLOPs both ways.
-  batch, data_metrics = inputs.next_batch(start)
-  feed.check_batch(batch, inputs.local_batch, seq_len, cfg.model.vocab_size, cfg.model.feature_dim)
-  compiled = trainer.train_step.lower(train_state, to_global(batch)).compile()
-  tokens_per_step = cfg.train.global_batch * seq_len
-  model_flops = flops.train_flops_per_token(cfg.model, seq_len) * tokens_per_step
-  xla_flops = xla_model_flops(cfg, mesh, to_global(batch))
+  # 6. Telemetry, and the noise probe with its moving averages as the checkpoint left them (the batch
+  #    ramp's cap reads them, so a resumed run draws the uninterrupted run's batch sizes).
+  writer = MetricsWriter(workdir, enabled=is_main, resume_step=start)
+  noise = noise_scale.Probe.create(cfg, trainer, mesh, writer.write)  # Off: a no-op.
+  noise.restore((meta or {}).get("noise_scale"))
+
+  def next_update(step: int) -> tuple[dict, dict, int]:
+    """Update `step`'s rows on this process, its data metrics and k, its micro-batches (train/batch_ramp.py)."""
+    k = batch_ramp.micro_batches(cfg.train, step, noise.b_simple)
+    batch, data_metrics = inputs.next_update(step, k)
+    feed.check_batch(batch, k * inputs.local_batch, seq_len, cfg.model.vocab_size, cfg.model.feature_dim)
+    return batch, data_metrics, k
+
+  # 7. Compile ahead of time, once per k (one k unless the batch ramps), and count FLOPs both ways.
+  batch, data_metrics, k = next_update(start)
+  compiled: dict[int, Any] = {}
+
+  def compiled_for(k: int, state, global_batch):
+    if k not in compiled:
+      compiled[k] = trainer.train_step.lower(state, global_batch).compile()
+      logging.info("Compiled the train step for %d micro-batch(es) of %d rows per update", k, cfg.train.micro_batch)
+    return compiled[k]
+
+  compiled_for(k, train_state, to_global(batch))
+  flops_per_token = flops.train_flops_per_token(cfg.model, seq_len)
+  model_flops = flops_per_token * cfg.train.global_batch * seq_len  # Of a whole update of global_batch rows.
+  xla_counted = xla_model_flops(cfg, mesh, to_global(batch))  # Of the first update's k micro-batches.
+  xla_per_row = xla_counted / (k * cfg.train.micro_batch) if xla_counted else None
+  xla_flops = xla_per_row and xla_per_row * cfg.train.global_batch
   peak_flops = peak.peak_flops(cfg.model.compute_dtype)
   logging.info("Model FLOPs/step %.3e (analytic), %s (XLA); peak %.3e FLOP/s (%s)", model_flops,
                f"{xla_flops:.3e}" if xla_flops else "n/a", peak_flops.total, peak_flops.source)
-  reporter = Reporter(MetricsWriter(workdir, enabled=is_main, resume_step=start),
-                      Progress(total_steps, start, tokens_per_step, enabled=is_main and progress),
-                      tokens_per_step=tokens_per_step, model_flops=model_flops, xla_flops=xla_flops,
+  reporter = Reporter(writer, Progress(total_steps, start, cfg.train.global_batch * seq_len, enabled=is_main and progress),
+                      seq_len=seq_len, flops_per_token=flops_per_token, xla_flops_per_row=xla_per_row,
                       peak_flops=peak_flops, log_every=cfg.train.log_every,
                       ledger=SampleLedger(workdir, jax.process_index(), resume_step=start))
-  noise = noise_scale.Probe.create(cfg, trainer, mesh, reporter.writer.write)  # Off: a no-op.
 
-  # 7. The step loop. Step i+1 is dispatched before step i's metrics are fetched. Eval comes before the
-  #    save of the same step, so its score goes into the lineage record. On any error the checkpointer
-  #    still finishes the save in flight, so the last committed step stays usable.
+  # 8. The step loop. Each update is k micro-batches (the ramp's k for that step); steps count updates. Step
+  #    i+1 is dispatched before step i's metrics are fetched. Eval comes before the save of the same step, so
+  #    its score goes into the lineage record. On any error the checkpointer still finishes the save in
+  #    flight, so the last committed step stays usable.
   eval_loss, evaluated_at, pending, preempted = None, None, None, False
   preemption, snapshot_clock = Preemption(), average.SnapshotClock(cfg.checkpoint)
   try:
     for step in range(start, total_steps):
       global_batch = to_global(batch)
       noise.maybe_measure(step, train_state.params, global_batch)  # Before the update donates the params.
-      train_state, metrics = compiled(train_state, global_batch)
+      train_state, metrics = compiled_for(k, train_state, global_batch)(train_state, global_batch)
       if pending is not None:
         reporter.step(*pending)
         guard.check_consecutive(reporter.last, cfg.train.max_consecutive_bad, pending[0])
-      done, pending = step + 1, (step + 1, metrics, data_metrics, batch_samples(batch))
+      done = step + 1
+      pending = (done, metrics, data_metrics, batch_samples(batch), k * cfg.train.micro_batch, k)
       if evaluating and (done % cfg.eval.every == 0 or done == total_steps):
         scores = suite.evaluate(done, train_state.params, checkpointer, trainer.restore_target(),
                                 target_params=getattr(train_state, "target_params", None))
@@ -124,7 +146,7 @@ def train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: b
       if done % cfg.checkpoint.every == 0 or done == total_steps or preempted or snapshot:
         snapshot_clock.saved()
         scores = scores if evaluated_at == done else {"heldout_loss": None}
-        checkpointer.save(done, train_state, inputs.batches.iterator, inputs.meta(),
+        checkpointer.save(done, train_state, inputs.batches.iterator, {**inputs.meta(), "noise_scale": noise.state()},
                           {"manifest_hash": inputs.plan.manifest_hash, "config_hash": config_hash(config_dict),
                            "eval": scores})
       if preempted:
@@ -132,7 +154,7 @@ def train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: b
                         checkpointer.directory)
         break
       if done < total_steps:
-        batch, data_metrics = inputs.next_batch(done)
+        batch, data_metrics, k = next_update(done)
     if pending is not None:
       reporter.step(*pending)
   finally:
@@ -141,7 +163,7 @@ def train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: b
     reporter.close()
     inputs.close()
 
-  # 8. Finish: draw the curves, summarise.
+  # 9. Finish: draw the curves, summarise.
   summary = {"start_step": start, "final_step": int(jax.device_get(train_state.step)),
              "eval_loss": eval_loss, "preempted": preempted, **reporter.summary(), "workdir": os.path.abspath(workdir),
              "checkpoints": checkpointer.all_steps(), "params": flops.param_counts(cfg.model)["total"],

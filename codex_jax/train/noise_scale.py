@@ -8,30 +8,34 @@ over batches of B_small and B_big examples, E|G_B|^2 = |G|^2 + tr(Sigma) / B, so
 
 are unbiased; each is smoothed by an exponential moving average before the ratio is taken (the ratio of
 unbiased estimates is not unbiased, and one step's estimate of |G|^2 can even be negative). Here the
-global batch of B rows is split into k micro-batches: B_small = B / k (|G_small|^2 is the mean of the k
-micro-batch gradients' squared norms, so all of them count) and B_big = B (the mean of the k gradients).
+update's batch of B rows (all its accumulated micro-batches) is split into k parts: B_small = B / k
+(|G_small|^2 is the mean of the k parts' gradients' squared norms, so all of them count) and B_big = B
+(the mean of the k gradients). The averages are checkpointed (the meta item) and restored on resume: the
+batch ramp's cap (train/batch_ramp.py) reads the estimate.
 The example is one sequence (row): B_simple is in sequences; times seq_len, in tokens. Each row's loss is
 the mean over its targets, so micro-batch gradients average to the global one when rows hold equal
 counts of targets (packed rows do, up to their last document). The gradient is that of the next-token
 objective (with z-loss); multi-token-prediction terms are left out.
 
 The probe is jitted apart from train_step, so a run with train.noise_scale_every = 0 compiles nothing
-more; when on, every noise_scale_every steps it differentiates the step's batch again, k times.
+more; when on, every noise_scale_every steps it differentiates the update's batch again, k times (one
+compile per distinct batch size when the batch ramps).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import optax
 from absl import logging
 
 from codex_jax.config.schema import Config
 from codex_jax.parallel.mesh import replicated
 from codex_jax.parallel.rules import logical_axis_rules, sharding_scope
+from codex_jax.train import accumulate
 from codex_jax.train import step as step_lib
 
 
@@ -43,19 +47,18 @@ def unbiased(small_sq, big_sq, b_small: float, b_big: float):
 
 
 def micro_grad_norms(grad_fn: Callable, params, batch: dict, k: int) -> dict:
-  """Mean squared norm of the k micro-batch gradients (rows split in k) and squared norm of their mean."""
-  rows = jax.tree.leaves(batch)[0].shape[0]
-  micro = jax.tree.map(lambda x: x.reshape(k, rows // k, *x.shape[1:]), batch)
-
-  def body(carry, mb):
-    total, sq = carry
+  """Mean squared norm of the k micro-batch gradients (rows split in k, train/accumulate.py's strided split)
+  and squared norm of their mean."""
+  def one(mb, _):
     g = grad_fn(params, mb)
-    return (jax.tree.map(jnp.add, total, g), sq + optax.tree.norm(g, squared=True)), None
+    return g, optax.tree.norm(g, squared=True)
 
-  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-  (total, sq), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), micro)
-  mean = jax.tree.map(lambda t: t / k, total)
-  return {"small_sq": sq / k, "big_sq": optax.tree.norm(mean, squared=True)}
+  mean, small_sq = accumulate.accumulate(one, batch, k)
+  return {"small_sq": small_sq, "big_sq": optax.tree.norm(mean, squared=True)}
+
+
+def _finite(x: float | None) -> float | None:
+  return x if x is not None and math.isfinite(x) else None  # Checkpoint meta is strict JSON.
 
 
 class Ema:
@@ -71,7 +74,23 @@ class Ema:
     else:
       self.g2 = self.decay * self.g2 + (1 - self.decay) * g2
       self.trace = self.decay * self.trace + (1 - self.decay) * trace
+    return self.estimate()
+
+  def estimate(self) -> float | None:
+    """B_simple of the averages: None before the first measurement, inf while |G|^2 <= 0."""
+    if self.g2 is None:
+      return None
     return self.trace / self.g2 if self.g2 > 0 else float("inf")
+
+  def state(self) -> dict:
+    """The averages for the checkpoint's meta (JSON; a non-finite value is saved as None)."""
+    return {"g2": _finite(self.g2), "trace": _finite(self.trace), "b_simple": _finite(self.estimate())}
+
+  def restore(self, saved: dict | None) -> None:
+    """Continues from a checkpoint's averages, so a resumed run's estimates (and the batch ramp's caps they
+    set) are an uninterrupted run's."""
+    if saved and saved.get("g2") is not None and saved.get("trace") is not None:
+      self.g2, self.trace = float(saved["g2"]), float(saved["trace"])
 
 
 @dataclasses.dataclass
@@ -80,7 +99,6 @@ class Probe:
 
   every: int
   k: int = 1
-  rows: int = 1
   seq_len: int = 1
   norms: Callable | None = None  # jitted (params, batch) -> {small_sq, big_sq}.
   ema: Ema | None = None
@@ -103,17 +121,31 @@ class Probe:
 
     jitted = jax.jit(norms, in_shardings=(trainer.shardings.params, trainer.data_sharding),
                      out_shardings=replicated(mesh))
-    return cls(t.noise_scale_every, t.noise_scale_microbatches, t.global_batch, cfg.data.seq_len, jitted,
-               Ema(t.noise_scale_ema), write)
+    return cls(t.noise_scale_every, t.noise_scale_microbatches, cfg.data.seq_len, jitted, Ema(t.noise_scale_ema),
+               write)
+
+  @property
+  def b_simple(self) -> float | None:
+    """The current estimate in sequences (None while off or before the first measurement)."""
+    return None if self.ema is None else self.ema.estimate()
+
+  def state(self) -> dict | None:
+    """What a checkpoint keeps of the probe: its moving averages (None while off)."""
+    return None if self.ema is None else self.ema.state()
+
+  def restore(self, saved: dict | None) -> None:
+    if self.ema is not None:
+      self.ema.restore(saved)
 
   def maybe_measure(self, step: int, params, batch: dict) -> None:
     """At every `every`-th step (0-based, before its update), logs the estimates at `params` on `batch`
-    (the step's batch on the mesh, feed.to_global)."""
+    (the update's batch on the mesh, feed.to_global: B_big is its rows, B_small = B_big / k)."""
     if not self.every or step % self.every:
       return
+    rows = jax.tree.leaves(batch)[0].shape[0]
     out = jax.device_get(self.norms(params, batch))
     small, big = float(out["small_sq"]), float(out["big_sq"])
-    g2, trace = unbiased(small, big, self.rows / self.k, self.rows)
+    g2, trace = unbiased(small, big, rows / self.k, rows)
     b_simple = self.ema.update(g2, trace)
     self.last = {"noise_scale/b_simple": b_simple, "noise_scale/b_simple_tokens": b_simple * self.seq_len,
                  "noise_scale/g2": g2, "noise_scale/trace_sigma": trace, "noise_scale/g_small_sq": small,
@@ -121,5 +153,3 @@ class Probe:
     logging.info("step %d noise scale B_simple %.4g sequences (%.4g tokens): |G|^2 %.4g, tr(Sigma) %.4g",
                  step + 1, b_simple, b_simple * self.seq_len, g2, trace)
     self.write(step + 1, self.last)  # Logged under the update it precedes, as the step's own metrics are.
-
-

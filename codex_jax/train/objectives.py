@@ -30,6 +30,7 @@ from codex_jax.objectives import world as world_objective
 from codex_jax.parallel.mesh import replicated
 from codex_jax.parallel.pipeline import Pipeline
 from codex_jax.parallel.rules import sharding_scope
+from codex_jax.train import accumulate
 from codex_jax.train import guard as guard_lib
 from codex_jax.train import step as step_lib
 from codex_jax.train.state import ObjectiveState
@@ -140,7 +141,9 @@ def losses_from_trunk(params, h_BLD, h_target_BLD, batch: dict, online: dict, la
     losses["align"] = align_objective.loss(o.align.kind, media_CE, text_CE, valid_C, log_scale, bias)
     present["align"] = jnp.sum(valid_C) >= 2  # One pair has no negative: nothing to contrast.
     metrics |= {"align_pairs": jnp.sum(valid_C), "align_log_scale": log_scale}
-    outputs["align"] = {"media": media_CE, "text": text_CE, "valid": valid_C}
+    outputs["align"] = {"media": media_CE, "text": text_CE, "valid": valid_C,
+                        "caption": layout_lib.caption_keys(batch["inputs"].reshape(B * L), lay.pair_slot_N,
+                                                           lay.pair_text_N, cap)}
 
   if "world" in enabled:
     t_ND = h_target_BLD.reshape(B * L, D)
@@ -181,7 +184,7 @@ def objective_outputs(params, target_params, batch: dict, rng: jax.Array, *, mod
   """Per-objective losses, present flags and what evals score (latents, predictions, targets) on one batch.
 
   {"losses": {name: scalar}, "present": [5] bool, "metrics": {...}, "vision": {pixels, targets, patch_masked,
-  online, target, valid}, "align": {media, text, valid}, "world": {prediction, target, last, valid},
+  online, target, valid}, "align": {media, text, valid, caption}, "world": {prediction, target, last, valid},
   "action": {condition, actions, valid}} (keys for the enabled objectives only). Blinding and masking are
   drawn from `rng` as in training.
   """
@@ -207,14 +210,12 @@ def _phase(step: jax.Array, spec: Spec) -> tuple[jax.Array, jax.Array]:
   return jnp.sum(step >= starts) - 1, jnp.any((step == starts) & (starts > 0))
 
 
-def _tune(state: ObjectiveState, h_BLD, losses_of_h, present_N, spec: Spec):
-  """(balance state, metrics): a measurement and a dual step on measure steps, else the shares as they are."""
+def _tune(state: ObjectiveState, norms_N, present_N, spec: Spec):
+  """(balance state, metrics): a dual step on the measured norms on measure steps, else the shares as they are."""
   phase, _ = _phase(state.step, spec)
   cfg0 = spec.phases[0][1]
 
   def measure(bstate):
-    # h as the "params": the gradient at the trunk's output, through the heads only.
-    norms_N = balance.trunk_grad_norms(losses_of_h, h_BLD, lambda g: g, OBJECTIVES)
     branches = [functools.partial(balance.update, cfg=c) for _, c in spec.phases]
     new, metrics = jax.lax.switch(phase, branches, bstate, norms_N, present_N)
     return new, metrics | {"balance_measured": jnp.ones((), jnp.int32)}
@@ -229,29 +230,49 @@ def _tune(state: ObjectiveState, h_BLD, losses_of_h, present_N, spec: Spec):
 def train_step(state: ObjectiveState, batch: dict, *, model: Decoder, tx: optax.GradientTransformation,
                schedule: optax.Schedule, train: TrainConfig, spec: Spec,
                pipeline: Pipeline | None = None) -> tuple[ObjectiveState, dict]:
-  """One guarded AdamW update on the tuner's weighted sum of the objectives; then the EMA target and tuner."""
+  """One guarded AdamW update on the tuner's weighted sum of the objectives; then the EMA target and tuner.
+
+  The batch's k = rows / train.micro_batch micro-batches (train/accumulate.py) each run their own layout,
+  EMA-target and online forwards and, on measure steps, their own trunk-gradient-norm measurement; the
+  gradients and norms are averaged (a norm over the micro-batches where its objective is present), the
+  present flags OR-ed, and the update takes one tuner step, one optimizer step and one EMA-target step.
+  """
   step_rng = jax.random.fold_in(state.rng, state.step)
   phase, starts_phase = _phase(state.step, spec)
   w0_PN = jnp.asarray([c.weights for _, c in spec.phases], jnp.float32)
-  zeros_N = jnp.zeros_like(state.balance.lam_low_N)
-  bstate = jax.tree.map(  # A new phase: its weights, multipliers from zero (the norm EMA carries over).
+  bstate = jax.tree.map(  # A new phase: its configured weights under the multipliers and norm EMA it inherits.
       lambda new, old: jnp.where(starts_phase, new, old),
-      state.balance.replace(weights_N=w0_PN[phase], lam_low_N=zeros_N, lam_high_N=zeros_N), state.balance)
-  lam = step_lib.mtp_weight(train, state.step)
-  lay, online, h_target = forward(state.params, state.target_params, batch, step_rng, model=model, spec=spec,
-                                  pipeline=pipeline)
+      state.balance.replace(weights_N=balance.phase_weights(w0_PN[phase], state.balance)), state.balance)
+  lam, k = step_lib.mtp_weight(train, state.step), accumulate.count(batch, train.micro_batch)
+  measuring = balance.is_measure_step(state.step, spec.phases[0][1])
 
-  def objective(params):
-    h_BLD = step_lib.trunk_fn(params, online, model=model, pipeline=pipeline, rng=step_rng)
-    losses, present_N, metrics, _ = losses_from_trunk(params, h_BLD, h_target, batch, online, lay, step_rng,
-                                                      model=model, spec=spec, mtp_weight=lam)
-    return balance.weighted_loss(losses, present_N, bstate), (metrics, h_BLD, present_N)
+  def micro(mb: dict, index):
+    rng = step_rng if k == 1 else jax.random.fold_in(step_rng, index)
+    lay, online, h_target = forward(state.params, state.target_params, mb, rng, model=model, spec=spec,
+                                    pipeline=pipeline)
 
-  (loss, (aux, h_BLD, present_N)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-  losses_of_h = lambda h: losses_from_trunk(  # noqa: E731
-      state.params, h, h_target, batch, online, lay, step_rng, model=model, spec=spec, mtp_weight=lam)[0]
-  new_balance, balance_metrics = _tune(state.replace(balance=bstate), jax.lax.stop_gradient(h_BLD), losses_of_h,
-                                       present_N, spec)
+    def objective(params):
+      h_BLD = step_lib.trunk_fn(params, online, model=model, pipeline=pipeline, rng=rng)
+      losses, present_N, metrics, _ = losses_from_trunk(params, h_BLD, h_target, mb, online, lay, rng,
+                                                        model=model, spec=spec, mtp_weight=lam)
+      return balance.weighted_loss(losses, present_N, bstate), (metrics, h_BLD, present_N)
+
+    (loss, (aux, h_BLD, present_N)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    losses_of_h = lambda h: losses_from_trunk(  # noqa: E731
+        state.params, h, h_target, mb, online, lay, rng, model=model, spec=spec, mtp_weight=lam)[0]
+    # h as the "params": the gradient at the trunk's output, through the heads only.
+    norms_N = jax.lax.cond(measuring, lambda h: balance.trunk_grad_norms(losses_of_h, h, lambda g: g, OBJECTIVES),
+                           lambda h: jnp.zeros((len(OBJECTIVES),), jnp.float32), jax.lax.stop_gradient(h_BLD))
+    aux = {name: v for name, v in aux.items() if not name.startswith("present_")}  # From the OR-ed flags below.
+    aux["tokens"] = aux["tokens"].astype(jnp.int32)  # A count: summed over micro-batches.
+    return loss, aux, grads, jnp.where(present_N, norms_N, 0.0), present_N.astype(jnp.int32)
+
+  loss, aux, grads, norms_N, present_count_N = accumulate.accumulate(micro, batch, k)
+  present_N = present_count_N > 0
+  if k > 1:  # The mean over the micro-batches where each objective is present.
+    norms_N = norms_N * k / jnp.maximum(present_count_N, 1)
+  aux |= {f"present_{name}": present_N[i].astype(jnp.int32) for i, name in enumerate(OBJECTIVES)}
+  new_balance, balance_metrics = _tune(state.replace(balance=bstate), norms_N, present_N, spec)
   # A new phase's weights rescale the total loss (e.g. 0.6 -> 10 when tuned weights reset to w0): the guard's
   # window of past totals would read it as a spike and skip every step, so the window restarts with the phase.
   restarted = state.guard.replace(losses_W=jnp.zeros_like(state.guard.losses_W), count=jnp.zeros_like(state.guard.count),

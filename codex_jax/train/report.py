@@ -18,39 +18,44 @@ class Reporter:
   """Turns each step's device metrics into TensorBoard / metrics.jsonl rows, a log line and the bar.
 
   With a `ledger`, each step's trained samples go to samples.jsonl at the same moment (train/ledger.py).
+  Tokens and FLOPs are per update: its rows (accumulated micro-batches, train/batch_ramp.py) x seq_len.
   """
 
-  def __init__(self, writer: MetricsWriter, bar: Progress, *, tokens_per_step: int, model_flops: float,
-               xla_flops: float | None, peak_flops: peak.PeakFlops, log_every: int,
+  def __init__(self, writer: MetricsWriter, bar: Progress, *, seq_len: int, flops_per_token: float,
+               xla_flops_per_row: float | None, peak_flops: peak.PeakFlops, log_every: int,
                ledger: SampleLedger | None = None):
     self.writer, self.bar, self.ledger = writer, bar, ledger
-    self.tokens_per_step, self.model_flops, self.xla_flops = tokens_per_step, model_flops, xla_flops
+    self.seq_len, self.flops_per_token, self.xla_flops_per_row = seq_len, flops_per_token, xla_flops_per_row
     self.peak_flops, self.log_every = peak_flops, log_every
     self.last: dict | None = None
     self.first_loss: float | None = None
     self.last_time = time.perf_counter()
 
-  def step(self, step: int, metrics, host_metrics: dict[str, float] | None = None,
-           samples: list[list[int]] | None = None) -> None:
+  def step(self, step: int, metrics, host_metrics: dict[str, float] | None, samples: list[list[int]] | None,
+           rows: int, accum: int = 1) -> None:
     """Blocks until `metrics` (of update number `step`) are on the host; the next step is already queued.
 
     `host_metrics` are the step's host-side numbers (the data accounting), written alongside;
-    `samples` its ledger entries (data/sample_ids.batch_samples).
+    `samples` its ledger entries (data/sample_ids.batch_samples); `rows` the update's global rows, `accum`
+    its micro-batches (logged as batch/rows, batch/accum).
     """
     scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
     scalars.update(host_metrics or {})
     now = time.perf_counter()
     step_time, self.last_time = now - self.last_time, now
-    scalars.update(step_time=step_time, tokens_per_s=self.tokens_per_step / step_time,
-                   model_tflops_per_s=self.model_flops / step_time / 1e12,
-                   mfu=peak.mfu(self.model_flops / step_time, self.peak_flops))
-    if self.xla_flops:
-      scalars["mfu_xla"] = peak.mfu(self.xla_flops / step_time, self.peak_flops)
+    tokens = rows * self.seq_len
+    model_flops = self.flops_per_token * tokens
+    scalars.update({"batch/rows": rows, "batch/accum": accum}, step_time=step_time, tokens_per_s=tokens / step_time,
+                   model_tflops_per_s=model_flops / step_time / 1e12,
+                   mfu=peak.mfu(model_flops / step_time, self.peak_flops))
+    if self.xla_flops_per_row:
+      scalars["mfu_xla"] = peak.mfu(self.xla_flops_per_row * rows / step_time, self.peak_flops)
     if not math.isfinite(scalars["loss"]):
       logging.warning("Step %d: non-finite loss %s", step, scalars["loss"])
     self.writer.write(step, scalars)
     if self.ledger is not None and samples is not None:
       self.ledger.write(step, samples)
+    self.bar.tokens_per_step = tokens  # The bar's tok/s: its smoothed step rate x this update's tokens.
     self.bar.update(step, loss=scalars["loss"])
     if self.first_loss is None:
       self.first_loss = scalars["loss"]

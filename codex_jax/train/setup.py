@@ -91,11 +91,14 @@ def xla_model_flops(cfg: Config, mesh: Mesh, batch) -> float | None:
   the masked blocks that the PaLM convention counts. So the count is taken from the same step
   unrolled, without remat, with whole attention; lowered but never compiled (the unpartitioned
   program: global FLOPs, no device multiplier). A pipeline's ticks would count its bubble too, so the
-  count is of the same model on one device.
+  count is of the same model on one device; accumulation's scan too, so the batch is taken as one
+  micro-batch.
   """
+  rows = jax.tree.leaves(batch)[0].shape[0]
   counted = dataclasses.replace(cfg, model=dataclasses.replace(
       cfg.model, scan_layers=False, remat="none", attention_chunks=1),
-      mesh=dataclasses.replace(cfg.mesh, data=1, tensor=1, pipeline=1))
+      mesh=dataclasses.replace(cfg.mesh, data=1, tensor=1, pipeline=1),
+      train=dataclasses.replace(cfg.train, global_batch=rows, grad_accum=1))
   one_device = Mesh(np.asarray(mesh.devices).reshape(-1)[:1].reshape(1, 1, 1), mesh.axis_names,
                     axis_types=mesh.axis_types)
   trainer = build_trainer(counted, one_device)

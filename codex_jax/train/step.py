@@ -14,6 +14,7 @@ from codex_jax.objectives import mtp as mtp_objective
 from codex_jax.parallel.mesh import replicated
 from codex_jax.parallel.pipeline import LAYERS, Pipeline
 from codex_jax.parallel.rules import sharding_scope
+from codex_jax.train import accumulate
 from codex_jax.train import guard as guard_lib
 from codex_jax.train.state import TrainState
 
@@ -82,14 +83,23 @@ def mtp_weight(train: TrainConfig, step: jax.Array) -> jax.Array:
 def train_step(state: TrainState, batch: dict, *, model: Decoder, tx: optax.GradientTransformation,
                schedule: optax.Schedule, train: TrainConfig,
                pipeline: Pipeline | None = None) -> tuple[TrainState, dict]:
-  """One AdamW update on one global batch, or none if the step is bad (see guard.py).
+  """One AdamW update on one batch, or none if the step is bad (see guard.py).
 
-  Pure: the same inputs give bit-identical outputs, and a step that is not skipped is bit-identical to
-  the unguarded update.
+  The batch holds k = rows / train.micro_batch micro-batches (static, from its shape: one compile per k);
+  their gradients are averaged (train/accumulate.py), micro-batch m drawing fold_in(step key, m) when
+  k > 1. Pure: the same inputs give bit-identical outputs, and a step that is not skipped is
+  bit-identical to the unguarded update.
   """
   step_rng = jax.random.fold_in(state.rng, state.step)
-  (loss, aux), grads = value_and_grad(state.params, batch, model=model, z_loss=train.z_loss, rng=step_rng,
-                                      pipeline=pipeline, mtp_weight=mtp_weight(train, state.step))
+  lam, k = mtp_weight(train, state.step), accumulate.count(batch, train.micro_batch)
+
+  def micro(mb: dict, index):
+    rng = step_rng if k == 1 else jax.random.fold_in(step_rng, index)
+    (loss, aux), grads = value_and_grad(state.params, mb, model=model, z_loss=train.z_loss, rng=rng,
+                                        pipeline=pipeline, mtp_weight=lam)
+    return loss, aux | {"tokens": aux["tokens"].astype(jnp.int32)}, grads  # A count: summed over micro-batches.
+
+  loss, aux, grads = accumulate.accumulate(micro, batch, k)
   state, metrics, _ = apply_update(state, loss, aux, grads, tx=tx, schedule=schedule, train=train)
   return state, metrics
 
