@@ -3,8 +3,8 @@ one end-to-end eval of a tiny multimodal model on hand-made batches."""
 
 import math
 import os
-import sys
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -270,36 +270,38 @@ def test_the_target_encoder_restores_beside_the_params_and_a_changed_byte_is_ref
     checkpointer.close()
 
 
-# --- align and action only: no EMA target encoder, through a checkpoint and `codex eval` ------------------
+# --- align and action only: no EMA target encoder, through a checkpoint and the evals --------------------
 
-@pytest.mark.slow
-def test_an_align_and_action_run_with_mtp_and_no_target_encoder_checkpoints_and_codex_eval_scores_it(tmp_path):
-  import json
-  import subprocess
+def test_an_align_and_action_model_has_no_target_encoder_checkpoints_and_is_evaluated(tmp_path):
+  """Neither vision nor world: the EMA target is empty, a checkpoint holds it as such, and the evals score
+  align and action without it (and MTP beside them). (A subprocess `codex train` + `codex eval` of this config
+  passed when it was built; at 135 s of test time it gave way to this in-process check.)"""
+  import grain
 
-  from codex_jax.checkpoint.load import load_step
-  from codex_jax.data.default_corpus.build import build_default_corpus
-  from tests.helpers import ROOT, RUN_OVERRIDES, run_env, run_train
+  from codex_jax.checkpoint import merkle
+  from codex_jax.checkpoint.manager import Checkpointer
+  from codex_jax.config.schema import CheckpointConfig
 
-  build_default_corpus()
-  workdir = str(tmp_path / "run")
-  # Multi-token prediction on too: it trains beside the objectives and its modules ride through the checkpoint.
-  overrides = {**RUN_OVERRIDES, "objectives.weights": (1.0, 0.0, 1.0, 0.0, 1.0), "model.mtp_depth": 1, "train.steps": 2,
-               "checkpoint.every": 2, "eval.every": 1000, "eval.batches": 1, "objectives.action.sample_steps": 2}
-  result = run_train(workdir, overrides)
-  assert result.returncode == 0, result.stderr[-3000:]
-  loaded = load_step(workdir, 2, with_target=True)
-  assert loaded.target_params is None  # Neither vision nor world: no EMA target encoder to keep.
-  assert "align_media" in loaded.params["objectives"] and "flow_head" in loaded.params["objectives"]
-  assert "mtp" in loaded.params
-  rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-  trained = [r for r in rows if "loss_align" in r]
-  assert trained and all(np.isfinite(r["loss"]) for r in trained)  # (A 2-step batch may hold no action.)
-  assert np.isfinite(trained[-1]["mtp_loss"]) and trained[-1]["mtp_loss"] > 0
-  out = subprocess.run([sys.executable, "-m", "codex_jax", "eval", f"--workdir={workdir}", "--tasks=", "--json"],
-                       cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
-  assert out.returncode == 0, out.stderr[-3000:]
-  scores = json.loads(out.stdout.strip().splitlines()[-1])["scores"]
-  for key in ("align_loss", "action_loss", "action_ratio", "retrieval_pairs", "retrieval_caption_chance"):
+  cfg = load("tiny", num_devices=1, **{**MM, "objectives.weights": (1.0, 0.0, 1.0, 0.0, 1.0)})
+  trainer = build_trainer(cfg, build_mesh(cfg.mesh, jax.devices()[:1]))
+  abstract = jax.eval_shape(trainer.init)
+  assert abstract.target_params == {} and "mtp" in abstract.params
+  assert {"align_media", "flow_head"} <= set(abstract.params["objectives"])
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda a: (0.1 * rng.normal(size=a.shape)).astype(a.dtype), abstract.params)
+  checkpointer = Checkpointer(str(tmp_path), CheckpointConfig(async_save=False))
+  checkpointer.start_fresh({"kind": "init", "seed": 0, "content_root": merkle.EMPTY_ROOT})
+  try:
+    checkpointer.save(1, {"params": params, "target_params": {}, "step": np.int32(1)},
+                      iter(grain.MapDataset.range(4).to_iter_dataset()), {}, {})
+    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+    restored = checkpointer.restore_params(1, shapes, meta=checkpointer.read_meta(1))
+  finally:
+    checkpointer.close()
+  chex.assert_trees_all_equal(jax.device_get(restored), params)
+  ev = evals.ObjectiveEval.create(cfg, trainer, lambda b: feed.to_global(b, trainer.data_sharding))
+  batches = [make_batch(8, 32, 96, PATCHES, 256, seed=s) for s in range(2)]
+  scores = ev.scores(restored, {}, lambda: iter(batches))
+  for key in ("text_loss", "align_loss", "action_loss", "action_ratio", "retrieval_pairs", "retrieval_i2t_r10"):
     assert np.isfinite(scores[f"objectives/{key}"]), key
-  assert not any(k.startswith(("objectives/vision", "objectives/world")) for k in scores)
+  assert not any(k.startswith(("objectives/vision", "objectives/world", "objectives/recon")) for k in scores)
