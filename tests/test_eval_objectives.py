@@ -305,3 +305,20 @@ def test_an_align_and_action_model_has_no_target_encoder_checkpoints_and_is_eval
   for key in ("text_loss", "align_loss", "action_loss", "action_ratio", "retrieval_pairs", "retrieval_i2t_r10"):
     assert np.isfinite(scores[f"objectives/{key}"]), key
   assert not any(k.startswith(("objectives/vision", "objectives/world", "objectives/recon")) for k in scores)
+
+
+def test_every_eval_of_a_run_scores_the_objectives_on_the_first_phases_batches():
+  """A later mixture phase packs other pairs together; the contrastive losses would move with it alone."""
+  import types
+
+  from codex_jax.config.schema import CheckpointConfig
+  from codex_jax.eval.suite import Suite
+
+  asked, seen = [], []
+  stub = types.SimpleNamespace(
+      cfg=types.SimpleNamespace(checkpoint=CheckpointConfig(average_count=0)), scores=lambda params, step: {},
+      eval_batches=lambda step: asked.append(step) or iter([step]),
+      objectives=types.SimpleNamespace(scores=lambda p, t, batches: seen.append(list(batches())) or {}))
+  for step in (100, 300):
+    Suite.evaluate(stub, step, params=None, target_params={})
+  assert asked == [0, 0] and seen == [[0], [0]]

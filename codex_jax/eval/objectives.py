@@ -26,7 +26,8 @@ For one set of parameters (and the EMA target encoder's), over the first `eval.b
   the ratio model / baseline (< 1: sampling beats the mean action).
 Every number is built from sums that add across batches (float64 on the host), so any split of the same
 batches gives the same metrics. The layout's masking and blinding, the flow-matching noise and the
-sampler's noise come from one fixed key per batch index: every eval of a run sees the same draws.
+sampler's noise come from one fixed key per batch index, and eval/suite.py passes the first mixture phase's
+held-out pass at every eval: every eval of a run sees the same batches and draws.
 Letters: C slots, P patches, X values per patch, D model width, E align width, T horizon, A action values.
 """
 

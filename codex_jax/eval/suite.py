@@ -133,7 +133,9 @@ class Suite:
     """
     out = self.scores(params, step)
     if self.objectives is not None:
-      out.update(self.objectives.scores(params, target_params, lambda: self.eval_batches(step)))
+      # One pass for every eval of a run: the first mixture phase's batches. Align and vision are contrastive
+      # within a batch, so a later phase's mix (other pairs per batch) would move their losses by itself.
+      out.update(self.objectives.scores(params, target_params, lambda: self.eval_batches(0)))
     if checkpointer is not None and average.enabled(self.cfg.checkpoint):
       averaged = self.average_params(step, params, checkpointer, restore_target)
       if averaged is not None:
