@@ -155,11 +155,14 @@ def base_config() -> ml_collections.ConfigDict:
 
   config.eval = ml_collections.ConfigDict()
   # Held-out loss, tasks, the snapshot average (`avg/`) and, with several objectives, their evals; each eval
-  # of the multimodal tiny run costs ~30-45 s here, so three of them in 300 steps.
+  # of the multimodal tiny run costs ~20-45 s here, so three of them in 300 steps (and one at step 0).
   config.eval.every = 100
   config.eval.batches = 4
   config.eval.tasks = "builtin"          # "builtin" and/or folders of *.jsonl task files (README "Evaluation").
   config.eval.task_examples = 64         # Examples per task at each in-loop eval; `codex eval` scores all.
+  # Evaluate the initial parameters too (step 0, a fresh run only; as HF Trainer's eval_on_start): every
+  # held-out loss and score then has its untrained value beside the trained ones. ~40 s here.
+  config.eval.at_start = True
 
   # The pretraining objectives (objectives/): text next-token CE; vision MAE + two-view InfoNCE; align
   # (image/video vs caption contrastive); world (next video chunk's latent from this one and the action);
@@ -194,6 +197,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.objectives.align.blind_fraction = 0.5    # Captions that cannot see their media: the align pairs.
   config.objectives.align.dim = 64
   config.objectives.align.max_pairs = 128         # Image+caption examples are short: ~150 fit a batch.
+  config.objectives.align.pool = "mean"           # mean | last: the last media / caption position (causal trunk).
   config.objectives.world = ml_collections.ConfigDict()
   config.objectives.world.ema_decay = 0.99        # EMA target encoder (also vision's second view).
   config.objectives.world.max_chunks = 128        # Video chunks (one frame / tubelet slice each) per batch.
@@ -246,6 +250,7 @@ def _accelerator(config, size, platform):
   config.optimizer.decay_fraction = 0.2  # WSD with a final anneal over the last 20% of the steps.
   config.checkpoint.update(every=1000, max_to_keep=5)
   config.eval.every = 1000
+  config.eval.at_start = False
   devices = TARGET_DEVICES[f"{size}_{platform}"]
   if platform == "v5p":
     # ICI is fast in every direction: FSDP over the whole slice, tensor parallel only at 7B.

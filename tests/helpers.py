@@ -56,7 +56,7 @@ RUN_OVERRIDES = {
     "data.shuffle_window": 64, "train.global_batch": 8, "train.steps": 40, "train.log_every": 5,
     "checkpoint.every": 10, "eval.every": 20, "eval.batches": 2,
     # Snapshot averaging and the task suite have their own tests (test_eval.py); off here to keep runs short.
-    "checkpoint.average_every": 0, "eval.tasks": "",
+    "checkpoint.average_every": 0, "eval.tasks": "", "eval.at_start": False,
     "objectives.weights": TEXT_ONLY,  # The text stack: its runs are what these tests time.
 }
 

@@ -146,7 +146,7 @@ def test_snapshots_spaced_by_wall_clock_and_the_window_takes_the_newest_saved():
 
 STEPS = {**RUN_OVERRIDES, "train.steps": 12, "checkpoint.every": 12, "eval.every": 6, "eval.batches": 1,
          "checkpoint.max_to_keep": 1, "checkpoint.average_every": 2, "checkpoint.average_count": 3,
-         "eval.tasks": "builtin", "eval.task_examples": 2, "data.seq_len": 128}
+         "eval.tasks": "builtin", "eval.task_examples": 2, "data.seq_len": 128, "eval.at_start": True}
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,9 @@ def test_the_loop_scores_sources_tasks_and_the_snapshot_average_into_metrics_lin
   assert summary["checkpoints"] == [8, 10, 12]  # max_to_keep=1, but the averaging window is kept.
   rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   evals = {r["step"]: r for r in rows if "eval_loss" in r}
-  assert sorted(evals) == [6, 12]
+  assert sorted(evals) == [0, 6, 12]  # eval.at_start: the untrained parameters' scores at step 0.
+  assert evals[0]["heldout/loss"] > evals[12]["heldout/loss"] and "task/digit-captions/prob" in evals[0]
+  assert not any(k.startswith("avg/") for k in evals[0])  # No snapshot before the first update.
   for key in ("task/arithmetic/acc_norm", "task/code-completion/bpb", "task/digit-captions/prob", "avg/heldout/loss"):
     assert key in evals[12], key
   # Per source and per domain: which sources one held-out batch holds depends on the manifest's mix.

@@ -155,14 +155,26 @@ def test_two_batches_accumulate_to_exactly_one_pass_over_both():
   one = evals.Totals()
   one.add(_concatenated(a, b))
   got, want = two.metrics(), one.metrics()
-  assert got.keys() == want.keys() and len(got) == 40
-  for k in got:
+  assert got.keys() == want.keys() and len(got) == 41
+  for k in set(got) - {"align_chance"}:
     np.testing.assert_allclose(got[k], want[k], rtol=1e-12, err_msg=k)
+  # Align's chance level is per batch (log of its pairs): two batches of n_a, n_b pairs, not one of n_a + n_b.
+  n_a, n_b = a["align"]["valid"].sum(), b["align"]["valid"].sum()
+  np.testing.assert_allclose(got["align_chance"], (n_a * np.log(n_a) + n_b * np.log(n_b)) / (n_a + n_b), rtol=1e-12)
+  np.testing.assert_allclose(want["align_chance"], np.log(n_a + n_b), rtol=1e-12)
+  assert "align_chance" not in _totals_of(a, align_kind="siglip").metrics()  # Sigmoid pairs: no log-C chance.
   # World and action losses are per-unit means: across batches, the mean over every held-out unit.
   world = np.concatenate([a["world"]["err"][a["world"]["valid"]], b["world"]["err"][b["world"]["valid"]]])
   np.testing.assert_allclose(got["world_loss"], world.mean(), rtol=1e-12)
   assert got["retrieval_pairs"] == a["align"]["valid"].sum() + b["align"]["valid"].sum()
   assert got["retrieval_chance"] == 1 / got["retrieval_pairs"]
+
+
+def _totals_of(*outputs, **kwargs) -> evals.Totals:
+  totals = evals.Totals(**kwargs)
+  for out in outputs:
+    totals.add(out)
+  return totals
 
 
 def test_an_absent_objective_adds_nothing_and_no_units_give_nan():
@@ -182,7 +194,7 @@ def test_the_report_prints_each_objective_beside_its_baseline():
   totals.add(_outputs(np.random.default_rng(3), 6))
   scores = {f"{evals.PREFIX}{k}": v for k, v in totals.metrics().items()}
   text = report.format_report(report.build_report([], scores, 10))
-  for words in ("objectives held-out loss: text", "retrieval top-1, exact pair: image->text", "retrieval recall@10: image->text",
+  for words in ("objectives held-out loss: text", "align at chance", "retrieval top-1, exact pair: image->text", "retrieval recall@10: image->text",
                 "retrieval top-1, caption match: image->text", "world model / target variance", "copy-last-chunk",
                 "vs", "mean action", "predicting zero"):
     assert words in text, text
@@ -215,6 +227,7 @@ def test_the_eval_of_a_tiny_multimodal_model_returns_every_metric_finite_and_rep
   batches = [make_batch(8, 32, 96, PATCHES, 256, seed=s) for s in range(3)]  # The whole pass is read.
   scores = ev.scores(params, target, lambda: iter(batches))
   names = [f"{n}_{m}" for n in ("text", "vision", "align", "world", "action") for m in ("loss", "units")]
+  names += ["align_chance"]
   names += [f"retrieval_{m}" for m in ("i2t", "t2i", "chance", "pairs", "caption_i2t", "caption_t2i",
                                        "caption_chance", "captions", "cos_pair", "cos_other", "i2t_rank",
                                        "t2i_rank", "i2t_r10", "t2i_r10", "r10_chance")]

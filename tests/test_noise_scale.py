@@ -89,6 +89,7 @@ def test_probe_on_the_model_matches_gradients_of_each_micro_batch_and_logs_on_sc
   probe = noise_scale.Probe.create(cfg, trainer, mesh, lambda step, s: written.append((step, s)))
   for step in range(7):
     probe.maybe_measure(step, params, feed.to_global(host, trainer.data_sharding))
+    probe.collect()
   assert [step for step, _ in written] == [1, 4, 7]  # Steps 0, 3, 6, logged under the update they precede.
   # The reference: each 2-row micro-batch (rows i and i + 4: the strided split) differentiated on its own.
   grad = jax.jit(jax.grad(lambda p, b: loss_fn(p, b, model=trainer.model, z_loss=cfg.train.z_loss)[0]))

@@ -154,6 +154,25 @@ def test_layout_masks_images_blinds_captions_and_finds_chunks_and_actions():
   assert all(int(v) == 0 for v in lay.dropped.values())
 
 
+def test_align_last_pooling_takes_each_pairs_last_media_and_last_caption_position():
+  cfg = load("tiny", **{**MM, "objectives.align.blind_fraction": 1.0})
+  batch = make_batch(4, 32, 96, PATCHES, 256)
+  lay = _layout(batch, cfg)
+  n = batch["modality_ids"].size
+  index_ND = jnp.arange(n, dtype=jnp.float32)[:, None]  # h = the position's own index.
+  cap, slot = cfg.objectives.align.max_pairs, lay.pair_slot_N
+  media = np.asarray(layout.last(index_ND, slot, lay.pair_media_N, cap))[:, 0].astype(int)
+  text = np.asarray(layout.last(index_ND, slot, lay.pair_text_N, cap))[:, 0].astype(int)
+  mean_text = np.asarray(layout.pool(index_ND, slot, lay.pair_text_N, cap))[:, 0]
+  slot_N, mods_N = np.asarray(slot), batch["modality_ids"].reshape(-1)
+  for c in np.nonzero(np.asarray(lay.pair_blind_C))[0]:
+    mine = np.nonzero(slot_N == c)[0]
+    want_media = mine[np.isin(mods_N[mine], (IMAGE, VIDEO))].max()
+    want_text = mine[mods_N[mine] == TEXT].max()
+    assert (media[c], text[c]) == (want_media, want_text)
+    assert mean_text[c] == pytest.approx(mine[mods_N[mine] == TEXT].mean())  # mean: all of the caption.
+
+
 def test_layout_unblinded_pairs_keep_segments_and_overflow_goes_to_the_trash_slot():
   cfg = load("tiny", **{**MM, "objectives.align.blind_fraction": 0.0, "objectives.vision.max_images": 2,
                         "objectives.world.max_chunks": 3})
@@ -281,6 +300,7 @@ def test_an_accumulated_multimodal_step_updates_tuner_optimizer_and_target_once(
     ({"objectives.weights": (1.0, 1.0)}, ["objectives.weights", "5 weights"]),
     ({"objectives.vision.mask_ratio": 1.5}, ["objectives.vision.mask_ratio=1.5", "(0, 1)"]),
     ({"objectives.align.kind": "cosine"}, ["objectives.align.kind='cosine'", "clip"]),
+    ({"objectives.align.pool": "max"}, ["objectives.align.pool='max'", "last"]),
     ({"objectives.action.dim": 200}, ["objectives.action.dim=200", "feature_dim=96"]),
     ({"objectives.balance.mode": "auto"}, ["objectives.balance.mode='auto'"]),
     ({"objectives.balance.low": (0.3,) * 5}, ["objectives.balance.low=(0.3,", "sum to at most 1, not 1.5"]),

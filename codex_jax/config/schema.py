@@ -169,12 +169,14 @@ class EvalConfig:
   batches: int = 4  # Held-out batches of one micro-batch each (train.global_batch / train.grad_accum rows).
   tasks: str = "builtin"  # Comma-separated: "builtin" and/or folders of *.jsonl task files; "": none.
   task_examples: int = 64  # Examples per task in the training loop (`codex eval` scores all).
+  at_start: bool = False  # Also evaluate the initial parameters, before the first update of a fresh run (step 0).
 
 
 OBJECTIVES = ("text", "vision", "align", "world", "action")  # The order of every per-objective tuple.
 TEXT_ONLY = (1.0, 0.0, 0.0, 0.0, 0.0)  # objectives.weights of a text-only run (the stack before issue 6).
 BALANCE_MODES = ("fixed", "lagrangian")
 ALIGN_KINDS = ("clip", "siglip")
+ALIGN_POOLS = ("mean", "last")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,6 +207,9 @@ class AlignObjective:
   blind_fraction: float = 0.5  # Share of media+caption pairs whose caption cannot attend to its media.
   dim: int = 64  # Width of the shared embedding space.
   max_pairs: int = 128  # Pair slots per global batch.
+  # mean: the mean trunk output over the media's / the caption's positions | last: the output at the last
+  # position of each, the one that has attended to all of it in a causal trunk (CLIP's text tower takes EOS).
+  pool: str = "mean"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,6 +287,7 @@ RESUME_MUTABLE = frozenset({
     "eval.batches",
     "eval.tasks",
     "eval.task_examples",
+    "eval.at_start",
     # The noise-scale probe only measures and logs; it never touches the state. (Under
     # train.batch_ramp_noise_cap its estimate also caps the batch of the updates after the resume.)
     "train.noise_scale_every",

@@ -257,6 +257,7 @@ def objective_problems(cfg: schema.Config) -> list[str]:
   need(0 <= v.masked_fraction <= 1, "vision.masked_fraction", v.masked_fraction, "must be in [0, 1]")
   need(v.temperature > 0, "vision.temperature", v.temperature, "must be positive")
   need(a.kind in schema.ALIGN_KINDS, "align.kind", a.kind, f"must be one of {schema.ALIGN_KINDS}")
+  need(a.pool in schema.ALIGN_POOLS, "align.pool", a.pool, f"must be one of {schema.ALIGN_POOLS}")
   need(0 <= a.blind_fraction <= 1, "align.blind_fraction", a.blind_fraction, "must be in [0, 1]")
   need(0 <= w.ema_decay < 1, "world.ema_decay", w.ema_decay, "must be in [0, 1)")
   need(act.sample_steps >= 1, "action.sample_steps", act.sample_steps, "must be at least 1")

@@ -5,6 +5,8 @@ For one set of parameters (and the EMA target encoder's), over the first `eval.b
   batch's loss weighted by its units (text tokens, masked images, align pairs, world transitions, action
   chunks). For text, world and action that is the mean over all units; vision (MAE over patches + InfoNCE
   over images) and align (contrastive within a batch) are batch losses, so theirs is the units-weighted mean.
+  Beside align's (clip), `align_chance`: the same mean of log C, CLIP's loss when a batch's C pairs all look
+  alike, its baseline (it depends on how many pairs each held-out batch packs, not on the model).
 - retrieval: image->text and text->image top-1 accuracy over every held-out align pair, pooled across
   batches (cosine similarity of the projected latents), scored two ways. Exact index: a hit only when the
   retrieved item is the query's own partner (chance 1 / pairs). Caption match: a hit when the retrieved
@@ -125,6 +127,13 @@ def action_baseline_mse(s1_TA: np.ndarray, s2_TA: np.ndarray, n: float) -> float
   return float(np.sum(s2_TA - np.square(s1_TA) / n) / (n * s1_TA.size))
 
 
+def align_chance_sums(out: dict) -> dict[str, float]:
+  """CLIP's loss at chance in one batch, log C for its C pairs (every similarity alike), times C: summed and
+  divided by the pairs like align_loss, the pairs-weighted mean of log C, the loss's baseline across batches."""
+  n = float(np.sum(out["align"]["valid"])) if bool(np.asarray(out["present"])[OBJECTIVES.index("align")]) else 0.0
+  return {"align_chance_sum": n * math.log(n) if n else 0.0}
+
+
 def retrieval_accuracy(media_NE: np.ndarray, text_NE: np.ndarray) -> tuple[float, float]:
   """(image->text, text->image) top-1 accuracy: pair i is right when its own partner is the most cosine-similar.
 
@@ -196,6 +205,7 @@ class Totals:
   media: list[np.ndarray] = dataclasses.field(default_factory=list)
   text: list[np.ndarray] = dataclasses.field(default_factory=list)
   captions: list[np.ndarray] = dataclasses.field(default_factory=list)
+  align_kind: str = "clip"  # objectives.align.kind: CLIP's InfoNCE has a chance level, log(pairs in the batch).
 
   def add(self, out: dict) -> None:
     """One batch's objective outputs (train/objectives.objective_outputs, numpy; action with `sampled`)."""
@@ -209,6 +219,8 @@ class Totals:
     if "action" in out and "sampled" in out["action"]:
       a = out["action"]
       parts.append(action_sums(a["sampled"], a["actions"], a["valid"], a.get("sampled_mean")))
+    if "align" in out and self.align_kind == "clip":
+      parts.append(align_chance_sums(out))
     for part in parts:
       for k, value in part.items():
         self.sums[k] = self.sums[k] + value if k in self.sums else value
@@ -227,6 +239,8 @@ class Totals:
       if f"{name}_units" in s:
         out[f"{name}_loss"] = ratio(s[f"{name}_loss_sum"], s[f"{name}_units"])
         out[f"{name}_units"] = s[f"{name}_units"]
+    if "align_chance_sum" in s:
+      out["align_chance"] = ratio(s["align_chance_sum"], s["align_units"])
     if self.media:
       media, text = np.concatenate(self.media), np.concatenate(self.text)
       captions = caption_ids(np.concatenate(self.captions)) if len(self.captions) == len(self.media) else None
@@ -314,11 +328,13 @@ class ObjectiveEval:
   key: jax.Array                     # The evals' key; batch i uses fold_in(key, i).
   num_batches: int
   needs_target: bool                 # Vision or world on: no metrics without the EMA target's parameters.
+  align_kind: str = "clip"
 
   @classmethod
   def create(cls, cfg: Config, trainer, to_global: Callable[[dict], dict]) -> ObjectiveEval:
     key = jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), EVAL_STREAM)
-    return cls(make_runner(cfg, trainer), to_global, key, MAX_BATCHES, trainer.objectives.needs_target)
+    return cls(make_runner(cfg, trainer), to_global, key, MAX_BATCHES, trainer.objectives.needs_target,
+               cfg.objectives.align.kind)
 
   def scores(self, params, target_params, batches: Callable[[], Iterable[dict]]) -> dict[str, float]:
     """`objectives/...` over the first num_batches of `batches()` (a fresh held-out pass, closed after); {}
@@ -327,7 +343,7 @@ class ObjectiveEval:
       logging.info("Objective evals skipped: vision / world need the EMA target encoder's parameters")
       return {}
     target_params = {} if target_params is None else target_params
-    totals, start, iterator = Totals(), time.perf_counter(), batches()
+    totals, start, iterator = Totals(align_kind=self.align_kind), time.perf_counter(), batches()
     try:
       for i, batch in enumerate(iterator):
         if i >= self.num_batches:

@@ -71,6 +71,8 @@ def objective_lines(o: dict) -> list[str]:
     return []
   g = lambda k: o.get(k) if o.get(k) is not None else float("nan")  # noqa: E731
   losses = ", ".join(f"{k[:-5]} {g(k):.4f}" for k in o if k.endswith("_loss"))
+  if "align_chance" in o:
+    losses += f" (align at chance {g('align_chance'):.4f})"
   if "world_nmse" in o:
     losses += f" (world / target variance {g('world_nmse'):.4f})"
   lines = [f"objectives held-out loss: {losses}"]
@@ -150,7 +152,7 @@ def plot_scores(metrics_jsonl: str, out_png: str) -> str | None:
           f"{name}: accuracy" + (" and p(gold)" if mc else " (greedy exact match)"))
   if objective_losses:
     o = lambda *keys: [f"objectives/{k}" for k in keys]  # noqa: E731
-    _draw(axes[-2, 0], hist, objective_losses + o("world_nmse"), "held-out loss per objective")
+    _draw(axes[-2, 0], hist, objective_losses + o("align_chance", "world_nmse"), "held-out loss per objective")
     _draw(axes[-2, 1], hist, o("retrieval_i2t", "retrieval_t2i", "retrieval_chance", "retrieval_caption_i2t",
                                "retrieval_caption_t2i", "retrieval_caption_chance", "retrieval_i2t_rank",
                                "retrieval_t2i_rank"),

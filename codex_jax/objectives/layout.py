@@ -167,6 +167,13 @@ def pool(h_ND: jax.Array, slot_N: jax.Array, weight_N: jax.Array, cap: int) -> j
   return sums / jnp.maximum(counts, 1.0)[:, None]
 
 
+def last(h_ND: jax.Array, slot_N: jax.Array, weight_N: jax.Array, cap: int) -> jax.Array:
+  """h at each slot's last position with weight > 0 [cap, D] (position 0's for an empty slot)."""
+  n_N = jnp.arange(h_ND.shape[0])
+  last_C = jax.ops.segment_max(jnp.where((weight_N > 0) & (slot_N < cap), n_N, 0), slot_N, num_segments=cap + 1)[:cap]
+  return h_ND[jnp.maximum(last_C, 0)].astype(jnp.float32)
+
+
 def grid_mean(h_ND: jax.Array, idx_CP: jax.Array) -> jax.Array:
   """Mean of h over each fixed-size unit's positions [C, D]."""
   return jnp.mean(h_ND[idx_CP].astype(jnp.float32), axis=1)

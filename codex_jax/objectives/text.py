@@ -24,10 +24,14 @@ def next_token_sums(logits_BLV: jax.Array, targets_BL: jax.Array, loss_mask_BL: 
 
 
 def loss_from_sums(sums: dict[str, jax.Array], z_loss: float) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Mean CE + z_loss * mean(logsumexp^2), and the metrics, from (possibly accumulated) sums."""
+  """Mean CE + z_loss * mean(logsumexp^2), and the metrics, from (possibly accumulated) sums.
+
+  `tokens` is reported as an integer: a count, which gradient accumulation sums over micro-batches
+  (train/accumulate.py) where it averages the float metrics.
+  """
   denom = jnp.maximum(sums["tokens"], 1.0)
   ce, z = sums["ce_sum"] / denom, sums["z_sum"] / denom
-  return ce + z_loss * z, {"ce_loss": ce, "z_loss": z, "tokens": sums["tokens"]}
+  return ce + z_loss * z, {"ce_loss": ce, "z_loss": z, "tokens": jnp.asarray(sums["tokens"]).astype(jnp.int32)}
 
 
 def next_token_loss(logits_BLV: jax.Array, targets_BL: jax.Array, loss_mask_BL: jax.Array,

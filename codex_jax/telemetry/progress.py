@@ -35,8 +35,10 @@ class Progress:
         disable=not enabled,
     )
 
-  def update(self, step: int, loss: float | None = None, extra: Mapping[str, Any] | None = None) -> None:
-    """Moves the bar to `step` (steps done) and shows loss, tokens/s and any `extra` values."""
+  def update(self, step: int, loss: float | None = None, extra: Mapping[str, Any] | None = None,
+             tokens: int | None = None) -> None:
+    """Moves the bar to `step` (steps done) and shows loss, tokens/s and any `extra` values; `tokens`: this
+    step's tokens, when steps differ in size (a batch-size ramp), else the constructor's tokens_per_step."""
     if not self.enabled:
       return
     postfix = {}
@@ -45,8 +47,9 @@ class Progress:
     fmt = self._bar.format_dict
     # tqdm's smoothed rate exists only after its first refresh; until then, the plain average.
     rate = fmt.get("rate") or ((fmt["n"] - fmt["initial"]) / fmt["elapsed"] if fmt["elapsed"] else 0)
-    if self.tokens_per_step and rate:
-      postfix["tok/s"] = _si(rate * self.tokens_per_step)
+    tokens = self.tokens_per_step if tokens is None else tokens
+    if tokens and rate:
+      postfix["tok/s"] = _si(rate * tokens)
     for name, value in (extra or {}).items():
       postfix[name] = _fmt(value)
     self._bar.set_postfix(postfix, refresh=False)

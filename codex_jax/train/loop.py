@@ -110,7 +110,7 @@ def train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: b
   model_flops = flops_per_token * cfg.train.global_batch * seq_len  # Of a whole update of global_batch rows.
   xla_counted = xla_model_flops(cfg, mesh, to_global(batch))  # Of the first update's k micro-batches.
   xla_per_row = xla_counted / (k * cfg.train.micro_batch) if xla_counted else None
-  xla_flops = xla_per_row and xla_per_row * cfg.train.global_batch
+  xla_flops = xla_per_row * cfg.train.global_batch if xla_per_row else None
   peak_flops = peak.peak_flops(cfg.model.compute_dtype)
   logging.info("Model FLOPs/step %.3e (analytic), %s (XLA); peak %.3e FLOP/s (%s)", model_flops,
                f"{xla_flops:.3e}" if xla_flops else "n/a", peak_flops.total, peak_flops.source)
@@ -126,10 +126,14 @@ def train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: b
   eval_loss, evaluated_at, pending, preempted = None, None, None, False
   preemption, snapshot_clock = Preemption(), average.SnapshotClock(cfg.checkpoint)
   try:
+    if evaluating and cfg.eval.at_start and start == 0:  # The untrained model's scores: every curve's origin.
+      scores = suite.evaluate(0, train_state.params, target_params=getattr(train_state, "target_params", None))
+      reporter.eval(0, scores["heldout_loss"], scores)
     for step in range(start, total_steps):
       global_batch = to_global(batch)
       noise.maybe_measure(step, train_state.params, global_batch)  # Before the update donates the params.
       train_state, metrics = compiled_for(k, train_state, global_batch)(train_state, global_batch)
+      noise.collect()  # The update is queued behind the probe: waiting for the probe leaves the device busy.
       if pending is not None:
         reporter.step(*pending)
         guard.check_consecutive(reporter.last, cfg.train.max_consecutive_bad, pending[0])

@@ -104,6 +104,7 @@ class Probe:
   ema: Ema | None = None
   write: Callable | None = None  # (step, scalars) -> None.
   last: dict | None = None
+  pending: tuple | None = None  # (step, rows, dispatched norms) until `collect`.
 
   @classmethod
   def create(cls, cfg: Config, trainer, mesh, write: Callable) -> Probe:
@@ -138,12 +139,20 @@ class Probe:
       self.ema.restore(saved)
 
   def maybe_measure(self, step: int, params, batch: dict) -> None:
-    """At every `every`-th step (0-based, before its update), logs the estimates at `params` on `batch`
-    (the update's batch on the mesh, feed.to_global: B_big is its rows, B_small = B_big / k)."""
+    """At every `every`-th step (0-based, before its update), dispatches the measurement at `params` on `batch`
+    (the update's batch on the mesh, feed.to_global: B_big is its rows, B_small = B_big / k); `collect` reads
+    it. Nothing here waits for the device: the loop dispatches the update first, then collects."""
     if not self.every or step % self.every:
       return
-    rows = jax.tree.leaves(batch)[0].shape[0]
-    out = jax.device_get(self.norms(params, batch))
+    self.collect()
+    self.pending = (step, jax.tree.leaves(batch)[0].shape[0], self.norms(params, batch))
+
+  def collect(self) -> None:
+    """Folds the dispatched measurement (if any) into the moving averages and logs it; blocks until it is done."""
+    if self.pending is None:
+      return
+    (step, rows, norms), self.pending = self.pending, None
+    out = jax.device_get(norms)
     small, big = float(out["small_sq"]), float(out["big_sq"])
     g2, trace = unbiased(small, big, rows / self.k, rows)
     b_simple = self.ema.update(g2, trace)

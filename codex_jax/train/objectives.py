@@ -134,8 +134,9 @@ def losses_from_trunk(params, h_BLD, h_target_BLD, batch: dict, online: dict, la
 
   if "align" in enabled:
     cap = o.align.max_pairs
-    media_CD = layout_lib.pool(h_ND, lay.pair_slot_N, lay.pair_media_N, cap)
-    text_CD = layout_lib.pool(h_ND, lay.pair_slot_N, lay.pair_text_N, cap)
+    pool = layout_lib.pool if o.align.pool == "mean" else layout_lib.last
+    media_CD = pool(h_ND, lay.pair_slot_N, lay.pair_media_N, cap)
+    text_CD = pool(h_ND, lay.pair_slot_N, lay.pair_text_N, cap)
     media_CE, text_CE, log_scale, bias = _heads(model, params, "align_latents", media_CD, text_CD)
     valid_C = lay.pair_valid_C
     losses["align"] = align_objective.loss(o.align.kind, media_CE, text_CE, valid_C, log_scale, bias)
@@ -264,7 +265,6 @@ def train_step(state: ObjectiveState, batch: dict, *, model: Decoder, tx: optax.
     norms_N = jax.lax.cond(measuring, lambda h: balance.trunk_grad_norms(losses_of_h, h, lambda g: g, OBJECTIVES),
                            lambda h: jnp.zeros((len(OBJECTIVES),), jnp.float32), jax.lax.stop_gradient(h_BLD))
     aux = {name: v for name, v in aux.items() if not name.startswith("present_")}  # From the OR-ed flags below.
-    aux["tokens"] = aux["tokens"].astype(jnp.int32)  # A count: summed over micro-batches.
     return loss, aux, grads, jnp.where(present_N, norms_N, 0.0), present_N.astype(jnp.int32)
 
   loss, aux, grads, norms_N, present_count_N = accumulate.accumulate(micro, batch, k)

@@ -55,8 +55,7 @@ class Reporter:
     self.writer.write(step, scalars)
     if self.ledger is not None and samples is not None:
       self.ledger.write(step, samples)
-    self.bar.tokens_per_step = tokens  # The bar's tok/s: its smoothed step rate x this update's tokens.
-    self.bar.update(step, loss=scalars["loss"])
+    self.bar.update(step, loss=scalars["loss"], tokens=tokens)  # tok/s: the smoothed step rate x these tokens.
     if self.first_loss is None:
       self.first_loss = scalars["loss"]
     self.last = scalars

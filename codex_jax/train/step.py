@@ -97,7 +97,7 @@ def train_step(state: TrainState, batch: dict, *, model: Decoder, tx: optax.Grad
     rng = step_rng if k == 1 else jax.random.fold_in(step_rng, index)
     (loss, aux), grads = value_and_grad(state.params, mb, model=model, z_loss=train.z_loss, rng=rng,
                                         pipeline=pipeline, mtp_weight=lam)
-    return loss, aux | {"tokens": aux["tokens"].astype(jnp.int32)}, grads  # A count: summed over micro-batches.
+    return loss, aux, grads
 
   loss, aux, grads = accumulate.accumulate(micro, batch, k)
   state, metrics, _ = apply_update(state, loss, aux, grads, tx=tx, schedule=schedule, train=train)
