@@ -59,6 +59,12 @@ def accumulate(fn: Callable, batch: dict, k: int):
                       totals, shapes)
 
 
+def micro_key(key: jax.Array, index, k: int) -> jax.Array:
+  """Micro-batch `index`'s key from the update's: the key itself when k == 1 (the unaccumulated program),
+  else fold_in(key, index)."""
+  return key if k == 1 else jax.random.fold_in(key, index)
+
+
 def count(batch: dict, micro_rows: int) -> int:
   """k, the micro-batches in `batch`: its rows over `micro_rows` (static: from the shape)."""
   rows = jax.tree.leaves(batch)[0].shape[0]

@@ -103,7 +103,6 @@ class Probe:
   norms: Callable | None = None  # jitted (params, batch) -> {small_sq, big_sq}.
   ema: Ema | None = None
   write: Callable | None = None  # (step, scalars) -> None.
-  last: dict | None = None
   pending: tuple | None = None  # (step, rows, dispatched norms) until `collect`.
 
   @classmethod
@@ -156,9 +155,9 @@ class Probe:
     small, big = float(out["small_sq"]), float(out["big_sq"])
     g2, trace = unbiased(small, big, rows / self.k, rows)
     b_simple = self.ema.update(g2, trace)
-    self.last = {"noise_scale/b_simple": b_simple, "noise_scale/b_simple_tokens": b_simple * self.seq_len,
-                 "noise_scale/g2": g2, "noise_scale/trace_sigma": trace, "noise_scale/g_small_sq": small,
-                 "noise_scale/g_big_sq": big}
+    scalars = {"noise_scale/b_simple": b_simple, "noise_scale/b_simple_tokens": b_simple * self.seq_len,
+               "noise_scale/g2": g2, "noise_scale/trace_sigma": trace, "noise_scale/g_small_sq": small,
+               "noise_scale/g_big_sq": big}
     logging.info("step %d noise scale B_simple %.4g sequences (%.4g tokens): |G|^2 %.4g, tr(Sigma) %.4g",
                  step + 1, b_simple, b_simple * self.seq_len, g2, trace)
-    self.write(step + 1, self.last)  # Logged under the update it precedes, as the step's own metrics are.
+    self.write(step + 1, scalars)  # Logged under the update it precedes, as the step's own metrics are.

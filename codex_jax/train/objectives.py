@@ -248,7 +248,7 @@ def train_step(state: ObjectiveState, batch: dict, *, model: Decoder, tx: optax.
   measuring = balance.is_measure_step(state.step, spec.phases[0][1])
 
   def micro(mb: dict, index):
-    rng = step_rng if k == 1 else jax.random.fold_in(step_rng, index)
+    rng = accumulate.micro_key(step_rng, index, k)
     lay, online, h_target = forward(state.params, state.target_params, mb, rng, model=model, spec=spec,
                                     pipeline=pipeline)
 

@@ -94,7 +94,7 @@ def train_step(state: TrainState, batch: dict, *, model: Decoder, tx: optax.Grad
   lam, k = mtp_weight(train, state.step), accumulate.count(batch, train.micro_batch)
 
   def micro(mb: dict, index):
-    rng = step_rng if k == 1 else jax.random.fold_in(step_rng, index)
+    rng = accumulate.micro_key(step_rng, index, k)
     (loss, aux), grads = value_and_grad(state.params, mb, model=model, z_loss=train.z_loss, rng=rng,
                                         pipeline=pipeline, mtp_weight=lam)
     return loss, aux, grads
