@@ -14,6 +14,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from codex_jax.config.errors import ConfigError
+from codex_jax.config.schema import OBJECTIVES
 from codex_jax.objectives import action, align, layout, vision, world
 from codex_jax.parallel.mesh import build_mesh
 from codex_jax.train import feed
@@ -219,6 +220,32 @@ def test_null_action_gets_gradient_on_clips_and_the_target_encoder_only_its_ema(
   assert np.abs(mu["action_in"]["w"]).sum() == 0  # No action in a clip.
   # The target encoder is no parameter (no gradient, no optimizer state): only the EMA moves it.
   assert "target_params" not in str(jax.tree_util.tree_structure(after.opt_state))
+
+
+def test_the_tuner_measures_each_loss_on_the_last_blocks_weights(trainer):
+  """GradNorm's yardstick: the norms a measure step logs (its first measurement, so the EMA is the norm itself)
+  equal the last layer's slice of each loss's full gradient (jax.jacrev through the whole model, on the
+  step's own layout draw), for all five objectives."""
+  _, _, tr, state = trainer
+  rows = make_batch(8, 32, 96, PATCHES, 256)
+  _, _, metrics = _step(trainer, rows)  # Step 0: a measure step.
+  got_N = np.array([metrics[f"balance_trunk_grad_norm_{name}"] for name in OBJECTIVES])
+  batch = {k: jnp.asarray(v) for k, v in rows.items()}
+  rng, model, spec = jax.random.fold_in(state.rng, 0), tr.model, tr.objectives  # The step's key (one micro-batch).
+  lay, online, h_target = objectives_lib.forward(state.params, state.target_params, batch, rng, model=model,
+                                                 spec=spec)
+
+  def losses_N(params):
+    h_BLD = step_lib.trunk_fn(params, online, model=model)
+    losses = objectives_lib.losses_from_trunk(params, h_BLD, h_target, batch, online, lay, rng, model=model,
+                                              spec=spec)[0]
+    return jnp.stack([losses[name] for name in OBJECTIVES])
+
+  layer_grads = jax.jit(jax.jacrev(losses_N))(state.params)["layers"]  # Leaves [5, layers, ...].
+  want_N = np.sqrt(sum(np.sum(np.square(g[:, -1]).reshape(len(OBJECTIVES), -1), 1)
+                       for g in jax.tree.leaves(jax.device_get(layer_grads))))
+  assert np.all(want_N > 0), want_N
+  np.testing.assert_allclose(got_N, want_N, rtol=1e-4)
 
 
 def test_text_only_batch_gives_the_text_only_loss_and_nothing_else(trainer):

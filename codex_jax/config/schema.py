@@ -186,7 +186,7 @@ class BalanceSettings:
   mode: str = "lagrangian"  # fixed: the configured weights throughout | lagrangian: tuned within the bounds.
   low: tuple[float, ...] = (0.05, 0.05, 0.05, 0.05, 0.05)  # Least share of the trunk gradient norm, per objective.
   high: tuple[float, ...] = (0.6, 0.6, 0.6, 0.6, 0.6)  # Most share.
-  measure_every: int = 10  # Steps between trunk-gradient measurements (one extra head backward per objective).
+  measure_every: int = 10  # Steps between measurements (a forward, then a last-block backward per objective).
   dual_lr: float = 0.5
   ema_decay: float = 0.9  # Of the measured norms, per measurement.
   slack: float = 0.01

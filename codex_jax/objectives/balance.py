@@ -2,8 +2,9 @@
 
 N is the number of objectives, named in `BalanceConfig.objectives`; every [N] array follows that order.
 
-What is balanced. Objective i has an unweighted loss L_i and a trunk gradient g_i = d L_i / d trunk, measured
-(`trunk_grad_norms`) every `measure_every` steps and smoothed into n_i, an EMA of |g_i|. Its share of the
+What is balanced. Objective i has an unweighted loss L_i and a trunk gradient g_i = d L_i / d theta, measured
+(`trunk_grad_norms`) every `measure_every` steps and smoothed into n_i, an EMA of |g_i|. The caller picks theta;
+the multimodal step (train/objectives.py) takes GradNorm's: the last shared block's weights. Its share of the
 weighted trunk gradient is
 
   s_i(w) = w_i n_i / sum_{j present} w_j n_j                 (0 for an objective absent from the batch).

@@ -3,9 +3,9 @@
 One step: the batch's slot tables (objectives/layout.py) -> one online forward over the masked, blinded
 batch -> trunk output h -> every objective's loss from h through its head; one forward of the EMA target
 encoder over the clean batch (stop-gradient) when vision or world is on; the total is the tuner's weighted
-sum (objectives/balance.py). Every `measure_every` steps the tuner measures |dL_i/dh|, the gradient of each
-unweighted loss at the trunk's output (one VJP per objective through the heads only, GradNorm-style: it
-stands for the shared trunk's gradient at a fraction of the cost of a backward through the stack).
+sum (objectives/balance.py). Every `measure_every` steps the tuner measures |dL_i/d theta_last|, each
+unweighted loss's gradient norm on the last block's weights (GradNorm's yardstick for the shared trunk:
+`last_block_grad_norms`, one backward per objective through the last block and the heads).
 Text-only configs never come here (train/step.py's train_step, unchanged).
 """
 
@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from codex_jax.config.schema import OBJECTIVES, Config, ObjectivesConfig, TrainConfig
+from codex_jax.model import transformer
 from codex_jax.model.transformer import Decoder
 from codex_jax.objectives import action as action_objective
 from codex_jax.objectives import align as align_objective
@@ -205,6 +206,22 @@ def sample_actions(params, cond_CD: jax.Array, rng: jax.Array, *, model: Decoder
   return action_objective.sample(velocity, eps_CTA, steps)
 
 
+def last_block_grad_norms(params, online: dict, losses_of_h, *, model: Decoder,
+                          pipeline: Pipeline | None = None) -> jax.Array:
+  """[5] |d L_i / d theta_last|, each unweighted loss's gradient norm on the last block's parameters (GradNorm's
+  yardstick for the shared trunk), on measure steps only: one more trunk forward, with the last block zeroed,
+  gives that block's input (stop-gradient; pipelined like the trunk), then one VJP per objective through the
+  last block and the heads. `losses_of_h(h_BLD)` gives the losses by name from the last block's output."""
+  cfg = model.cfg
+  x_BLD = jax.lax.stop_gradient(step_lib.trunk_fn(transformer.with_last_block_zeroed(params, cfg.num_layers),
+                                                  online, model=model, pipeline=pipeline))
+  block = transformer.Block(cfg)
+  through_last = lambda p: losses_of_h(  # noqa: E731
+      block.apply({"params": p}, x_BLD, online["segment_ids"], online["positions"])[0])
+  return balance.trunk_grad_norms(through_last, transformer.last_block(params, cfg.num_layers), lambda g: g,
+                                  OBJECTIVES)
+
+
 def _phase(step: jax.Array, spec: Spec) -> tuple[jax.Array, jax.Array]:
   """(index of the phase at `step`, whether `step` starts a later phase)."""
   starts = jnp.asarray([start for start, _ in spec.phases])
@@ -256,14 +273,14 @@ def train_step(state: ObjectiveState, batch: dict, *, model: Decoder, tx: optax.
       h_BLD = step_lib.trunk_fn(params, online, model=model, pipeline=pipeline, rng=rng)
       losses, present_N, metrics, _ = losses_from_trunk(params, h_BLD, h_target, mb, online, lay, rng,
                                                         model=model, spec=spec, mtp_weight=lam)
-      return balance.weighted_loss(losses, present_N, bstate), (metrics, h_BLD, present_N)
+      return balance.weighted_loss(losses, present_N, bstate), (metrics, present_N)
 
-    (loss, (aux, h_BLD, present_N)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    (loss, (aux, present_N)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     losses_of_h = lambda h: losses_from_trunk(  # noqa: E731
         state.params, h, h_target, mb, online, lay, rng, model=model, spec=spec, mtp_weight=lam)[0]
-    # h as the "params": the gradient at the trunk's output, through the heads only.
-    norms_N = jax.lax.cond(measuring, lambda h: balance.trunk_grad_norms(losses_of_h, h, lambda g: g, OBJECTIVES),
-                           lambda h: jnp.zeros((len(OBJECTIVES),), jnp.float32), jax.lax.stop_gradient(h_BLD))
+    measure = functools.partial(last_block_grad_norms, online=online, losses_of_h=losses_of_h, model=model,
+                                pipeline=pipeline)
+    norms_N = jax.lax.cond(measuring, measure, lambda p: jnp.zeros((len(OBJECTIVES),), jnp.float32), state.params)
     aux = {name: v for name, v in aux.items() if not name.startswith("present_")}  # From the OR-ed flags below.
     return loss, aux, grads, jnp.where(present_N, norms_N, 0.0), present_N.astype(jnp.int32)
 
