@@ -41,13 +41,6 @@ def stack_blocks(blocks: list[dict], stack=jnp.stack) -> dict:
   return jax.tree.map(lambda *xs: stack(xs), *blocks)
 
 
-def last_block(params: dict, num_layers: int) -> dict:
-  """The last block's parameters (a slice of the scanned stack, or `layers_{num_layers - 1}`)."""
-  if "layers" in params:
-    return jax.tree.map(lambda x: x[-1], params["layers"])
-  return params[f"layers_{num_layers - 1}"]
-
-
 def with_last_block_zeroed(params: dict, num_layers: int) -> dict:
   """`params` with the last block's weights all 0. A pre-norm residual block without biases then adds exactly 0
   (its attention and MLP output projections are 0), so the trunk's output is that block's input, computed the
