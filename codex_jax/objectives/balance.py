@@ -136,18 +136,24 @@ def weighted_loss(losses: Mapping[str, jax.Array], present_N: jax.Array, state: 
 
 def trunk_grad_norms(losses_fn: Callable[[Any], Mapping[str, jax.Array]], params: Any,
                      trunk_of: Callable[[Any], Any], objectives: tuple[str, ...]) -> jax.Array:
-  """[N] |d L_i / d trunk|: one forward pass and one backward pass per objective (batched into one vmapped
-  backward), so run it only on `is_measure_step` steps (every k). `losses_fn(params)` returns the unweighted
-  losses by name; `trunk_of` picks the shared subtree from a params-shaped tree (the heads' gradients, never
-  read, are pruned under jit). A name missing from the losses gets norm 0: mark it absent."""
+  """[N] |d L_i / d trunk|: one forward pass and one backward pass per objective, so run it only on
+  `is_measure_step` steps (every k). `losses_fn(params)` returns the unweighted losses by name; `trunk_of` picks
+  the shared subtree from a params-shaped tree (the heads' gradients, never read, are pruned under jit). A name
+  missing from the losses gets norm 0: mark it absent.
+
+  The backward passes are unrolled, not one jax.vmap over the cotangents: XLA:CPU in jaxlib 0.10.2 miscompiles
+  the vmapped RMSNorm backward at [16, 256, D] rows (its YNN fusion reuses cotangent 0's row sums for the others;
+  BUILD.md, "A miscompiled vmap"), which gave the tuner wrong norms on one device."""
   def stacked_N(p):
     losses = losses_fn(p)
     return jnp.stack([jnp.asarray(losses.get(name, 0.0), jnp.float32) for name in objectives])
 
   _, vjp_fn = jax.vjp(stacked_N, params)
-  (grads,) = jax.vmap(vjp_fn)(jnp.eye(len(objectives), dtype=jnp.float32))  # Row i: d L_i / d params.
-  leaves = jax.tree.leaves(trunk_of(grads))
-  return jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)), axis=tuple(range(1, g.ndim))) for g in leaves))
+  norms = []
+  for row_N in jnp.eye(len(objectives), dtype=jnp.float32):
+    (grads,) = vjp_fn(row_N)
+    norms.append(jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(trunk_of(grads)))))
+  return jnp.stack(norms)
 
 
 def _weights_from_multipliers(state: BalanceState, lam_low_N, lam_high_N, present_N, cfg: BalanceConfig):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
 
-from codex_jax.config.schema import ModelConfig
+from codex_jax.config.schema import OBJECTIVES, Config, ModelConfig
 from codex_jax.model.heads import TAU_DIM
 
 
@@ -92,6 +93,74 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   mtp_matmul = 2 * cfg.d_model * cfg.d_model + c["attention_per_layer"] + c["mlp_per_layer"] + cfg.d_model * cfg.vocab_size
   mtp = cfg.mtp_depth * (6 * mtp_matmul + 12 * cfg.num_heads * cfg.resolved_head_dim * seq_len)
   return float(6 * matmul_params(cfg) + attention + 4 * cfg.feature_dim * cfg.d_model + mtp)
+
+
+def trunk_forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """One forward pass of the layer stack (no output projection) per token: 2 per weight, QK^T and AV, the
+  feature projection; what the EMA target encoder and the tuner's zeroed-block trunk cost."""
+  c = param_counts(cfg)
+  per_layer = 2 * (c["attention_per_layer"] + c["mlp_per_layer"]) + 4 * cfg.num_heads * cfg.resolved_head_dim * seq_len
+  return float(cfg.num_layers * per_layer + 2 * cfg.feature_dim * cfg.d_model)
+
+
+def head_matmuls(cfg: Config) -> int:
+  """Sum over the non-text heads of weights x slot rows they run on, per micro-batch: every head runs on its
+  table's full capacity (objectives/layout.py), filled or not."""
+  m, o = cfg.model, cfg.objectives
+  D, on = m.d_model, set(o.enabled)
+  patches = (cfg.data.image_size // cfg.data.patch_size) ** 2
+  ta = m.action_horizon * m.action_dim
+  rows = {
+      "vision": o.vision.max_images * (patches * D * m.pixel_dim + 2 * D * D),  # Pixel head; projection MLP.
+      "align": o.align.max_pairs * 2 * D * m.align_dim,  # Media and caption projections.
+      "world": o.world.max_chunks * (m.feature_dim * D + 2 * D * 2 * D + 2 * D * D),  # Action in; predictor MLP.
+      "action": o.action.max_chunks * ((D + ta + 32) * 2 * D + 2 * D * ta),  # Flow MLP.
+  }
+  return sum(n for name, n in rows.items() if name in on)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFlops:
+  """FLOPs of one update by part. `mean` is what a step costs on average (MFU); `measuring` is a step that
+  measures the tuner's norms, which is what XLA counts (its cost analysis takes a conditional's costlier
+  branch)."""
+
+  online: float   # Forward + backward of the model on the update's tokens (train_flops_per_token).
+  target: float   # The EMA target encoder's forward (vision or world on).
+  heads: float    # The non-text heads, forward + backward, on their slots.
+  measure: float  # The tuner's measurement: a zeroed-block trunk forward, then per objective a backward pass
+                  # through the last block and the heads (text's output projection included).
+  measure_every: int = 1
+
+  @property
+  def mean(self) -> float:
+    return self.online + self.target + self.heads + self.measure / self.measure_every
+
+  @property
+  def measuring(self) -> float:
+    return self.online + self.target + self.heads + self.measure
+
+
+def step_flops(cfg: Config, rows: int, micro_batches: int = 1) -> StepFlops:
+  """The step's FLOPs for an update of `rows` rows in `micro_batches` micro-batches (each with its own heads
+  and measurement). A text-only config is `online` alone: train_flops_per_token x tokens."""
+  m, seq_len = cfg.model, cfg.data.seq_len
+  tokens = rows * seq_len
+  online = train_flops_per_token(m, seq_len) * tokens
+  o = cfg.objectives
+  if not o.multimodal:
+    return StepFlops(online, 0.0, 0.0, 0.0)
+  c = param_counts(m)
+  trunk = trunk_forward_flops_per_token(m, seq_len)
+  target = trunk * tokens if ("vision" in o.enabled or "world" in o.enabled) else 0.0
+  slots = head_matmuls(cfg) * micro_batches
+  block = 2 * (c["attention_per_layer"] + c["mlp_per_layer"]) + 4 * m.num_heads * m.resolved_head_dim * seq_len
+  text_head = 2 * m.d_model * m.vocab_size
+  # Forward: the zeroed-block trunk, then the last block, the output projection and the heads once; backward,
+  # once per objective: 2x the block's forward, the output projection's and heads' input gradients.
+  forward = (trunk + block + text_head) * tokens + 2 * slots
+  backward = len(OBJECTIVES) * ((2 * block + text_head) * tokens + 2 * slots)
+  return StepFlops(online, target, 6 * slots, forward + backward, o.balance.measure_every)
 
 
 def xla_flops(compiled: Any) -> float | None:

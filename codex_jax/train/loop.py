@@ -106,14 +106,15 @@ def train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: b
     return compiled[k]
 
   compiled_for(k, train_state, to_global(batch))
-  flops_per_token = flops.train_flops_per_token(cfg.model, seq_len)
-  model_flops = flops_per_token * cfg.train.global_batch * seq_len  # Of a whole update of global_batch rows.
-  xla_counted = xla_model_flops(cfg, mesh, to_global(batch))  # Of the first update's k micro-batches.
-  xla_per_row = xla_counted / (k * cfg.train.micro_batch) if xla_counted else None
+  cost = flops.step_flops(cfg, cfg.train.global_batch, cfg.train.grad_accum)  # Of a whole update.
+  model_flops, flops_per_token = cost.mean, cost.mean / (cfg.train.global_batch * seq_len)
+  xla_counted = xla_model_flops(cfg, mesh, to_global(batch))  # Of the first update's rows, on a measuring step.
+  xla_per_row = xla_counted * cost.mean / cost.measuring / (k * cfg.train.micro_batch) if xla_counted else None
   xla_flops = xla_per_row * cfg.train.global_batch if xla_per_row else None
   peak_flops = peak.peak_flops(cfg.model.compute_dtype)
-  logging.info("Model FLOPs/step %.3e (analytic), %s (XLA); peak %.3e FLOP/s (%s)", model_flops,
-               f"{xla_flops:.3e}" if xla_flops else "n/a", peak_flops.total, peak_flops.source)
+  logging.info("Model FLOPs/step %.3e (analytic; %.3e on a tuner-measuring step), %s (XLA); peak %.3e FLOP/s (%s)",
+               model_flops, cost.measuring, f"{xla_flops:.3e}" if xla_flops else "n/a", peak_flops.total,
+               peak_flops.source)
   reporter = Reporter(writer, Progress(total_steps, start, cfg.train.global_batch * seq_len, enabled=is_main and progress),
                       seq_len=seq_len, flops_per_token=flops_per_token, xla_flops_per_row=xla_per_row,
                       peak_flops=peak_flops, log_every=cfg.train.log_every,

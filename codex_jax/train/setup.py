@@ -92,7 +92,8 @@ def xla_model_flops(cfg: Config, mesh: Mesh, batch) -> float | None:
   unrolled, without remat, with whole attention; lowered but never compiled (the unpartitioned
   program: global FLOPs, no device multiplier). A pipeline's ticks would count its bubble too, so the
   count is of the same model on one device; accumulation's scan too, so the batch is taken as one
-  micro-batch.
+  micro-batch. A conditional counts as its costlier branch, so a multimodal step is counted as one that
+  measures the tuner's norms (telemetry/flops.py: StepFlops.measuring).
   """
   rows = jax.tree.leaves(batch)[0].shape[0]
   counted = dataclasses.replace(cfg, model=dataclasses.replace(
