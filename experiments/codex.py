@@ -181,8 +181,8 @@ def base_config() -> ml_collections.ConfigDict:
   # it can.
   config.objectives.balance.mode = "lagrangian"
   # Text keeps at least a fifth of the pull; no other objective more than 0.4. World's lower bound is 0: its
-  # share is 0.006 at step 20 and under 0.05 all run (it predicts a small change from the last chunk's latent),
-  # a bound would lift its weight ~8x at the start, and with the anneal it beats copy-last without one.
+  # share is under 0.004 all run (it predicts a small change from the last chunk's latent), a bound would push
+  # its weight to the multiplier box, and with the anneal it beats copy-last without one.
   config.objectives.balance.low = (0.2, 0.05, 0.05, 0.0, 0.05)
   config.objectives.balance.high = (0.6, 0.4, 0.4, 0.4, 0.4)
   # Each measurement: one more trunk forward (the last block zeroed gives that block's input), then one

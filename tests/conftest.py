@@ -9,5 +9,10 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests must not write into the user's cache: tokenizers and probes go to a per-session folder.
 os.environ.setdefault("CODEX_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "codex"))
+# A persistent compilation cache in the checkout, shared by the xdist workers and the `codex` subprocesses
+# (they inherit the environment): a program compiled once (a subprocess run's step, a shared fixture's) is
+# loaded by every later compile of it. Delete .pytest_cache to start cold.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".pytest_cache", "jax"))
 
 assert "jax" not in sys.modules, "conftest must run before jax is imported"
