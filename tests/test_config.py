@@ -196,6 +196,26 @@ def test_cli_config_json_is_one_object_and_errors_exit_nonzero():
   assert "must equal the 128 available devices" in bad.stderr.strip().splitlines()[-1]
 
 
+def test_every_command_answers_help_with_its_flags_and_an_example_and_codex_has_a_version():
+  from codex_jax.cli.main import COMMANDS
+  expect = {"train": "--workdir", "lineage": "--proof", "average": "--count", "export": "--out", "mesh": "--device-kind",
+            "plan": "--flops", "bench": "--steps", "generate": "--prompt", "eval": "--workdir", "import": "--workdir",
+            "scaling": "--budgets", "data": "--[no]force", "config": "--devices"}
+  assert sorted(expect) == sorted(COMMANDS)
+  procs = {(cmd, arg): subprocess.Popen([sys.executable, "-m", "codex_jax", cmd, arg], cwd=ROOT, text=True,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+           for cmd in COMMANDS for arg in ("--help", "-h")}
+  for (cmd, arg), proc in procs.items():
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, (cmd, arg, err)
+    assert out.startswith(f"codex {cmd}: ") and f"example: codex {cmd} " in out, (cmd, out)
+    assert expect[cmd] in out and "--[no]verbose" in out, (cmd, out)
+  full = _codex("plan", "--helpfull")
+  assert full.returncode == 0 and "--flops" in full.stdout and "--alsologtostderr" in full.stdout  # absl logging's.
+  version = _codex("--version")
+  assert version.returncode == 0 and version.stdout.startswith("codex-jax 0.1.0 (commit ")
+
+
 def test_data_settings_are_validated():
   problems = _problems(**{"data.licence_policy": "anything", "data.on_malformed": "ignore", "data.patch_size": 5})
   assert "config.data.licence_policy='anything': must be one of" in problems
