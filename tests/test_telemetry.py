@@ -174,6 +174,33 @@ def test_peak_probe_is_measured_once_and_cached(monkeypatch, tmp_path):
   assert not list(tmp_path.glob(".peak_flops.*"))  # No temporary left behind.
 
 
+def test_a_stale_peak_probe_is_replaced_and_an_mfu_above_one_is_refused(monkeypatch, tmp_path):
+  """`codex bench`'s peak: a cached probe 30% under a fresh one (measured while the machine was busy) is
+  replaced; one that agrees, or a fresh one read while busy, leaves it; an MFU above 1 even against a fresh
+  probe is never reported."""
+  monkeypatch.setenv("CODEX_CACHE_DIR", str(tmp_path))
+  monkeypatch.setattr(peak, "_measure", lambda dtype: 40e9)  # The busy machine's probe, cached.
+  busy = peak.peak_flops("float32")
+  assert busy.total == pytest.approx(40e9) and busy.measured_at is not None
+  monkeypatch.setattr(peak, "_measure", lambda dtype: 140e9)  # Quiet now.
+  checked, value, note = peak.checked_peak("float32", 70e9)  # 1.75 against the stale peak.
+  assert checked.total == pytest.approx(140e9) and value == pytest.approx(0.5)
+  assert "replaced by a fresh probe" in note and "250% apart" in note
+  assert peak.peak_flops("float32").total == pytest.approx(140e9)  # The cache holds the fresh one.
+  monkeypatch.setattr(peak, "_measure", lambda dtype: 120e9)  # Within 30%: the cached probe stands.
+  kept, value, note = peak.checked_peak("float32", 70e9)
+  assert kept == checked and value == pytest.approx(0.5) and note == ""
+  monkeypatch.setattr(peak, "_measure", lambda dtype: 50e9)  # Busy now: the higher, cached peak stands.
+  kept, value, note = peak.checked_peak("float32", 70e9)
+  assert kept == checked and value == pytest.approx(0.5) and "the machine is busy" in note
+  _, value, note = peak.checked_peak("float32", 200e9)  # Above even a fresh probe.
+  assert value is None and "above 1" in note and "refused" in note
+  monkeypatch.setattr(peak, "_device_kind", lambda: "NVIDIA H100 80GB HBM3")  # A table peak is not probed.
+  monkeypatch.setattr(peak, "_measure", lambda dtype: pytest.fail("table kinds are never probed"))
+  table, value, note = peak.checked_peak("bfloat16", 1e14)
+  assert table.measured_at is None and value == pytest.approx(1e14 / table.total) and note == ""
+
+
 @pytest.mark.parametrize("kind,dtype,expected", [
     ("NVIDIA H100 80GB HBM3", "bfloat16", 989.4e12),
     ("NVIDIA H100 80GB HBM3", "float32", 494.7e12),

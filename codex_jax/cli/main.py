@@ -83,7 +83,7 @@ def version() -> str:
 
 def command_help(command: str, module, full: bool) -> str:
   """A command's help from absl's own flag listing: its flags, the shared ones it reads, the global ones."""
-  name, text, example = COMMANDS[command]
+  _, text, example = COMMANDS[command]
   lines = [f"codex {command}: {text}", "", f"usage: {getattr(module, 'USAGE', f'codex {command} [--flags]')}",
            f"example: {example}", ""]
   if full:

@@ -43,11 +43,15 @@ _PROBE_CALL_S = 0.2  # Target length of one timing; the probe takes about 7x thi
 _PROBE_REPEATS = 5
 
 
+_PROBE_TOLERANCE = 0.3  # A cached probe more than 30% off a fresh one is replaced (`checked_peak`).
+
+
 @dataclasses.dataclass(frozen=True)
 class PeakFlops:
   per_device: float  # FLOP/s.
   total: float  # FLOP/s of all devices of the job, the denominator of MFU.
   source: str  # "table:<device kind>" or "probe:<cache path>".
+  measured_at: float | None = None  # Unix time of the probe; None for a table peak.
 
 
 def cache_path() -> str:
@@ -78,11 +82,36 @@ def peak_flops(dtype: str = "float32") -> PeakFlops:
   peak = table_peak(kind, dtype)
   if peak is not None:
     return PeakFlops(peak, peak * n_devices, f"table:{kind}")
-  measured = _cached_probe(kind, dtype)
+  measured, at = _cached_probe(kind, dtype)
   if _platform() == "cpu":
     total = measured * jax.process_count()
-    return PeakFlops(total / n_devices, total, f"probe:{cache_path()}")
-  return PeakFlops(measured, measured * n_devices, f"probe:{cache_path()}")
+    return PeakFlops(total / n_devices, total, f"probe:{cache_path()}", at)
+  return PeakFlops(measured, measured * n_devices, f"probe:{cache_path()}", at)
+
+
+def checked_peak(dtype: str, model_flops_per_s: float) -> tuple[PeakFlops, float | None, str]:
+  """(peak, MFU or None, note) for a measured rate, never an MFU above 1. A probed peak is checked against a
+  fresh probe. A busy machine reads low, so the higher of the two is the peak: a cached probe more than 30%
+  under the fresh one (measured while the machine was busy), or one giving an MFU above 1, is replaced; a
+  fresh probe more than 30% under the cached one keeps the cache and says the machine is busy now (so are
+  the timings). An MFU still above 1 is refused (None) with the reason in the note."""
+  peak, note = peak_flops(dtype), ""
+  if peak.measured_at is not None:
+    kind, dtype = _device_kind(), _normalize(dtype)
+    cached, fresh = _cached_probe(kind, dtype)[0], _measure(dtype)
+    apart = abs(fresh / cached - 1.0)
+    if fresh > cached * (1 + _PROBE_TOLERANCE) or mfu(model_flops_per_s, peak) > 1.0:
+      _store(kind, dtype, fresh)
+      stale, peak = peak.total, peak_flops(dtype)
+      note = f"cached peak {stale:.3g} FLOP/s replaced by a fresh probe's {peak.total:.3g} ({100 * apart:.0f}% apart)"
+    elif fresh < cached * (1 - _PROBE_TOLERANCE):
+      note = (f"a fresh probe read {100 * apart:.0f}% under the cached peak: the machine is busy, so are these "
+              "timings")
+  value = mfu(model_flops_per_s, peak)
+  if value > 1.0:
+    return peak, None, (note + "; " if note else "") + (
+        f"MFU {value:.2f} above 1 against {peak.source}: refused (the peak is wrong for this device)")
+  return peak, value, note
 
 
 def mfu(model_flops_per_s: float, peak: PeakFlops | float) -> float:
@@ -106,18 +135,25 @@ def _platform() -> str:
   return jax.devices()[0].platform
 
 
-def _cached_probe(kind: str, dtype: str) -> float:
-  # The key holds what changes the answer: the chip, how many cores XLA may use, the compiler.
-  key = f"{kind}|cpus={os.cpu_count()}|jax={jax.__version__}|{dtype}"
-  path = cache_path()
-  entry = _read(path).get(key)
+def _probe_key(kind: str, dtype: str) -> str:
+  # What changes the answer: the chip, how many cores XLA may use, the compiler.
+  return f"{kind}|cpus={os.cpu_count()}|jax={jax.__version__}|{dtype}"
+
+
+def _cached_probe(kind: str, dtype: str) -> tuple[float, float]:
+  """(FLOP/s, unix time measured) from the cache, or measured now and cached."""
+  entry = _read(cache_path()).get(_probe_key(kind, dtype))
   if entry and entry.get("flops", 0) > 0:
-    return float(entry["flops"])
-  flops = _measure(dtype)
-  cache = _read(path)  # Re-read: another process may have added keys while we measured.
-  cache[key] = {"flops": flops, "measured_at": time.time(), "matmul": _PROBE_N}
-  atomic.write_json(path, cache, sort_keys=True)
-  return flops
+    return float(entry["flops"]), float(entry.get("measured_at", 0.0))
+  return _store(kind, dtype, _measure(dtype))
+
+
+def _store(kind: str, dtype: str, flops: float) -> tuple[float, float]:
+  now = time.time()
+  cache = _read(cache_path())  # Re-read: another process may have added keys while we measured.
+  cache[_probe_key(kind, dtype)] = {"flops": flops, "measured_at": now, "matmul": _PROBE_N}
+  atomic.write_json(cache_path(), cache, sort_keys=True)
+  return flops, now
 
 
 def _measure(dtype: str) -> float:

@@ -68,8 +68,9 @@ def benchmark(cfg: Config, steps: int, warmup: int = 2) -> dict:
   model_flops = cost.mean
   xla_counted = xla_model_flops(cfg, mesh, batch)  # A tuner-measuring step: scaled to the mean step below.
   xla_flops = xla_counted * cost.mean / cost.measuring if xla_counted else None
-  peak_dtype = peak.peak_flops(cfg.model.compute_dtype)
-  peak_f32 = peak.peak_flops("float32")
+  peak_dtype, mfu, peak_note = peak.checked_peak(cfg.model.compute_dtype, model_flops / step_s)
+  f32 = cfg.model.compute_dtype in ("float32", "f32")
+  peak_f32, mfu_f32, _ = (peak_dtype, mfu, "") if f32 else peak.checked_peak("float32", model_flops / step_s)
   memory = compiled.memory_analysis()
   return {
       "compute_dtype": cfg.model.compute_dtype,
@@ -87,12 +88,15 @@ def benchmark(cfg: Config, steps: int, warmup: int = 2) -> dict:
       "model_flops_per_step": model_flops,
       "xla_flops_per_step": xla_flops,
       "model_tflops_per_s": model_flops / step_s / 1e12,
-      "mfu": peak.mfu(model_flops / step_s, peak_dtype),
-      "mfu_xla": peak.mfu(xla_flops / step_s, peak_dtype) if xla_flops else None,
-      "mfu_vs_f32_peak": peak.mfu(model_flops / step_s, peak_f32),
+      "mfu": mfu,  # None when even a fresh peak gives an MFU above 1 (peak_note says why).
+      "mfu_xla": mfu and peak.mfu(xla_flops / step_s, peak_dtype) if xla_flops else None,
+      "mfu_vs_f32_peak": mfu_f32,
       "peak_flops": peak_dtype.total,
       "peak_f32_flops": peak_f32.total,
       "peak_source": peak_dtype.source,
+      "peak_measured_at": peak_dtype.measured_at and time.strftime("%Y-%m-%d %H:%M:%S %Z",
+                                                                   time.localtime(peak_dtype.measured_at)),
+      "peak_note": peak_note,
       "temp_bytes_per_device": getattr(memory, "temp_size_in_bytes", None),
       "loss": float(metrics["loss"]),
   }
