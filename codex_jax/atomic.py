@@ -8,14 +8,23 @@ import tempfile
 from typing import Any
 
 
-def write_text(path: str, text: str) -> str:
-  """Writes `text` to `path` (its folder created); a crash leaves the old file or none, never a torn one."""
+def file_mode(mode: int = 0o666) -> int:
+  """`mode` less the process umask: what open() gives a new file. mkstemp's 0600 would hide a run's files
+  from teammates on a shared filesystem."""
+  mask = os.umask(0)
+  os.umask(mask)
+  return mode & ~mask
+
+
+def write_bytes(path: str, data: bytes) -> str:
+  """Writes `data` to `path` (its folder created); a crash leaves the old file or none, never a torn one."""
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
   try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
+    os.fchmod(fd, file_mode())
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
       f.flush()
       os.fsync(f.fileno())  # The bytes on disk before the rename makes them the file.
     os.replace(tmp, path)
@@ -24,6 +33,11 @@ def write_text(path: str, text: str) -> str:
       os.unlink(tmp)
     raise
   return path
+
+
+def write_text(path: str, text: str) -> str:
+  """`text` as UTF-8, written atomically (`write_bytes`)."""
+  return write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path: str, value: Any, **dump_args) -> str:

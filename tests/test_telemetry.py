@@ -374,3 +374,19 @@ def test_objective_heads_are_counted_apart_and_codex_config_lists_them():
   tiny = load("tiny", num_devices=1, **every).model  # The experiment's own tiny trains every objective.
   assert shown["heads (training only)"] == {**flops.head_counts(tiny), "total": flops.param_counts(tiny)["heads"]}
   assert "heads" not in shown and shown["total"] == flops.param_counts(tiny)["total"]
+
+
+def test_written_files_honour_the_umask(tmp_path):
+  from matplotlib.figure import Figure
+
+  from codex_jax import atomic
+  from codex_jax.telemetry.plot import save_png
+  old = os.umask(0o022)
+  try:
+    assert oct(os.stat(atomic.write_text(str(tmp_path / "a.json"), "{}")).st_mode & 0o777) == oct(0o644)
+    assert oct(os.stat(save_png(Figure(), str(tmp_path / "p.png"))).st_mode & 0o777) == oct(0o644)
+    os.umask(0o077)  # A private umask stays private.
+    assert oct(os.stat(atomic.write_text(str(tmp_path / "b.json"), "{}")).st_mode & 0o777) == oct(0o600)
+  finally:
+    os.umask(old)
+  assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]

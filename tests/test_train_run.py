@@ -139,6 +139,10 @@ def test_a_run_leaves_everything_a_user_looks_at(reference):
   assert {"config.json", "tokenizer.json", "metrics.jsonl", "samples.jsonl", "loss.png", "checkpoints",
           "data"} <= names
   assert any(name.startswith("events.out.tfevents") for name in names)
+  # Readable by teammates as the umask allows (mkstemp's 0600 hid config, tokenizer and plots).
+  from codex_jax.atomic import file_mode
+  for name in ("config.json", "tokenizer.json", "metrics.jsonl", "loss.png", "data/manifest.json"):
+    assert os.stat(os.path.join(workdir, name)).st_mode & 0o777 == file_mode(), name
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]
   steps = [row["step"] for row in rows if "loss" in row]

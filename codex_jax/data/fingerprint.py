@@ -13,8 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 
+from codex_jax import atomic
 from codex_jax.data.records import cache_dir
 from codex_jax.hashing import canonical_json
 from codex_jax.hashing import sha256_file as _hash_stream
@@ -54,11 +54,7 @@ def file_sha256(path: str) -> str:
     pass
   digest = _hash_stream(path)
   if _stat_key(path) == key:  # Not rewritten while we read it: safe to remember.
-    os.makedirs(os.path.dirname(cached), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(cached), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-      json.dump({"path": os.path.abspath(path), "sha256": digest}, f)
-    os.replace(tmp, cached)
+    atomic.write_json(cached, {"path": os.path.abspath(path), "sha256": digest}, indent=None)
   return digest
 
 

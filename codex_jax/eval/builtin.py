@@ -17,8 +17,8 @@ import io
 import json
 import os
 import random
-import tempfile
 
+from codex_jax import atomic
 from codex_jax.data.default_corpus import pyexpr, synthetic, synthetic_tasks
 
 VERSION = 1
@@ -135,9 +135,7 @@ def write_builtin(folder: str, images: bool = True) -> str:
     families["digit-captions"] = lambda rng: digit_captions(rng, folder)
   for name, make in families.items():
     rows = make(random.Random(f"{_SEED}:{name}"))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.writelines(json.dumps({"id": f"{name}-{i}", **row}, ensure_ascii=False) + "\n" for i, row in enumerate(rows))
-    os.replace(tmp, os.path.join(folder, f"{name}.jsonl"))
+    atomic.write_text(os.path.join(folder, f"{name}.jsonl"), "".join(
+        json.dumps({"id": f"{name}-{i}", **row}, ensure_ascii=False) + "\n" for i, row in enumerate(rows)))
   open(os.path.join(folder, MARKER), "w").close()
   return folder

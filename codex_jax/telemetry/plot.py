@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import tempfile
 
 # The Figure/Agg canvas pair needs no GUI and leaves pyplot's global state (and backend) untouched.
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from codex_jax import atomic
 
 # Panel title -> series (first key found wins within each tuple of spellings).
 PANELS = (
@@ -69,14 +71,6 @@ def plot_metrics(metrics_jsonl: str, out_png: str) -> str:
 
 def save_png(fig, out_png: str) -> str:
   """Writes `fig` to `out_png` atomically (a reader never sees half a file); returns the path."""
-  directory = os.path.dirname(os.path.abspath(out_png))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".plot.", suffix=".png")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      fig.savefig(f, format="png")
-    os.replace(tmp, out_png)
-  except BaseException:
-    os.unlink(tmp)
-    raise
-  return out_png
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png")
+  return atomic.write_bytes(out_png, buffer.getvalue())

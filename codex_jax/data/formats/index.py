@@ -9,14 +9,13 @@ never validated twice, a touched one always is.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 
+from codex_jax import atomic
 from codex_jax.data.errors import DataError
 from codex_jax.data.formats.base import Format, Locator
 from codex_jax.data.records import MalformedRecord, cache_dir
@@ -88,17 +87,10 @@ def _load(cache_path: str, path: str) -> FileIndex | None:
 
 def _save(cache_path: str, index: FileIndex) -> None:
   """Writes atomically, so a concurrent reader sees the old file or the new one, never half of one."""
-  folder, temp = os.path.dirname(cache_path), None
+  folder = os.path.dirname(cache_path)
   data = {"path": index.path, "names": [name for name, _ in index.records],
           "locators": [locator for _, locator in index.records], "malformed": index.malformed}
   try:
-    os.makedirs(folder, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False, encoding="utf-8") as f:
-      temp = f.name
-      json.dump(data, f, separators=(",", ":"))
-    os.replace(temp, cache_path)
+    atomic.write_json(cache_path, data, indent=None, separators=(",", ":"))
   except OSError as e:  # An unwritable cache slows the next start down; it does not stop this one.
     warnings.warn(f"Could not cache the index of {index.path} in {folder}: {e}", stacklevel=3)
-    if temp is not None:
-      with contextlib.suppress(OSError):
-        os.unlink(temp)
