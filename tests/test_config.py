@@ -216,6 +216,18 @@ def test_every_command_answers_help_with_its_flags_and_an_example_and_codex_has_
   assert version.returncode == 0 and version.stdout.startswith("codex-jax 0.1.0 (commit ")
 
 
+def test_train_refuses_a_file_or_an_object_store_workdir_in_one_line(tmp_path):
+  afile = tmp_path / "afile"
+  afile.write_text("keep")
+  for workdir, words in ((str(afile), "is a file; expected a directory"),
+                         ("gs://bucket/run", "gs:// workdirs are not supported yet")):
+    result = _codex("train", "--config=experiments/codex.py:tiny", f"--workdir={workdir}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"codex train: error: --workdir={workdir}: {words}" + (
+        " (new, or a run's)" if "file" in words else "; give a local or mounted path")
+  assert afile.read_text() == "keep" and not os.path.exists("gs:")
+
+
 def test_data_settings_are_validated():
   problems = _problems(**{"data.licence_policy": "anything", "data.on_malformed": "ignore", "data.patch_size": 5})
   assert "config.data.licence_policy='anything': must be one of" in problems
