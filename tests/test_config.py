@@ -225,7 +225,10 @@ def test_train_refuses_a_file_or_an_object_store_workdir_in_one_line(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.strip().splitlines()[-1] == f"codex train: error: --workdir={workdir}: {words}" + (
         " (new, or a run's)" if "file" in words else "; give a local or mounted path")
-  assert afile.read_text() == "keep" and not os.path.exists("gs:")
+  imported = _codex("import", "hf", str(tmp_path), "--workdir=s3://bucket/run", "--config=experiments/codex.py:tiny")
+  assert imported.returncode == 2 and imported.stderr.strip().endswith("s3:// workdirs are not supported yet; "
+                                                                        "give a local or mounted path")
+  assert afile.read_text() == "keep" and not os.path.exists("gs:") and not os.path.exists("s3:")
 
 
 def test_data_settings_are_validated():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from absl import flags
 from ml_collections import config_flags
 
@@ -28,3 +30,15 @@ def load_config(flag_values, num_devices: int | None, num_processes: int = 1):
     from codex_jax.cli import auto_layout
     as_dict = auto_layout.resolve(as_dict, num_devices, num_processes)  # The chosen layout is what is recorded.
   return config_load.load(as_dict, num_devices=num_devices, num_processes=num_processes), as_dict
+
+
+def check_workdir(workdir: str | None) -> None:
+  """A workdir this command can write: refused in one line, before anything is loaded, if it cannot be."""
+  if not workdir:
+    raise flags.ValidationError("--workdir is required, e.g. --workdir=runs/tiny")
+  scheme, sep, _ = workdir.partition("://")
+  if sep:  # Else `gs://b/run` would silently become a local folder named `gs:`.
+    raise flags.ValidationError(f"--workdir={workdir}: {scheme}:// workdirs are not supported yet; give a local "
+                                "or mounted path")
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise flags.ValidationError(f"--workdir={workdir}: is a file; expected a directory (new, or a run's)")

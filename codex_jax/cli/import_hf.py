@@ -13,8 +13,7 @@ flags.DEFINE_string("workdir", None, "New run directory; `codex train` continues
 def run(flag_values, args: list[str]):
   if len(args) != 2 or args[0] != "hf":
     raise flags.ValidationError(f"expected `{USAGE}`, got `codex import {' '.join(args)}`")
-  if not flag_values.workdir:
-    raise flags.ValidationError(f"--workdir is required: {USAGE}")
+  common.check_workdir(flag_values.workdir)
   _, base = common.load_config(flag_values, num_devices=None)  # The base experiment, model shape to be replaced.
   from codex_jax.interop.importer import import_hf  # After flag checks: jax loads here.
   result = import_hf(args[1], flag_values.workdir, base)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 from absl import flags
 
 from codex_jax.cli import common
@@ -12,20 +10,8 @@ flags.DEFINE_string("workdir", None, "Run directory: config, checkpoints, Tensor
 flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
 
 
-def check_workdir(workdir: str | None) -> None:
-  """A workdir this command can write: refused in one line, before anything is loaded, if it cannot be."""
-  if not workdir:
-    raise flags.ValidationError("--workdir is required, e.g. --workdir=runs/tiny")
-  scheme, sep, _ = workdir.partition("://")
-  if sep:  # Else `gs://b/run` would silently become a local folder named `gs:`.
-    raise flags.ValidationError(f"--workdir={workdir}: {scheme}:// workdirs are not supported yet; give a local "
-                                "or mounted path")
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise flags.ValidationError(f"--workdir={workdir}: is a file; expected a directory (new, or a run's)")
-
-
 def run(flag_values):
-  check_workdir(flag_values.workdir)
+  common.check_workdir(flag_values.workdir)
   import jax  # After flag parsing, so `codex --help` and config errors stay fast.
 
   from codex_jax.parallel import distributed
