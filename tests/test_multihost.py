@@ -172,7 +172,7 @@ def test_two_process_codex_train_checkpoints_a_verifiable_run(tmp_path):
   assert summaries[0]["last_loss"] == summaries[1]["last_loss"] < summaries[0]["first_loss"]
   (_, err0), (_, err1) = results
   assert "Multi-host (explicit): 2 processes, 4 local / 8 global cpu devices" in err0
-  step_line = re.compile(r"\] step \d+ loss ")
+  step_line = re.compile(r"\] step \d+ text_ce [\d.]+ loss ")
   assert len(step_line.findall(err0)) >= 3 and not step_line.findall(err1), "only process 0 logs the steps"
   step_dir = os.path.join(workdir, "checkpoints", "10")
   assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(os.path.join(step_dir, "data")))

@@ -361,3 +361,28 @@ def test_a_workdir_from_before_the_objectives_group_resumes_text_only():
   assert resume_conflicts(saved, current) == []
   multimodal = config_dict("tiny", **{"objectives.weights": ALL})
   assert [line.split(":")[0] for line in resume_conflicts(saved, multimodal)] == ["objectives.weights"]
+
+
+def test_the_console_line_leads_with_the_text_ce_and_shows_each_objective_and_the_weighted_total(
+    trainer, tmp_path, caplog):
+  """The weighted total moves with the tuner's weights (it rose while every objective fell in a real run), so
+  the step's log line leads with the text cross-entropy, then each objective's loss and weight."""
+  import logging
+
+  from codex_jax.telemetry import peak
+  from codex_jax.telemetry.progress import Progress
+  from codex_jax.telemetry.writer import MetricsWriter
+  from codex_jax.train.report import Reporter
+
+  _, _, metrics = _step(trainer, make_batch(8, 32, 96, PATCHES, 256))
+  reporter = Reporter(MetricsWriter(str(tmp_path)), Progress(10, 0, 256, enabled=False), seq_len=32,
+                      flops_per_token=1.0, xla_flops_per_row=None, peak_flops=peak.PeakFlops(1e9, 1e9, "table:x"),
+                      log_every=1)
+  with caplog.at_level(logging.INFO):
+    reporter.step(1, metrics, None, None, rows=8)
+  reporter.close()
+  (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step 1 ")]
+  assert line.startswith(f"step 1 text_ce {metrics['ce_loss']:.4f} (w ")
+  for name in ("vision", "align", "world", "action"):
+    assert f" {name} {metrics[f'loss_{name}']:.4g} (w {metrics[f'balance_weight_{name}']:.2f})" in line, name
+  assert f"weighted total {metrics['loss']:.4f}" in line and metrics["loss"] != metrics["ce_loss"]

@@ -8,6 +8,7 @@ import time
 import jax
 from absl import logging
 
+from codex_jax.config.schema import OBJECTIVES
 from codex_jax.telemetry import peak
 from codex_jax.telemetry.progress import Progress
 from codex_jax.telemetry.writer import MetricsWriter
@@ -55,14 +56,14 @@ class Reporter:
     self.writer.write(step, scalars)
     if self.ledger is not None and samples is not None:
       self.ledger.write(step, samples)
-    self.bar.update(step, loss=scalars["loss"], tokens=tokens)  # tok/s: the smoothed step rate x these tokens.
+    # The headline is the text cross-entropy: with several objectives `loss` is their weighted sum, whose
+    # weights the tuner moves, so it can rise while every objective falls.
+    self.bar.update(step, extra={"text_ce": scalars.get("ce_loss", scalars["loss"])}, tokens=tokens)
     if self.first_loss is None:
       self.first_loss = scalars["loss"]
     self.last = scalars
     if step % self.log_every == 0 or step <= 3:
-      logging.info("step %d loss %.4f grad_norm %.3f lr %.2e %.0f tok/s mfu %.1f%%", step, scalars["loss"],
-                   scalars["grad_norm"], scalars["learning_rate"], scalars["tokens_per_s"],
-                   100 * scalars["mfu"])
+      logging.info("%s", console_line(step, scalars))
 
   def eval(self, step: int, loss: float | None, scores: dict[str, float | None] | None = None) -> None:
     loss = float("nan") if loss is None else loss
@@ -83,3 +84,20 @@ class Reporter:
     self.writer.close()
     if self.ledger is not None:
       self.ledger.close()
+
+
+def console_line(step: int, scalars: dict[str, float]) -> str:
+  """A step's log line: the text cross-entropy first; with other objectives, each one's loss and tuner weight,
+  then their weighted total, labelled as such (text-only: the loss with z-loss and MTP)."""
+  parts = [f"step {step}", f"text_ce {scalars.get('ce_loss', scalars['loss']):.4f}"]
+  others = [name for name in OBJECTIVES[1:] if f"loss_{name}" in scalars]
+  if others:
+    weight = lambda name: scalars.get(f"balance_weight_{name}", float("nan"))  # noqa: E731
+    parts.append(f"(w {weight('text'):.2f})")
+    parts += [f"{name} {scalars[f'loss_{name}']:.4g} (w {weight(name):.2f})" for name in others]
+    parts.append(f"weighted total {scalars['loss']:.4f}")
+  else:
+    parts.append(f"loss {scalars['loss']:.4f}")
+  parts.append(f"grad_norm {scalars['grad_norm']:.3f} lr {scalars['learning_rate']:.2e} "
+               f"{scalars['tokens_per_s']:.0f} tok/s mfu {100 * scalars['mfu']:.1f}%")
+  return " ".join(parts)
