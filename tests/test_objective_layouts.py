@@ -23,7 +23,7 @@ from codex_jax.train import feed
 from codex_jax.train.setup import build_trainer
 from tests.helpers import load
 from tests.objective_batch import make_batch
-from tests.test_objectives import MM, PATCHES
+from tests.test_objectives import MM, PATCHES, _adam_mu
 
 # Eight heads for tensor 8; 16 rows of 256 positions (see the docstring).
 MODEL = {**MM, "model.num_heads": 8, "model.num_kv_heads": 8, "data.seq_len": 256, "train.global_batch": 16}
@@ -51,10 +51,6 @@ def _run(overrides: dict, devices: int, initial=None):
     if first_mu is None:
       first_mu = jax.device_get(_adam_mu(state))
   return history, first_mu, jax.device_get(state), initial
-
-
-def _adam_mu(state):
-  return next(s.mu for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: hasattr(x, "mu")) if hasattr(s, "mu"))
 
 
 @pytest.fixture(scope="module")

@@ -95,12 +95,16 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   return float(6 * matmul_params(cfg) + attention + 4 * cfg.feature_dim * cfg.d_model + mtp)
 
 
-def trunk_forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-  """One forward pass of the layer stack (no output projection) per token: 2 per weight, QK^T and AV, the
-  feature projection; what the EMA target encoder and the tuner's zeroed-block trunk cost."""
+def layer_forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """One block's forward per token: 2 per weight, QK^T and AV."""
   c = param_counts(cfg)
-  per_layer = 2 * (c["attention_per_layer"] + c["mlp_per_layer"]) + 4 * cfg.num_heads * cfg.resolved_head_dim * seq_len
-  return float(cfg.num_layers * per_layer + 2 * cfg.feature_dim * cfg.d_model)
+  return float(2 * (c["attention_per_layer"] + c["mlp_per_layer"]) + 4 * cfg.num_heads * cfg.resolved_head_dim * seq_len)
+
+
+def trunk_forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """One forward pass of the layer stack (no output projection) per token, the feature projection included:
+  what the EMA target encoder and the tuner's zeroed-block trunk cost."""
+  return cfg.num_layers * layer_forward_flops_per_token(cfg, seq_len) + 2 * cfg.feature_dim * cfg.d_model
 
 
 def head_matmuls(cfg: Config) -> int:
@@ -114,7 +118,7 @@ def head_matmuls(cfg: Config) -> int:
       "vision": o.vision.max_images * (patches * D * m.pixel_dim + 2 * D * D),  # Pixel head; projection MLP.
       "align": o.align.max_pairs * 2 * D * m.align_dim,  # Media and caption projections.
       "world": o.world.max_chunks * (m.feature_dim * D + 2 * D * 2 * D + 2 * D * D),  # Action in; predictor MLP.
-      "action": o.action.max_chunks * ((D + ta + 32) * 2 * D + 2 * D * ta),  # Flow MLP.
+      "action": o.action.max_chunks * ((D + ta + TAU_DIM) * 2 * D + 2 * D * ta),  # Flow MLP.
   }
   return sum(n for name, n in rows.items() if name in on)
 
@@ -140,6 +144,10 @@ class StepFlops:
   def measuring(self) -> float:
     return self.online + self.target + self.heads + self.measure
 
+  def mean_of(self, measuring_count: float) -> float:
+    """Another count of a measuring step (XLA's) scaled to the mean step by this split."""
+    return measuring_count * self.mean / self.measuring
+
 
 def step_flops(cfg: Config, rows: int, micro_batches: int = 1) -> StepFlops:
   """The step's FLOPs for an update of `rows` rows in `micro_batches` micro-batches (each with its own heads
@@ -150,11 +158,10 @@ def step_flops(cfg: Config, rows: int, micro_batches: int = 1) -> StepFlops:
   o = cfg.objectives
   if not o.multimodal:
     return StepFlops(online, 0.0, 0.0, 0.0)
-  c = param_counts(m)
   trunk = trunk_forward_flops_per_token(m, seq_len)
   target = trunk * tokens if ("vision" in o.enabled or "world" in o.enabled) else 0.0
   slots = head_matmuls(cfg) * micro_batches
-  block = 2 * (c["attention_per_layer"] + c["mlp_per_layer"]) + 4 * m.num_heads * m.resolved_head_dim * seq_len
+  block = layer_forward_flops_per_token(m, seq_len)
   text_head = 2 * m.d_model * m.vocab_size
   # Forward: the zeroed-block trunk, then the last block, the output projection and the heads once; backward,
   # once per objective: 2x the block's forward, the output projection's and heads' input gradients.

@@ -41,9 +41,7 @@ _DTYPES = {"float32": "float32", "f32": "float32", "bfloat16": "bfloat16", "bf16
 _PROBE_N = 2048
 _PROBE_CALL_S = 0.2  # Target length of one timing; the probe takes about 7x this in all.
 _PROBE_REPEATS = 5
-
-
-_PROBE_TOLERANCE = 0.3  # A cached probe more than 30% off a fresh one is replaced (`checked_peak`).
+_PROBE_TOLERANCE = 0.3  # How far a fresh probe may read from the cached one (`checked_peak`).
 
 
 @dataclasses.dataclass(frozen=True)

@@ -67,7 +67,7 @@ def benchmark(cfg: Config, steps: int, warmup: int = 2) -> dict:
   cost = flops.step_flops(cfg, cfg.train.global_batch, cfg.train.grad_accum)
   model_flops = cost.mean
   xla_counted = xla_model_flops(cfg, mesh, batch)  # A tuner-measuring step: scaled to the mean step below.
-  xla_flops = xla_counted * cost.mean / cost.measuring if xla_counted else None
+  xla_flops = cost.mean_of(xla_counted) if xla_counted else None
   peak_dtype, mfu, peak_note = peak.checked_peak(cfg.model.compute_dtype, model_flops / step_s)
   f32 = cfg.model.compute_dtype in ("float32", "f32")
   peak_f32, mfu_f32, _ = (peak_dtype, mfu, "") if f32 else peak.checked_peak("float32", model_flops / step_s)
@@ -89,7 +89,7 @@ def benchmark(cfg: Config, steps: int, warmup: int = 2) -> dict:
       "xla_flops_per_step": xla_flops,
       "model_tflops_per_s": model_flops / step_s / 1e12,
       "mfu": mfu,  # None when even a fresh peak gives an MFU above 1 (peak_note says why).
-      "mfu_xla": mfu and peak.mfu(xla_flops / step_s, peak_dtype) if xla_flops else None,
+      "mfu_xla": peak.mfu(xla_flops / step_s, peak_dtype) if xla_flops and mfu is not None else None,
       "mfu_vs_f32_peak": mfu_f32,
       "peak_flops": peak_dtype.total,
       "peak_f32_flops": peak_f32.total,
