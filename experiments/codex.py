@@ -160,7 +160,7 @@ def base_config() -> ml_collections.ConfigDict:
   # of the multimodal tiny run costs ~20-45 s here, so three of them in 300 steps (and one at step 0).
   config.eval.every = 100
   config.eval.batches = 4
-  config.eval.tasks = "builtin"          # "builtin" and/or folders of *.jsonl task files (README "Evaluation").
+  config.eval.tasks = "builtin"          # "builtin" and/or folders of *.jsonl task files (docs/evaluation.md).
   config.eval.task_examples = 64         # Examples per task at each in-loop eval; `codex eval` scores all.
   # Evaluate the initial parameters too (step 0, a fresh run only; as HF Trainer's eval_on_start): every
   # held-out loss and score then has its untrained value beside the trained ones. ~40 s here.

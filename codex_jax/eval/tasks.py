@@ -1,4 +1,4 @@
-"""Task files: one JSON object per line, scored by log-likelihood (README.md "Evaluation" has the schema).
+"""Task files: one JSON object per line, scored by log-likelihood (docs/evaluation.md has the schema).
 
   multiple choice: {"context": str, "choices": [str, ...], "gold": int, "id"?: str, "image"?: str}
   cloze:           {"context": str, "continuation": str, "id"?: str, "image"?: str}
