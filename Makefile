@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 WORKDIR ?= runs/default
 TEST_WORKERS ?= 2
 
-.PHONY: install train test bench lint clean
+.PHONY: install train test test-fast bench lint clean
 
 install: $(STAMP)
 
@@ -24,8 +24,13 @@ train: install
 	$(BIN)/codex data build-default
 	$(BIN)/codex train --config=experiments/codex.py:tiny --workdir=$(WORKDIR)
 
+# Files go whole to one worker (--dist loadfile), so a module's fixtures are built once, not once per worker.
 test: install
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=15
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
+
+# The edit loop: everything not marked slow (real training subprocesses, compile-heavy layouts).
+test-fast: install
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" --durations=10
 
 # One JSON line per config: tokens/s, model TFLOP/s, MFU against the measured matmul peak.
 bench: install

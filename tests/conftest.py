@@ -3,9 +3,9 @@
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+from tests.xla_flags import xla_flags  # noqa: E402  (no jax import)
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests must not write into the user's cache: tokenizers and probes go to a per-session folder.
 os.environ.setdefault("CODEX_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "codex"))
@@ -14,5 +14,9 @@ os.environ.setdefault("CODEX_CACHE_DIR", os.path.join(os.path.dirname(__file__),
 # loaded by every later compile of it. Delete .pytest_cache to start cold.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".pytest_cache", "jax"))
+
+# Every program, not only those compiling over a second (jax's default): a resumed subprocess run loads its
+# step instead of compiling it again.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 assert "jax" not in sys.modules, "conftest must run before jax is imported"

@@ -9,6 +9,7 @@ import sys
 
 from codex_jax.config import load as config_load
 from codex_jax.config.schema import TEXT_ONLY
+from tests.xla_flags import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENT = os.path.join(ROOT, "experiments", "codex.py")
@@ -63,7 +64,7 @@ RUN_OVERRIDES = {
 
 def run_env() -> dict:
   env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+  env["XLA_FLAGS"] = xla_flags(2)
   env["PYTHONUNBUFFERED"] = "1"
   return env
 

@@ -18,7 +18,7 @@ import numpy as np
 from codex_jax.config import load as config_load
 from codex_jax.parallel import distributed
 from codex_jax.parallel.mesh import build_mesh, replicated
-from codex_jax.train import feed
+from codex_jax.runtime import feed
 from codex_jax.train.bench import synthetic_batch
 from codex_jax.train.setup import build_trainer
 from tests.helpers import MICRO, config_dict
@@ -37,7 +37,7 @@ def run(data: int, tensor: int) -> dict:
   rows = cfg.train.global_batch // jax.process_count()
   global_batch = synthetic_batch(cfg, cfg.train.global_batch, seed=0)
   mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
-  batch = feed.to_global({name: value[mine] for name, value in global_batch.items()}, trainer.data_sharding)
+  batch = feed.to_global({name: value[mine] for name, value in global_batch.items()}, trainer.engine.data_sharding)
   losses, grad_norms = [], []
   for _ in range(STEPS):
     state, metrics = trainer.train_step(state, batch)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-TEXT, IMAGE, VIDEO, AUDIO, PROPRIO, ACTION = 1, 2, 3, 4, 5, 6
+from codex_jax.config.schema import MODALITIES, MODALITY_IDS
+
+TEXT, IMAGE, VIDEO, AUDIO, PROPRIO, ACTION = (MODALITY_IDS[m] for m in MODALITIES)
 
 
 def segments(P: int) -> list[list[list[int]]]:

@@ -19,7 +19,7 @@ from codex_jax.checkpoint.errors import CheckpointIntegrityError
 from codex_jax.checkpoint.manager import Checkpointer
 from codex_jax.config.schema import CheckpointConfig
 from tests.helpers import ROOT, RUN_OVERRIDES, run_train, train_process, trained_workdir
-from tests.test_merkle import spec_leaf, spec_root  # BUILD.md's hash format, written out with hashlib.
+from tests.test_merkle import spec_leaf, spec_root  # docs/checkpoints.md's hash format, written out with hashlib.
 
 pytestmark = pytest.mark.slow
 

@@ -9,8 +9,8 @@ import pytest
 
 from codex_jax.config import load as config_load
 from codex_jax.config.errors import ConfigError
+from codex_jax.config.workdir import check_config, write_config
 from codex_jax.telemetry.flops import param_counts
-from codex_jax.train.workdir import check_config, write_config
 from tests.helpers import ROOT, config_dict, experiment_module, load
 
 
@@ -240,3 +240,30 @@ def test_data_settings_are_validated():
 
 def test_attention_chunks_must_divide_the_sequence():
   assert "config.model.attention_chunks=3: must divide data.seq_len=256" in _problems(**{"model.attention_chunks": 3})
+
+
+def test_the_experiment_sets_only_what_differs_from_the_schema():
+  """Defaults are written once (config/schema.py): every key experiments/codex.py's base_config assigns differs
+  from its schema default, and everything else is the default."""
+  import ast
+
+  import ml_collections
+
+  source = open(os.path.join(ROOT, "experiments", "codex.py")).read()
+  base = next(n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == "base_config")
+  assigned = set()
+  for node in ast.walk(base):
+    if isinstance(node, ast.Assign):
+      assigned |= {ast.unparse(t).removeprefix("config.") for t in node.targets if ast.unparse(t).startswith("config.")}
+    elif isinstance(node, ast.Call) and ast.unparse(node.func).endswith(".update"):
+      group = ast.unparse(node.func).removeprefix("config.").removesuffix(".update")
+      assigned |= {f"{group}.{k.arg}" for k in node.keywords}
+  flat = lambda d, p="": {k2: v2 for k, v in d.items() for k2, v2 in (  # noqa: E731
+      flat(v, f"{p}{k}.").items() if isinstance(v, dict) else [(f"{p}{k}", v)])}
+  tiny = flat(config_load.to_dict(experiment_module().base_config()))
+  default = flat(config_load.to_dict(config_load.defaults()))
+  assert isinstance(config_load.defaults(), ml_collections.ConfigDict) and set(tiny) == set(default)
+  restated = sorted(key for key in assigned if tiny[key] == default[key])
+  assert not restated, f"experiments/codex.py restates schema defaults: {restated}"
+  unassigned = sorted(key for key in tiny if tiny[key] != default[key] and key not in assigned)
+  assert not unassigned and len(assigned) >= 10, unassigned

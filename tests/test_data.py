@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from codex_jax.config.schema import DataConfig
-from codex_jax.data import encode, packing, pipeline, sample_ids
+from codex_jax.data import batches as batches_lib
+from codex_jax.data import encode, packing, sample_ids
 from codex_jax.data import tokenizer as tok_lib
 from codex_jax.data.accounting import TokenAccountant
 from codex_jax.data.errors import DataError
@@ -44,7 +45,7 @@ def plan(manifest, cfg):
 
 def batches(plan, cfg, n=None, *, split="train", phase="main", seed=0, workers=0, process_index=0,
             process_count=1, num_epochs=None):
-  it = pipeline.make_iterator(plan, dataclasses.replace(cfg, num_workers=workers), feature_dim=FEATURES,
+  it = batches_lib.make_iterator(plan, dataclasses.replace(cfg, num_workers=workers), feature_dim=FEATURES,
                               split=split, phase=phase, local_batch=BATCH, seed=seed, process_index=process_index,
                               process_count=process_count, num_epochs=num_epochs)
   return it if n is None else [next(it) for _ in range(n)]
@@ -167,11 +168,11 @@ def test_row_packer_state_round_trips_mid_example():
 # --- mixture --------------------------------------------------------------------------------------
 
 def test_effective_token_shares_match_targets_within_2_percent_over_2000_samples(plan, cfg):
-  spec = pipeline.encode_spec(cfg, FEATURES)
+  spec = batches_lib.encode_spec(cfg, FEATURES)
   shares = plan.shares("main")
-  streams = [pipeline.source_stream(plan, s, cfg, spec, split="train", seed=0, process_index=0, process_count=1,
+  streams = [batches_lib.source_stream(plan, s, cfg, spec, split="train", seed=0, process_index=0, process_count=1,
                                     num_epochs=None) for s in plan.sources]
-  rates = [pipeline.rates_by_modality_id(s.source.exchange_rates) for s in plan.sources]
+  rates = [batches_lib.rates_by_modality_id(s.source.exchange_rates) for s in plan.sources]
   mix = iter(EffectiveTokenMix(streams, [shares[s.source.name] for s in plan.sources], rates))
   effective = np.zeros(len(plan.sources) + 1)
   for _ in range(2000):
@@ -201,7 +202,7 @@ def test_accountant_measures_shares_on_the_batches(plan, cfg):
 # --- batches --------------------------------------------------------------------------------------
 
 def test_batch_spec_and_packing_invariants(plan, cfg):
-  spec = pipeline.batch_spec(BATCH, SEQ_LEN, FEATURES)
+  spec = batches_lib.batch_spec(BATCH, SEQ_LEN, FEATURES)
   num_segments, seen_sources = 0, set()
   for b in batches(plan, cfg, 12):
     assert {k: (v.shape, v.dtype) for k, v in b.items()} == {k: (s, np.dtype(d)) for k, (s, d) in spec.items()}
@@ -230,10 +231,10 @@ def test_batch_spec_and_packing_invariants(plan, cfg):
 def test_eval_stream_ends_padded_and_counts_every_record_once(plan, cfg):
   out = list(batches(plan, cfg, split="eval", num_epochs=1))
   assert out and all(b["inputs"].shape == (BATCH, SEQ_LEN) for b in out)
-  spec = pipeline.encode_spec(cfg, FEATURES)
+  spec = batches_lib.encode_spec(cfg, FEATURES)
   lengths = {}  # Every held-out record, encoded directly: its sample id -> its number of positions.
   for s in plan.sources:
-    read = pipeline.ReadExample(s, encode.Encoder(plan.tokenizer, spec, s.source_id, s.source.exchange_rates),
+    read = batches_lib.ReadExample(s, encode.Encoder(plan.tokenizer, spec, s.source_id, s.source.exchange_rates),
                                 len(s.records["eval"]))
     for i, entry in enumerate(s.records["eval"]):
       lengths[sample_ids.example_id(s.source_id, 0, i)] = len(read.map_with_index(i, (*entry, i))["inputs"])
@@ -287,10 +288,10 @@ def test_sample_ids_show_each_record_once_per_epoch_and_epochs_in_order(few_clip
   for k, b in enumerate(batches(plan, cfg, 12 * per_window)):  # Whole windows only.
     for sample_id, start, n in sample_ids.batch_samples(b):
       parts.setdefault(sample_id, []).append((start, n, k))
-  spec = pipeline.encode_spec(cfg, FEATURES)
+  spec = batches_lib.encode_spec(cfg, FEATURES)
   for s in plan.sources:
     records = s.records["train"]
-    read = pipeline.ReadExample(s, encode.Encoder(plan.tokenizer, spec, s.source_id, s.source.exchange_rates),
+    read = batches_lib.ReadExample(s, encode.Encoder(plan.tokenizer, spec, s.source_id, s.source.exchange_rates),
                                 len(records))
     ids = np.array(sorted(parts), np.int64)
     source, epoch, record = sample_ids.split_id(ids)
@@ -370,10 +371,10 @@ def test_orbax_composite_round_trip(plan, cfg, tmp_path):
 
 
 def test_phase_switch_continues_every_source_without_repeats(plan, cfg):
-  b = pipeline.build_batches(plan, cfg, feature_dim=FEATURES, split="train", phase="main", local_batch=BATCH, seed=0)
+  b = batches_lib.build_batches(plan, cfg, feature_dim=FEATURES, split="train", phase="main", local_batch=BATCH, seed=0)
   [next(b.iterator) for _ in range(5)]
   states = b.source_states()
-  late = pipeline.build_batches(plan, cfg, feature_dim=FEATURES, split="train", phase="late", local_batch=BATCH,
+  late = batches_lib.build_batches(plan, cfg, feature_dim=FEATURES, split="train", phase="late", local_batch=BATCH,
                                 seed=0)
   late.start_from(states)
   next(late.iterator)
@@ -440,11 +441,11 @@ _CHILD = """
 import os, sys, time
 sys.path.insert(0, {root!r})
 from codex_jax.config.schema import DataConfig
-from codex_jax.data import pipeline
+from codex_jax.data import batches as batches_lib
 from codex_jax.data.plan import build_plan
 cfg = DataConfig(seq_len=64, eval_fraction=0.1, num_workers=2, shuffle_window=16)
 plan = build_plan(cfg, vocab_size=400, feature_dim=96, manifest_path={manifest!r})
-it = pipeline.make_iterator(plan, cfg, feature_dim=96, split="train", phase="main", local_batch=4, seed=0)
+it = batches_lib.make_iterator(plan, cfg, feature_dim=96, split="train", phase="main", local_batch=4, seed=0)
 for _ in range(6):
   next(it)
 print("ready", flush=True)
@@ -497,10 +498,10 @@ def test_no_worker_outlives_a_killed_trainer(manifest):
 def test_resume_refuses_another_process_count_or_data_naming_old_and_new(plan, manifest):
   import jax
 
-  from codex_jax.train.inputs import TrainInputs
+  from codex_jax.runtime.inputs import RunInputs
   from tests.helpers import load
   cfg = load("tiny", num_devices=8, **{"data.manifest": manifest, "data.seq_len": SEQ_LEN})
-  inputs = TrainInputs(cfg, plan, local_batch=BATCH)
+  inputs = RunInputs(cfg, plan, local_batch=BATCH)
   meta = {"data": plan.record(), "run_phase": "pretrain", "process_count": jax.process_count() + 1}
   with pytest.raises(DataError, match=rf"checkpoint 7 was written by {jax.process_count() + 1} JAX process\(es\), "
                                       rf"this run has {jax.process_count()}"):

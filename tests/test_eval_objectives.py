@@ -9,10 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from codex_jax.eval import objectives as evals
+from codex_jax.eval import objective_scores as evals
 from codex_jax.eval import report
 from codex_jax.parallel.mesh import build_mesh
-from codex_jax.train import feed
+from codex_jax.runtime import feed
 from codex_jax.train.setup import build_trainer
 from tests.helpers import MICRO, load
 from tests.objective_batch import make_batch
@@ -67,7 +67,7 @@ def test_caption_match_retrieval_and_its_chance_on_duplicate_captions():
 
 
 def test_caption_keys_name_token_sequences_per_pair_slot():
-  from codex_jax.objectives.layout import caption_keys
+  from codex_jax.objectives.slots import caption_keys
   # Slots 0..3 (4 = trash): captions [5, 6], [5, 6] (equal), [6, 5] (same tokens, other order), [5] (prefix).
   tokens = np.array([0, 5, 6, 0, 5, 6, 9, 6, 5, 0, 5, 8])
   slot = np.array([0, 0, 0, 1, 1, 1, 4, 2, 2, 3, 3, 4])
@@ -218,7 +218,7 @@ def tiny_eval():
   abstract = jax.eval_shape(trainer.init)
   params = jax.tree.map(lambda a: (0.1 * rng.normal(size=a.shape)).astype(a.dtype), abstract.params)
   target = {k: jax.tree.map(lambda x: x * 0.9, params[k]) for k in abstract.target_params}
-  ev = evals.ObjectiveEval.create(cfg, trainer, lambda b: feed.to_global(b, trainer.data_sharding))
+  ev = evals.ObjectiveEval.create(cfg, trainer.engine, lambda b: feed.to_global(b, trainer.engine.data_sharding))
   return cfg, ev, params, target
 
 
@@ -312,7 +312,7 @@ def test_an_align_and_action_model_has_no_target_encoder_checkpoints_and_is_eval
   finally:
     checkpointer.close()
   chex.assert_trees_all_equal(jax.device_get(restored), params)
-  ev = evals.ObjectiveEval.create(cfg, trainer, lambda b: feed.to_global(b, trainer.data_sharding))
+  ev = evals.ObjectiveEval.create(cfg, trainer.engine, lambda b: feed.to_global(b, trainer.engine.data_sharding))
   batches = [make_batch(8, 32, 96, PATCHES, 256, seed=s) for s in range(2)]
   scores = ev.scores(restored, {}, lambda: iter(batches))
   for key in ("text_loss", "align_loss", "action_loss", "action_ratio", "retrieval_pairs", "retrieval_i2t_r10"):

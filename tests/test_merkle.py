@@ -1,4 +1,4 @@
-"""Tensor hashes (format v2): re-derived from BUILD.md with numpy and hashlib alone, the same however a
+"""Tensor hashes (format v2): re-derived from docs/checkpoints.md with numpy and hashlib alone, the same however a
 tensor is sharded (over two real processes too), and changed by one flipped byte in exactly its leaf and block."""
 
 import hashlib
@@ -18,11 +18,12 @@ from jax.sharding import PartitionSpec as P
 from codex_jax.checkpoint import manager, merkle
 from codex_jax.checkpoint.errors import CheckpointIntegrityError
 from tests.helpers import ROOT
+from tests.xla_flags import xla_flags
 
 BLOCK = 1048576
 
 
-# --- BUILD.md's "Hash format", written out independently of codex_jax ---------------------------------
+# --- docs/checkpoints.md's "Hash format", written out independently of codex_jax ---------------------------------
 
 def spec_leaf(path: str, array) -> str:
   array = np.asarray(array)
@@ -77,7 +78,7 @@ def test_leaves_and_root_match_a_third_party_reading_of_build_md():
 
 
 def test_a_known_leaf_hash_pins_the_format():
-  # Changes only with the format itself (then bump the "codex.leaf.vN" tag, update BUILD.md and
+  # Changes only with the format itself (then bump the "codex.leaf.vN" tag, update docs/checkpoints.md and
   # print merkle.leaf_hash("w", np.arange(6, dtype=np.float32).reshape(2, 3)) to renew this value).
   assert merkle.leaf_hash("w", np.arange(6, dtype=np.float32).reshape(2, 3)) == (
       "e5711ede8cf941e1b2d30ba906502eaa646384c49f72520ff0d6e689d5c8abc9")
@@ -173,7 +174,7 @@ def test_a_flipped_byte_changes_exactly_its_leaf_and_its_block():
 
 _WORKER = """
 import os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["XLA_FLAGS"] = sys.argv[3]
 os.environ["JAX_PLATFORMS"] = "cpu"
 import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -200,7 +201,7 @@ def test_two_processes_hash_tensors_neither_holds_whole_to_the_host_hash():
     s.bind(("localhost", 0))
     port = str(s.getsockname()[1])
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-  procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(i), port], cwd=ROOT, env=env, text=True,
+  procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(i), port, xla_flags(4)], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
   outs = [p.communicate(timeout=300) for p in procs]
   assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]

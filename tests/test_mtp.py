@@ -12,6 +12,7 @@ from codex_jax.config.schema import ModelConfig, TrainConfig
 from codex_jax.model.layers import RMSNorm
 from codex_jax.model.transformer import Block, Decoder, inference_params
 from codex_jax.objectives.mtp import depth_mask
+from codex_jax.runtime import forward
 from codex_jax.telemetry.flops import param_counts
 from codex_jax.train import step as step_lib
 from tests.helpers import MICRO, load
@@ -61,7 +62,7 @@ def _outputs(batch):
     h = Block(CFG).apply({"params": p["block"]}, x, batch["segment_ids"], batch["positions"])[0]
     by_hand.append(norm(p["output_norm"], h) @ params["unembed"])
   return {"params": params, "loss_aux": step_lib.loss_fn(params, batch, model=model, z_loss=Z_LOSS, mtp_weight=WEIGHT),
-          "sums": step_lib.batch_sums(params, batch, model=model), "by_hand": by_hand,
+          "sums": forward.batch_sums(params, batch, model=model), "by_hand": by_hand,
           "train_logits": model.apply({"params": params}, *args, method=Decoder.train_outputs)[0],
           "plain_logits": model.apply({"params": inference_params(params)}, *args),
           "mask_2": depth_mask(batch["loss_mask"], batch["segment_ids"], 2)}

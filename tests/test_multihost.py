@@ -19,14 +19,14 @@ from codex_jax.data.default_corpus.build import build_default_corpus
 from codex_jax.parallel.distributed import Launch, detect, initialize
 from tests.helpers import ROOT, RUN_OVERRIDES, train_command
 from tests.multihost_worker import FAST_MODEL
+from tests.xla_flags import xla_flags
 
 EXPLICIT = {"CODEX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "CODEX_NUM_PROCESSES": "2", "CODEX_PROCESS_ID": "1"}
 SLURM = {"SLURM_JOB_ID": "42", "SLURM_NTASKS": "16", "SLURM_STEP_NODELIST": "node[001-002]", "SLURM_PROCID": "3",
          "SLURM_LOCALID": "3"}
 TIMEOUT_S = 240  # Per run of processes; a hung coordinator fails the test instead of the session.
 # Both sides of a comparison compile alike, so the cheapest settings do: XLA's backend optimisations off
-# and, in the model, no remat and whole attention (FAST_MODEL) compile about 3x faster on 2 cores.
-FAST_COMPILE = "--xla_backend_optimization_level=0"
+# (tests/xla_flags.py) and, in the model, no remat and whole attention (FAST_MODEL).
 
 
 # --- Which launch the environment asks for (no process is started) ---
@@ -102,7 +102,7 @@ def _run_groups(command: list[str], groups: list[tuple[int, int]], logs: str) ->
   procs, files = [], []
   try:
     for g, (processes, devices) in enumerate(groups):
-      env = {**base, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"}
+      env = {**base, "XLA_FLAGS": xla_flags(devices)}
       if processes > 1:
         env.update(CODEX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", CODEX_NUM_PROCESSES=str(processes))
       for i in range(processes):

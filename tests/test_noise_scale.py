@@ -11,6 +11,7 @@ import pytest
 
 from codex_jax.config.errors import ConfigError
 from codex_jax.config.schema import TrainConfig
+from codex_jax.runtime import feed
 from codex_jax.train import accumulate, batch_ramp, noise_scale
 from tests.helpers import load
 
@@ -71,7 +72,7 @@ def test_noise_scale_keys_are_validated():
 
 def test_probe_on_the_model_matches_gradients_of_each_micro_batch_and_logs_on_schedule():
   from codex_jax.parallel.mesh import build_mesh
-  from codex_jax.train import feed
+  from codex_jax.runtime import feed
   from codex_jax.train.bench import synthetic_batch
   from codex_jax.train.setup import build_trainer
   from codex_jax.train.step import loss_fn
@@ -86,13 +87,13 @@ def test_probe_on_the_model_matches_gradients_of_each_micro_batch_and_logs_on_sc
   params = jax.tree.map(lambda x: jnp.asarray(0.02 * rng.normal(size=x.shape), x.dtype), trainer.abstract_state.params)
   host = synthetic_batch(cfg, cfg.train.global_batch, seed=0)
   written = []
-  probe = noise_scale.Probe.create(cfg, trainer, mesh, lambda step, s: written.append((step, s)))
+  probe = noise_scale.Probe.create(cfg, trainer.engine, lambda step, s: written.append((step, s)))
   for step in range(7):
-    probe.maybe_measure(step, params, feed.to_global(host, trainer.data_sharding))
+    probe.maybe_measure(step, params, feed.to_global(host, trainer.engine.data_sharding))
     probe.collect()
   assert [step for step, _ in written] == [1, 4, 7]  # Steps 0, 3, 6, logged under the update they precede.
   # The reference: each 2-row micro-batch (rows i and i + 4: the strided split) differentiated on its own.
-  grad = jax.jit(jax.grad(lambda p, b: loss_fn(p, b, model=trainer.model, z_loss=cfg.train.z_loss)[0]))
+  grad = jax.jit(jax.grad(lambda p, b: loss_fn(p, b, model=trainer.engine.model, z_loss=cfg.train.z_loss)[0]))
   grads = [grad(params, {k: v[i::4] for k, v in host.items()}) for i in range(4)]
   sq = lambda g: sum(float(jnp.sum(x.astype(jnp.float32) ** 2)) for x in jax.tree.leaves(g))  # noqa: E731
   small = np.mean([sq(g) for g in grads])
@@ -106,7 +107,7 @@ def test_probe_on_the_model_matches_gradients_of_each_micro_batch_and_logs_on_sc
   # One batch's |G|^2 estimate can be negative (random parameters: here it is); B_simple is then unbounded.
   assert scalars["noise_scale/b_simple"] == (pytest.approx(trace / g2, rel=1e-2) if g2 > 0 else float("inf"))
   assert scalars["noise_scale/b_simple_tokens"] == pytest.approx(scalars["noise_scale/b_simple"] * 32)
-  off = noise_scale.Probe.create(load(**MICRO), trainer, mesh, None)
+  off = noise_scale.Probe.create(load(**MICRO), trainer.engine, None)
   off.maybe_measure(0, params, host)  # Off: nothing compiled, nothing written, no error.
   assert off.norms is None
 
@@ -154,7 +155,7 @@ def test_split_takes_every_kth_row_and_interleave_makes_micro_batch_m_pipeline_b
   # Pipeline batch m of each process (its rows of the global micro-batch m), as the data pipeline yields them.
   batches = [[{"x": rng.integers(0, 1000, (rows_per_process, 5)), "f": rng.normal(size=(rows_per_process, 5, 2))}
               for _ in range(k)] for _ in range(processes)]
-  local = [accumulate.interleave(b) for b in batches]
+  local = [feed.interleave(b) for b in batches]
   assert local[0]["x"].shape == (k * rows_per_process, 5) and local[0]["f"].shape == (k * rows_per_process, 5, 2)
   # feed.to_global puts process p's rows after process p-1's: the global batch is their concatenation.
   global_batch = {name: np.concatenate([b[name] for b in local]) for name in local[0]}
@@ -162,7 +163,7 @@ def test_split_takes_every_kth_row_and_interleave_makes_micro_batch_m_pipeline_b
     for name in ("x", "f"):
       want = np.concatenate([batches[p][m][name] for p in range(processes)])  # The global pipeline batch m.
       np.testing.assert_array_equal(accumulate.split(global_batch[name], k)[m], want)
-  assert accumulate.interleave(batches[0][:1]) is batches[0][0]  # k = 1: the batch itself.
+  assert feed.interleave(batches[0][:1]) is batches[0][0]  # k = 1: the batch itself.
   # A contiguous split ([k, rows / k]) would give other rows: the identity above can fail.
   assert not np.array_equal(global_batch["x"].reshape(k, -1, 5)[1], accumulate.split(global_batch["x"], k)[1])
 

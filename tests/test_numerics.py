@@ -9,7 +9,7 @@ import pytest
 from codex_jax.config.errors import ConfigError
 from codex_jax.config.schema import TrainConfig
 from codex_jax.parallel.mesh import build_mesh
-from codex_jax.train import feed
+from codex_jax.runtime import feed
 from codex_jax.train import guard as guard_lib
 from codex_jax.train.bench import synthetic_batch
 from codex_jax.train.setup import build_trainer
@@ -85,7 +85,7 @@ def _step(trainer, host_state, batch):
   """(host state after, host metrics) of one step; states live on the host because the step donates its input."""
   trainer = trainer[0]
   state = jax.device_put(host_state, trainer.shardings)
-  state, metrics = trainer.train_step(state, feed.to_global(batch, trainer.data_sharding))
+  state, metrics = trainer.train_step(state, feed.to_global(batch, trainer.engine.data_sharding))
   return jax.device_get(state), jax.device_get(metrics)
 
 

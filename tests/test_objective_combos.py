@@ -7,10 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from codex_jax.parallel.mesh import build_mesh, replicated
-from codex_jax.parallel.rules import logical_axis_rules, sharding_scope
-from codex_jax.train import feed
-from codex_jax.train import objectives as objectives_lib
+from codex_jax.parallel.mesh import build_mesh
+from codex_jax.runtime import feed, multimodal
 from codex_jax.train.setup import build_trainer
 from tests.helpers import load
 from tests.objective_batch import make_batch
@@ -26,7 +24,7 @@ def _trainer(devices: int, **overrides):
 
 def _objective_and_grads(tr, cfg, batch_rows):
   """(each objective's loss, gradient of their sum) at the trainer's initial parameters, jitted with its shardings."""
-  mesh = tr.data_sharding.mesh
+  engine = tr.engine
   # Parameters drawn on the host in the state's shapes (the same draws for every layout): compiling init
   # would cost more than the comparison.
   rng, abstract = np.random.default_rng(0), jax.eval_shape(tr.init)
@@ -34,14 +32,13 @@ def _objective_and_grads(tr, cfg, batch_rows):
   target = {k: jax.tree.map(lambda x: 0.9 * x, params[k]) for k in abstract.target_params}
 
   def total(params, target_params, batch, key):
-    with sharding_scope(mesh, logical_axis_rules(cfg.mesh.fsdp, cfg.mesh.sequence_parallel)):
-      out = objectives_lib.objective_outputs(params, target_params, batch, key, model=tr.model, spec=tr.objectives,
-                                             pipeline=tr.pipeline)
+    out = multimodal.objective_outputs(params, target_params, batch, key, model=engine.model, spec=engine.spec,
+                                       pipeline=engine.pipeline)
     return sum(out["losses"].values()), out["losses"]
 
-  fn = jax.jit(jax.value_and_grad(total, has_aux=True),
-               in_shardings=(tr.shardings.params, tr.shardings.target_params, tr.data_sharding, replicated(mesh)))
-  (_, losses), grads = fn(params, target, feed.to_global(batch_rows, tr.data_sharding),
+  fn = engine.jit(jax.value_and_grad(total, has_aux=True), in_shardings=(
+      engine.param_shardings, engine.target_shardings, engine.data_sharding, engine.replicated))
+  (_, losses), grads = fn(params, target, feed.to_global(batch_rows, engine.data_sharding),
                           jax.random.PRNGKey(3))
   return jax.device_get(losses), jax.device_get(grads)
 
@@ -61,7 +58,7 @@ def one_device():
 ], ids=lambda m: m["mesh.schedule"])
 def test_a_pipelined_stack_gives_the_one_device_objective_losses_and_gradients(one_device, mesh):
   cfg, tr = _trainer(2, **LAYERS, **mesh, **{"mesh.data": 1, "mesh.tensor": 1})
-  assert tr.pipeline is not None
+  assert tr.engine.pipeline is not None
   losses, grads = _objective_and_grads(tr, cfg, make_batch(8, 32, 96, PATCHES, 256, seed=5))
   ref_losses, ref_grads = one_device
   assert sorted(losses) == sorted(NAMES) and all(ref_losses[k] > 0 for k in NAMES)

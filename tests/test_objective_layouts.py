@@ -5,7 +5,7 @@ moment) and the final parameters and EMA target; one layout with 2 accumulated m
 pipelines: tests/test_objective_combos.py.)
 
 The batch is 16 rows of 256 positions: at that size the vmapped tuner measurement that one device used to
-compile hit an XLA:CPU miscompile (BUILD.md, "A miscompiled vmap") that sharded layouts, with fewer rows per
+compile hit an XLA:CPU miscompile (docs/objectives.md, "A miscompiled vmap") that sharded layouts, with fewer rows per
 device, did not; a smaller batch would hide it. 1f1b is not here: config refuses it with non-text objectives
 (its per-microbatch backward cannot take a loss that couples the microbatches, as align's contrastive loss does).
 """
@@ -19,7 +19,7 @@ import pytest
 from codex_jax.config.schema import OBJECTIVES
 from codex_jax.objectives import balance
 from codex_jax.parallel.mesh import build_mesh
-from codex_jax.train import feed
+from codex_jax.runtime import feed
 from codex_jax.train.setup import build_trainer
 from tests.helpers import load
 from tests.objective_batch import make_batch
@@ -42,7 +42,7 @@ def _run(overrides: dict, devices: int, initial=None):
   cfg = load("tiny", num_devices=devices, **{**MODEL, **overrides})
   trainer = build_trainer(cfg, build_mesh(cfg.mesh, jax.devices()[:devices]))
   rows = make_batch(16, 256, cfg.model.feature_dim, PATCHES, cfg.model.vocab_size, seed=7)
-  batch = feed.to_global(rows, trainer.data_sharding)
+  batch = feed.to_global(rows, trainer.engine.data_sharding)
   initial = jax.device_get(trainer.init_state()) if initial is None else initial
   state, history, first_mu = jax.device_put(initial, trainer.shardings), [], None
   for _ in range(STEPS):

@@ -1,9 +1,10 @@
-"""The five objectives: each loss against NumPy on hand-made inputs, the slot layout of a hand-made packed
+"""The five objectives: each loss against NumPy on hand-made inputs, the slot tables of a hand-made packed
 batch, gradient flow (null action gets gradient, the EMA target none), absent objectives contribute nothing,
 the align loss sharded over 8 devices equals one device, a multimodal train step with the tuner, and config
 refusals."""
 
 import dataclasses
+import functools
 
 import chex
 import jax
@@ -15,10 +16,11 @@ from jax.sharding import PartitionSpec as P
 
 from codex_jax.config.errors import ConfigError
 from codex_jax.config.schema import OBJECTIVES
-from codex_jax.objectives import action, align, layout, vision, world
+from codex_jax.objectives import action, align, vision, world
+from codex_jax.objectives import slots as slots_lib
 from codex_jax.parallel.mesh import build_mesh
-from codex_jax.train import feed
-from codex_jax.train import objectives as objectives_lib
+from codex_jax.runtime import feed, forward, multimodal
+from codex_jax.runtime.engine import build_engine
 from codex_jax.train import step as step_lib
 from codex_jax.train.setup import build_trainer
 from tests.helpers import MICRO, load
@@ -118,55 +120,55 @@ def test_align_loss_over_eight_data_sharded_devices_equals_one_device():
     np.testing.assert_allclose(sharded, one, rtol=1e-6)
 
 
-# The slot layout of a hand-made packed batch.
+# The slot tables of a hand-made packed batch.
 
-def _layout(batch, cfg, seed=0):
+def _slots(batch, cfg, seed=0):
   arrays = {k: jnp.asarray(v) for k, v in batch.items()}
-  build = jax.jit(lambda b, rng: layout.build(b, rng, cfg.objectives, PATCHES))
+  build = jax.jit(lambda b, rng: slots_lib.build(b, rng, cfg.objectives, PATCHES))
   return jax.device_get(build(arrays, jax.random.PRNGKey(seed)))
 
 
-def test_layout_masks_images_blinds_captions_and_finds_chunks_and_actions():
+def test_slots_mask_images_blinds_captions_and_finds_chunks_and_actions():
   cfg = load("tiny", **{**MM, "objectives.vision.masked_fraction": 1.0, "objectives.align.blind_fraction": 1.0})
   batch = make_batch(4, 32, 96, PATCHES, 256)
-  lay = _layout(batch, cfg)
+  slots = _slots(batch, cfg)
   # Images: rows 0 (two) and 1 (one), all masked, 3 of 4 patches each (mask_ratio 0.75).
-  assert lay.image_valid_C.sum() == 3 and lay.image_masked_C.sum() == 3
-  assert lay.patch_masked_CP[lay.image_valid_C].sum(1).tolist() == [3, 3, 3]
-  assert lay.masked_BL.sum() == 9 and np.all(batch["modality_ids"][lay.masked_BL] == IMAGE)
+  assert slots.image_valid_C.sum() == 3 and slots.image_masked_C.sum() == 3
+  assert slots.patch_masked_CP[slots.image_valid_C].sum(1).tolist() == [3, 3, 3]
+  assert slots.masked_BL.sum() == 9 and np.all(batch["modality_ids"][slots.masked_BL] == IMAGE)
   # Align pairs: the two image+caption segments of row 0, the clip and image of row 1; all blind.
-  assert lay.pair_blind_C.sum() == 4
-  seg0 = lay.segment_ids_BL[0]
+  assert slots.pair_blind_C.sum() == 4
+  seg0 = slots.segment_ids_BL[0]
   assert seg0[:4].tolist() == [2] * 4 and seg0[4:9].tolist() == [3] * 5  # Image 2s, caption 2s + 1.
   assert seg0[18:24].tolist() == [6] * 6  # Plain text keeps 2s.
-  assert lay.loss_mask_BL[0, 3] == 0 and batch["loss_mask"][0, 3] == 1  # The split-crossing target dropped.
-  assert np.array_equal(lay.loss_mask_BL[0, 4:8], batch["loss_mask"][0, 4:8])
+  assert slots.loss_mask_BL[0, 3] == 0 and batch["loss_mask"][0, 3] == 1  # The split-crossing target dropped.
+  assert np.array_equal(slots.loss_mask_BL[0, 4:8], batch["loss_mask"][0, 4:8])
   # Masked images are not aligned: only the clip (row 1, never masked) is a valid pair.
-  assert lay.pair_valid_C.sum() == 1
+  assert slots.pair_valid_C.sum() == 1
   # World: clip chunks 0 -> 1 (null action); embodied frames 0 -> 1 -> 2 with the action between.
-  assert lay.transition_valid_C.sum() == 3 and lay.has_action_C.sum() == 2
+  assert slots.transition_valid_C.sum() == 3 and slots.has_action_C.sum() == 2
   flat_mods = batch["modality_ids"].reshape(-1)
-  assert np.all(flat_mods[lay.action_pos_C[lay.has_action_C]] == ACTION)
-  assert np.all(flat_mods[lay.chunk_idx_CP[lay.transition_valid_C]] == VIDEO)
+  assert np.all(flat_mods[slots.action_pos_C[slots.has_action_C]] == ACTION)
+  assert np.all(flat_mods[slots.chunk_idx_CP[slots.transition_valid_C]] == VIDEO)
   # Actions: horizon 2 over 3 actions of one window -> 2 chunks, each conditioned on the proprio before it.
-  assert lay.act_valid_C.sum() == 2
-  assert np.all(flat_mods[lay.cond_pos_C[lay.act_valid_C]] == PROPRIO)
-  assert np.all(flat_mods[lay.act_idx_CT[lay.act_valid_C]] == ACTION)
-  assert all(int(v) == 0 for v in lay.dropped.values())
+  assert slots.act_valid_C.sum() == 2
+  assert np.all(flat_mods[slots.cond_pos_C[slots.act_valid_C]] == PROPRIO)
+  assert np.all(flat_mods[slots.act_idx_CT[slots.act_valid_C]] == ACTION)
+  assert all(int(v) == 0 for v in slots.dropped.values())
 
 
 def test_align_last_pooling_takes_each_pairs_last_media_and_last_caption_position():
   cfg = load("tiny", **{**MM, "objectives.align.blind_fraction": 1.0})
   batch = make_batch(4, 32, 96, PATCHES, 256)
-  lay = _layout(batch, cfg)
+  slots = _slots(batch, cfg)
   n = batch["modality_ids"].size
   index_ND = jnp.arange(n, dtype=jnp.float32)[:, None]  # h = the position's own index.
-  cap, slot = cfg.objectives.align.max_pairs, lay.pair_slot_N
-  media = np.asarray(layout.last(index_ND, slot, lay.pair_media_N, cap))[:, 0].astype(int)
-  text = np.asarray(layout.last(index_ND, slot, lay.pair_text_N, cap))[:, 0].astype(int)
-  mean_text = np.asarray(layout.pool(index_ND, slot, lay.pair_text_N, cap))[:, 0]
+  cap, slot = cfg.objectives.align.max_pairs, slots.pair_slot_N
+  media = np.asarray(slots_lib.last(index_ND, slot, slots.pair_media_N, cap))[:, 0].astype(int)
+  text = np.asarray(slots_lib.last(index_ND, slot, slots.pair_text_N, cap))[:, 0].astype(int)
+  mean_text = np.asarray(slots_lib.pool(index_ND, slot, slots.pair_text_N, cap))[:, 0]
   slot_N, mods_N = np.asarray(slot), batch["modality_ids"].reshape(-1)
-  for c in np.nonzero(np.asarray(lay.pair_blind_C))[0]:
+  for c in np.nonzero(np.asarray(slots.pair_blind_C))[0]:
     mine = np.nonzero(slot_N == c)[0]
     want_media = mine[np.isin(mods_N[mine], (IMAGE, VIDEO))].max()
     want_text = mine[mods_N[mine] == TEXT].max()
@@ -174,17 +176,17 @@ def test_align_last_pooling_takes_each_pairs_last_media_and_last_caption_positio
     assert mean_text[c] == pytest.approx(mine[mods_N[mine] == TEXT].mean())  # mean: all of the caption.
 
 
-def test_layout_unblinded_pairs_keep_segments_and_overflow_goes_to_the_trash_slot():
+def test_slots_of_unblinded_pairs_keep_segments_and_overflow_goes_to_the_trash_slot():
   cfg = load("tiny", **{**MM, "objectives.align.blind_fraction": 0.0, "objectives.vision.max_images": 2,
                         "objectives.world.max_chunks": 3})
   batch = make_batch(4, 32, 96, PATCHES, 256)
-  lay = _layout(batch, cfg)
-  assert np.array_equal(lay.segment_ids_BL, batch["segment_ids"] * 2)
-  assert np.array_equal(lay.loss_mask_BL, batch["loss_mask"])
-  assert lay.pair_valid_C.sum() == 0
-  assert int(lay.dropped["images"]) == 1 and lay.image_valid_C.sum() == 2
-  assert int(lay.dropped["chunks"]) == 2  # 5 chunks (2 clip + 3 frames) into 3 slots.
-  assert lay.transition_valid_C.sum() == 1  # Clip 0 -> 1 only: frame 1's successor went to the trash.
+  slots = _slots(batch, cfg)
+  assert np.array_equal(slots.segment_ids_BL, batch["segment_ids"] * 2)
+  assert np.array_equal(slots.loss_mask_BL, batch["loss_mask"])
+  assert slots.pair_valid_C.sum() == 0
+  assert int(slots.dropped["images"]) == 1 and slots.image_valid_C.sum() == 2
+  assert int(slots.dropped["chunks"]) == 2  # 5 chunks (2 clip + 3 frames) into 3 slots.
+  assert slots.transition_valid_C.sum() == 1  # Clip 0 -> 1 only: frame 1's successor went to the trash.
 
 
 # The model: gradient flow, absent objectives, a train step (one compiled step serves every test below).
@@ -202,7 +204,7 @@ def _step(trainer, rows, state=None):
   cfg, _, tr, init = trainer
   state = jax.tree.map(jnp.copy, init if state is None else state)  # The original survives the donation.
   before = jax.device_get(state)
-  after, metrics = tr.train_step(state, feed.to_global(rows, tr.data_sharding))
+  after, metrics = tr.train_step(state, feed.to_global(rows, tr.engine.data_sharding))
   return before, after, jax.device_get(metrics)
 
 
@@ -225,24 +227,24 @@ def test_null_action_gets_gradient_on_clips_and_the_target_encoder_only_its_ema(
 def test_the_tuner_measures_each_loss_on_the_last_blocks_weights(trainer):
   """GradNorm's yardstick: the norms a measure step logs (its first measurement, so the EMA is the norm itself)
   equal the last layer's slice of each loss's full gradient (jax.grad through the whole model, on the
-  step's own layout draw), for all five objectives."""
+  step's own slot draw), for all five objectives."""
   _, _, tr, state = trainer
   rows = make_batch(8, 32, 96, PATCHES, 256)
   _, _, metrics = _step(trainer, rows)  # Step 0: a measure step.
   got_N = np.array([metrics[f"balance_trunk_grad_norm_{name}"] for name in OBJECTIVES])
   batch = {k: jnp.asarray(v) for k, v in rows.items()}
-  rng, model, spec = jax.random.fold_in(state.rng, 0), tr.model, tr.objectives  # The step's key (one micro-batch).
-  lay, online, h_target = objectives_lib.forward(state.params, state.target_params, batch, rng, model=model,
+  rng, model, spec = jax.random.fold_in(state.rng, 0), tr.engine.model, tr.engine.spec  # The step's key (one micro-batch).
+  slots, online, h_target = multimodal.prepare(state.params, state.target_params, batch, rng, model=model,
                                                  spec=spec)
 
   def losses_N(params):
-    h_BLD = step_lib.trunk_fn(params, online, model=model)
-    losses = objectives_lib.losses_from_trunk(params, h_BLD, h_target, batch, online, lay, rng, model=model,
+    h_BLD = forward.trunk_fn(params, online, model=model)
+    losses = multimodal.losses_from_trunk(params, h_BLD, h_target, batch, online, slots, rng, model=model,
                                               spec=spec)[0]
     return jnp.stack([losses[name] for name in OBJECTIVES])
 
   # One jax.grad per loss, not jax.jacrev: a vmapped backward is what XLA:CPU miscompiled at larger shapes
-  # (BUILD.md, "A miscompiled vmap").
+  # (docs/objectives.md, "A miscompiled vmap").
   grads = jax.jit(lambda p: [jax.grad(lambda q, i=i: losses_N(q)[i])(p)["layers"] for i in range(len(OBJECTIVES))])
   want_N = np.array([np.sqrt(sum(np.sum(np.square(g[-1])) for g in jax.tree.leaves(layer_grads)))
                      for layer_grads in jax.device_get(grads(state.params))])
@@ -255,7 +257,7 @@ def test_text_only_batch_gives_the_text_only_loss_and_nothing_else(trainer):
   text = make_batch(8, 32, 96, PATCHES, 256, layout=[[[TEXT] * 20, [TEXT] * 12]])
   _, after, metrics = _step(trainer, text)
   text_cfg = load("tiny", num_devices=1, **{**MM, "objectives.weights": (1.0, 0, 0, 0, 0)})
-  text_model = build_trainer(text_cfg, mesh).model
+  text_model = build_engine(text_cfg, mesh).model
   plain = {k: v for k, v in state.params.items() if k != "objectives"}
   batch = {k: jnp.asarray(v) for k, v in text.items()}
   want, _ = jax.jit(lambda p, b: step_lib.loss_fn(p, b, model=text_model, z_loss=text_cfg.train.z_loss))(plain, batch)
@@ -279,7 +281,7 @@ def test_multimodal_train_step_updates_ema_exactly_and_moves_the_tuner(trainer):
   want = jax.tree.map(lambda t, p: decay * t + (1 - decay) * p, before.target_params,
                       {k: after.params[k] for k in before.target_params})
   chex.assert_trees_all_close(after.target_params, want, rtol=1e-6)
-  batch = feed.to_global(rows, tr.data_sharding)
+  batch = feed.to_global(rows, tr.engine.data_sharding)
   for _ in range(2):  # Steps 1-2: step 1 does not measure; step 2 measures again.
     state, metrics = tr.train_step(state, batch)
   assert jax.device_get(state.balance.measured_N).tolist() == [2] * 5
@@ -293,17 +295,20 @@ def test_multimodal_train_step_updates_ema_exactly_and_moves_the_tuner(trainer):
                              rtol=1e-5)
   chex.assert_trees_all_equal(state.balance.lam_low_N, before.lam_low_N)
   assert int(state.guard.count) == 1  # The spike window restarted with the phase (its losses were on old weights).
-  outputs = tr.objective_outputs(state.params, state.target_params, batch, jax.random.PRNGKey(1))
+  engine = tr.engine
+  outputs = engine.jit(functools.partial(multimodal.objective_outputs, model=engine.model, spec=engine.spec), (
+      engine.param_shardings, engine.target_shardings, engine.data_sharding, engine.replicated))(
+      state.params, state.target_params, batch, jax.random.PRNGKey(1))
   assert outputs["align"]["media"].shape == (cfg.objectives.align.max_pairs, cfg.objectives.align.dim)
   assert float(outputs["losses"]["world"]) > 0 and outputs["action"]["valid"].sum() == 4
-  sampled = objectives_lib.sample_actions(state.params, outputs["action"]["condition"][:3], jax.random.PRNGKey(2),
-                                          model=tr.model, steps=cfg.objectives.action.sample_steps)
+  sampled = multimodal.sample_actions(state.params, outputs["action"]["condition"][:3], jax.random.PRNGKey(2),
+                                          model=tr.engine.model, steps=cfg.objectives.action.sample_steps)
   assert sampled.shape == (3, 2, 1) and bool(jnp.all(jnp.isfinite(sampled)))
 
 
 def test_an_accumulated_multimodal_step_updates_tuner_optimizer_and_target_once(trainer):
   """16 rows through the fixture's step, whose micro-batch is train.global_batch = 8 rows: k = 2 micro-batches,
-  each with its own layout, forwards and trunk-norm measurement, then one tuner, optimizer and EMA step."""
+  each with its own slot tables, forwards and trunk-norm measurement, then one tuner, optimizer and EMA step."""
   cfg, _, _, _ = trainer
   rows = make_batch(16, 32, 96, PATCHES, 256)
   before, state, metrics = _step(trainer, rows)  # Step 0: a measure step.

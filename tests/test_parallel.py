@@ -14,7 +14,7 @@ from codex_jax.config.errors import ConfigError
 from codex_jax.parallel.mesh import build_mesh
 from codex_jax.parallel.pipeline import Schedule
 from codex_jax.parallel.rules import logical_axis_rules, sharding_scope
-from codex_jax.train import feed
+from codex_jax.runtime import feed
 from codex_jax.train.bench import synthetic_batch
 from codex_jax.train.setup import build_trainer
 from codex_jax.train.step import value_and_grad
@@ -47,18 +47,18 @@ def _run(overrides, devices=None, steps=3):
   """
   cfg, mesh, trainer = _trainer(overrides, devices)
   state = trainer.init_state()
-  batch = feed.to_global(synthetic_batch(cfg, cfg.train.global_batch, seed=0), trainer.data_sharding)
+  batch = feed.to_global(synthetic_batch(cfg, cfg.train.global_batch, seed=0), trainer.engine.data_sharding)
 
   def objective(params, batch):
     with sharding_scope(mesh, logical_axis_rules(cfg.mesh.fsdp, cfg.mesh.sequence_parallel)):
-      return value_and_grad(params, batch, model=trainer.model, z_loss=cfg.train.z_loss, pipeline=trainer.pipeline,
+      return value_and_grad(params, batch, model=trainer.engine.model, z_loss=cfg.train.z_loss, pipeline=trainer.engine.pipeline,
                             mtp_weight=cfg.train.mtp_weight)
 
   def update(grads, opt_state, params):
     updates, opt_state = trainer.tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 
-  objective = jax.jit(objective, in_shardings=(trainer.shardings.params, trainer.data_sharding))
+  objective = jax.jit(objective, in_shardings=(trainer.shardings.params, trainer.engine.data_sharding))
   update = jax.jit(update, donate_argnums=(1, 2))
   params, opt_state, losses, init_grads = state.params, state.opt_state, [], None
   for _ in range(steps):
@@ -109,7 +109,7 @@ def test_layout_matches_one_device(request, layout):
 def _compiled(overrides, devices):
   """(the compiled train step, per-device bytes of the state it takes: arguments less the batch)."""
   cfg, _, trainer = _trainer({"model.remat": "none", **overrides}, devices)
-  batch = feed.to_global(synthetic_batch(cfg, cfg.train.global_batch), trainer.data_sharding)
+  batch = feed.to_global(synthetic_batch(cfg, cfg.train.global_batch), trainer.engine.data_sharding)
   compiled = trainer.train_step.lower(trainer.restore_target(), batch).compile()
   batch_bytes = sum(a.addressable_shards[0].data.nbytes for a in jax.tree.leaves(batch))
   return compiled, compiled.memory_analysis().argument_size_in_bytes - batch_bytes

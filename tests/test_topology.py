@@ -11,10 +11,11 @@ import pytest
 from codex_jax.cli import auto_layout
 from codex_jax.config import load as config_load
 from codex_jax.config.validate import validate
+from codex_jax.config.workdir import check_config, write_config
 from codex_jax.parallel import layout_cost, topology
 from codex_jax.parallel.layout_cost import Layout
-from codex_jax.train.workdir import check_config, write_config
 from tests.helpers import MICRO, ROOT, config_dict
+from tests.xla_flags import xla_flags
 
 # Predicted argument bytes (params + AdamW moments + batch shard) against XLA's compiled argument size.
 ARGUMENT_TOLERANCE = 0.25
@@ -124,7 +125,7 @@ def test_mesh_auto_picks_a_valid_layout_and_a_resume_sees_the_same_config(tmp_pa
 
 
 def _codex(*args, devices=8):
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+  env = {**os.environ, "XLA_FLAGS": xla_flags(devices), "JAX_PLATFORMS": "cpu"}
   return subprocess.run([sys.executable, "-m", "codex_jax", *args], cwd=ROOT, capture_output=True, text=True,
                         env=env, timeout=120)
 

@@ -14,7 +14,9 @@ from jax.sharding import PartitionSpec as P
 from codex_jax.config.schema import OptimizerConfig
 from codex_jax.parallel.mesh import build_mesh
 from codex_jax.parallel.rules import logical_axis_rules, sharding_scope
-from codex_jax.train import feed, optimizer
+from codex_jax.runtime import feed
+from codex_jax.runtime.engine import build_engine
+from codex_jax.train import optimizer
 from codex_jax.train import step as step_lib
 from codex_jax.train.bench import synthetic_batch
 from codex_jax.train.setup import build_trainer
@@ -61,12 +63,12 @@ def _run(overrides, devices, steps=3, seed=0):
   trainer = build_trainer(cfg, mesh)
   state = trainer.init_state()
   # One batch over and over: the loss must then fall, a check the golden values are sensible.
-  batch = feed.to_global(synthetic_batch(cfg, cfg.train.global_batch, seed=seed), trainer.data_sharding)
+  batch = feed.to_global(synthetic_batch(cfg, cfg.train.global_batch, seed=seed), trainer.engine.data_sharding)
 
   def grad(params, batch):
     with sharding_scope(mesh, logical_axis_rules(cfg.mesh.fsdp)):
-      return jax.grad(lambda p: loss_fn(p, batch, model=trainer.model, z_loss=cfg.train.z_loss)[0])(params)
-  grads = jax.jit(grad, in_shardings=(trainer.shardings.params, trainer.data_sharding))(state.params, batch)
+      return jax.grad(lambda p: loss_fn(p, batch, model=trainer.engine.model, z_loss=cfg.train.z_loss)[0])(params)
+  grads = jax.jit(grad, in_shardings=(trainer.shardings.params, trainer.engine.data_sharding))(state.params, batch)
   losses, grad_norms = [], []
   for _ in range(steps):
     state, metrics = trainer.train_step(state, batch)
@@ -121,8 +123,8 @@ def test_an_accumulated_step_applies_the_mean_of_its_micro_batch_gradients():
   host["loss_mask"][[0, 4], 8:] = 0  # Both rows in micro-batch 0: unequal token counts make the split matter.
   state = trainer.init_state()
   before = jax.tree.map(jnp.copy, state)  # The step donates its input.
-  after, metrics = trainer.train_step(state, feed.to_global(host, trainer.data_sharding))
-  grad = jax.jit(lambda params, b: step_lib.value_and_grad(params, b, model=trainer.model, z_loss=cfg.train.z_loss))
+  after, metrics = trainer.train_step(state, feed.to_global(host, trainer.engine.data_sharding))
+  grad = jax.jit(lambda params, b: step_lib.value_and_grad(params, b, model=trainer.engine.model, z_loss=cfg.train.z_loss))
 
   def reference(*micro_batches):
     """(mean loss, mean gradient's norm, Adam's first moment after one step: (1 - b1) x the clipped mean)."""
@@ -171,7 +173,7 @@ def test_analytic_flops_match_what_xla_counts_for_the_real_step(overrides):
   cfg = load("tiny", num_devices=1, **{**MICRO, "model.d_model": 128, "model.mlp_dim": 512,
                                        "data.seq_len": 128, "mesh.data": 1, **overrides})
   mesh = build_mesh(cfg.mesh, jax.devices()[:1])
-  batch = feed.to_global(synthetic_batch(cfg, cfg.train.global_batch), build_trainer(cfg, mesh).data_sharding)
+  batch = feed.to_global(synthetic_batch(cfg, cfg.train.global_batch), build_engine(cfg, mesh).data_sharding)
   analytic = train_flops_per_token(cfg.model, cfg.data.seq_len) * cfg.train.global_batch * cfg.data.seq_len
   counted = xla_model_flops(cfg, mesh, batch)
   assert 1.0 <= counted / analytic < 1.10, (counted, analytic)

@@ -5,7 +5,7 @@ each eval step and the last step, so an average is ready wherever the run is eva
 checkpoints s_1 < ... < s_N is sum_i w_i * params_i / sum_i w_i in float32, cast back to each tensor's
 dtype; w_i = 1, or ema_decay**(N - i) (the newest weighs most). `codex average` writes it as
 WORKDIR/averaged/<step>/ (params only) with a lineage record of kind "average" whose `parents` are the
-averaged checkpoints' lineage hashes (BUILD.md "Hash format").
+averaged checkpoints' lineage hashes (docs/checkpoints.md "Hash format").
 """
 
 from __future__ import annotations

@@ -14,14 +14,12 @@ import json
 import os
 from typing import Any
 
-import jax
-
 from codex_jax.checkpoint.errors import CheckpointIntegrityError
 from codex_jax.checkpoint.manager import Checkpointer
 from codex_jax.config import load as config_load
 from codex_jax.config.schema import Config
-from codex_jax.parallel.mesh import build_mesh
-from codex_jax.train.workdir import CONFIG_FILE
+from codex_jax.config.workdir import CONFIG_FILE
+from codex_jax.runtime.engine import one_device
 
 # The layout a read-only load uses: one device, no pipeline; everything else as the run had it.
 ONE_DEVICE_MESH = {"data": 1, "tensor": 1, "pipeline": 1, "fsdp": False, "sequence_parallel": False,
@@ -58,11 +56,6 @@ def one_device_config(config: dict[str, Any]) -> Config:
   return config_load.load(one_device, num_devices=1)
 
 
-def one_device_mesh(cfg: Config):
-  """The mesh of a one-device config, on this process's first device."""
-  return build_mesh(cfg.mesh, jax.devices()[:1])
-
-
 def checkpoint_steps(workdir: str) -> list[int]:
   """The committed checkpoint steps of `workdir`, ascending."""
   directory = os.path.join(workdir, "checkpoints")
@@ -83,8 +76,6 @@ def load_steps(workdir: str, steps: list[int | None], cfg: Config | None = None,
   optimizer moments, and whatever else the train state holds, stay on disk. With `with_target`, a
   multimodal run's EMA target encoder (`target_params`) is read too (the per-objective evals need it).
   """
-  from codex_jax.train.setup import build_trainer  # Late: train.setup imports the model stack.
-
   if cfg is None:
     cfg, saved = read_config(workdir)
   else:
@@ -94,10 +85,10 @@ def load_steps(workdir: str, steps: list[int | None], cfg: Config | None = None,
   for step in steps:
     if step not in committed:
       raise FileNotFoundError(f"{workdir}/checkpoints/{step}: no such checkpoint; committed steps are {committed}")
-  abstract = build_trainer(cfg, one_device_mesh(cfg)).restore_target()
-  fields = {"params": abstract.params}
-  if with_target and getattr(abstract, "target_params", None):
-    fields["target_params"] = abstract.target_params
+  engine = one_device(cfg)
+  fields = {"params": engine.abstract_params()}
+  if with_target and engine.has_target:
+    fields["target_params"] = engine.abstract_target()
   checkpointer = Checkpointer(workdir, cfg.checkpoint)
   loaded = []
   try:

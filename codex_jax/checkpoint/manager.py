@@ -292,7 +292,7 @@ def check_meta(meta: dict, step_dir: str, record: dict | None) -> None:
   if record.get("version") != lineage.RECORD_VERSION:
     raise CheckpointIntegrityError(
         f"{step_dir}/_CHECKPOINT_METADATA: lineage record version {record.get('version')!r}; this codex-jax reads "
-        f"version {lineage.RECORD_VERSION} (tensor hashes over 1 MiB blocks, BUILD.md 'Hash format'). Version 1 "
+        f"version {lineage.RECORD_VERSION} (tensor hashes over 1 MiB blocks, docs/checkpoints.md 'Hash format'). Version 1 "
         "checkpoints hashed whole tensors: verify or convert them with the codex-jax release that wrote them")
   if lineage.record_hash(record) != record.get("lineage_hash"):
     raise CheckpointIntegrityError(f"{step_dir}/_CHECKPOINT_METADATA: the lineage record was edited "

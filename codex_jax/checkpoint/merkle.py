@@ -1,6 +1,6 @@
 """Content hashes of array trees: one block-hashed sha256 per tensor, a Merkle root over them, proofs.
 
-The format (BUILD.md, "Hash format", is the normative copy; a third party needs only numpy and hashlib):
+The format (docs/checkpoints.md, "Hash format", is the normative copy; a third party needs only numpy and hashlib):
 
   path      "/".join of the tree keys: dict keys and attribute names as text, sequence indices in
             decimal, e.g. "layers/attention/q" or "1/0/mu/embedding".

@@ -21,7 +21,7 @@ flags.DEFINE_integer("bootstrap", 100, "fit: bootstrap resamples for the confide
 flags.DEFINE_float("confidence", 0.95, "fit: confidence level of the intervals.")
 flags.DEFINE_integer("seed", 0, "fit: bootstrap seed.")
 # Default budgets: 10 runs, about 35 minutes on an idle 2-core CPU; at both, 20k parameters is under-sized
-# and 470k over-sized (BUILD.md "Planning"). At 3e11 the smallest size is already at the minimum.
+# and 470k over-sized (docs/planning.md, "Planning: the method"). At 3e11 the smallest size is already at the minimum.
 flags.DEFINE_list("budgets", ["1e12", "2e12"], "sweep: training FLOP budgets (C = 6 N D).")
 DEFAULT_CONFIG = "experiments/codex.py:tiny"
 flags.DEFINE_string("modality", "image", "exchange-rate: the modality whose rate is measured.")
@@ -154,23 +154,24 @@ def _heldout(base: dict, workdir: str, manifest: str) -> float:
   from codex_jax.checkpoint.manager import Checkpointer
   from codex_jax.data.tokenizer import pinned_path
   from codex_jax.parallel.mesh import build_mesh
-  from codex_jax.train import feed
-  from codex_jax.train.inputs import TrainInputs
-  from codex_jax.train.setup import build_trainer
+  from codex_jax.runtime import feed
+  from codex_jax.runtime.engine import build_engine
+  from codex_jax.runtime.forward import jit_heldout_sums
+  from codex_jax.runtime.inputs import RunInputs
   cfg, _ = _config(base, {"data.manifest": manifest, "data.tokenizer_path": pinned_path(workdir)})
-  mesh = build_mesh(cfg.mesh)
-  trainer = build_trainer(cfg, mesh)
+  engine = build_engine(cfg, build_mesh(cfg.mesh))
+  heldout_sums = jit_heldout_sums(engine)
   checkpointer = Checkpointer(workdir, cfg.checkpoint)
   try:
     step = checkpointer.latest_step()
-    params = checkpointer.restore_params(step, trainer.restore_target().params, meta=checkpointer.read_meta(step))
+    params = checkpointer.restore_params(step, engine.abstract_params(), meta=checkpointer.read_meta(step))
   finally:
     checkpointer.close()
-  inputs = TrainInputs.create(cfg, workdir, is_main=False)
+  inputs = RunInputs.create(cfg, workdir, is_main=False)
   batches, ce_sum, tokens = inputs.eval_iterator(step), 0.0, 0.0
   try:
     for _, batch in zip(range(max(cfg.eval.batches, 1)), batches, strict=False):
-      out = jax.device_get(trainer.eval_step(params, feed.to_global(batch, trainer.data_sharding)))
+      out = jax.device_get(heldout_sums(params, feed.to_global(batch, engine.data_sharding)))
       ce_sum, tokens = ce_sum + float(out["ce_sum"]), tokens + float(out["tokens"])
   finally:
     batches.close()

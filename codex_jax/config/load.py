@@ -8,9 +8,26 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
+import ml_collections
+
 from codex_jax.config import schema
 from codex_jax.config.errors import ConfigError
 from codex_jax.config.validate import validate
+
+
+def defaults() -> ml_collections.ConfigDict:
+  """Every key an experiment can set, at the schema's default (config/schema.py, where each is commented):
+  what an experiment file starts from, setting only what its run changes. Derived keys are left out."""
+  def group(cls, prefix: str) -> dict[str, Any]:
+    values = {}
+    for field in dataclasses.fields(cls):
+      if f"{prefix}{field.name}" in schema.DERIVED:
+        continue
+      value = getattr(cls(), field.name)
+      values[field.name] = group(type(value), f"{prefix}{field.name}.") if dataclasses.is_dataclass(value) else value
+    return values
+
+  return ml_collections.ConfigDict({name: group(cls, f"{name}.") for name, cls in schema.GROUPS.items()})
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -9,6 +9,11 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 PIPELINE_SCHEDULES = ("gpipe", "circular", "1f1b")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 MALFORMED_POLICIES = ("fail", "skip")
+# The modalities of a packed row's positions and their ids (0: padding): the data encodes them, the model
+# embeds them (one row per id), the objectives find their examples by them.
+MODALITIES: tuple[str, ...] = ("text", "image", "video", "audio", "proprio", "action")
+MODALITY_IDS: dict[str, int] = {name: i + 1 for i, name in enumerate(MODALITIES)}
+PAD_MODALITY = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,8 +33,9 @@ class ModelConfig:
   init_std: float = 0.02
   param_dtype: str = "float32"
   compute_dtype: str = "float32"
-  scan_layers: bool = True
-  remat: str = "none"
+  scan_layers: bool = True  # One compiled block, scanned: compile time flat in depth.
+  remat: str = "none"  # none | full | dots | dots_no_batch: what the backward recomputes instead of storing.
+  # auto: jax.nn.dot_product_attention's choice, plain XLA attention in the pinned jax | xla | cudnn (GPU).
   attention_impl: str = "auto"
   attention_chunks: int = 1  # Query chunks that skip masked blocks; >1 pays where no fused kernel does.
   feature_dim: int = 0  # Values per non-text position (patches, audio, proprio, action); 0: text only.
@@ -61,16 +67,16 @@ class DataConfig:
   tokenizer_train_bytes: int = 8_000_000  # Text the tokenizer is trained on, drawn from every text source.
   seq_len: int = 256
   seed: int = 0
-  eval_fraction: float = 0.01
+  eval_fraction: float = 0.01  # Share of each source's records held out for evals.
   num_workers: int = 0  # Grain worker processes per source; 0 decodes in the trainer process.
   shuffle_window: int = 256  # Packed rows shuffled together before batching; 0 or 1: off.
   shuffle_block: int = 64  # Consecutive records read together; blocks are shuffled per epoch.
   image_size: int = 16  # Pictures and frames are resized to image_size x image_size.
-  patch_size: int = 4
+  patch_size: int = 4  # Square patches of patch_size^2 * 3 values, one position each.
   video_frames: int = 8  # Frames sampled per clip.
   tubelet_frames: int = 2  # Frames per video position.
   audio_sample_rate: int = 8000
-  audio_mels: int = 16
+  audio_mels: int = 16  # Log-mel bins per 10 ms frame.
   audio_patch_frames: int = 4  # 10 ms mel frames per audio position.
 
 
@@ -79,8 +85,8 @@ class OptimizerConfig:
   """AdamW with linear warmup then cosine or warmup-stable-decay (WSD)."""
 
   learning_rate: float = 3e-3
-  min_lr_ratio: float = 0.1
-  warmup_fraction: float = 0.02
+  min_lr_ratio: float = 0.1  # The schedule ends at this share of the peak.
+  warmup_fraction: float = 0.02  # Share of train.steps of linear warmup.
   decay: str = "cosine"  # cosine | wsd (hold the peak, decay linearly over the last decay_fraction).
   decay_fraction: float = 0.2  # wsd only; 0: no anneal (evaluate an average of snapshots instead).
   b1: float = 0.9
@@ -88,7 +94,7 @@ class OptimizerConfig:
   eps: float = 1e-8
   weight_decay: float = 0.1
   clip_norm: float = 1.0
-  no_decay: tuple[str, ...] = ("norm", "bias", "embed")
+  no_decay: tuple[str, ...] = ("norm", "bias", "embed")  # Parameter-path substrings spared weight decay.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +138,7 @@ class TrainConfig:
 class MeshConfig:
   """The parallel layout: mesh sizes (one may be -1 to take the remaining devices) and how each is used."""
 
-  data: int = -1
+  data: int = -1  # -1: every device left after tensor and pipeline.
   tensor: int = 1
   pipeline: int = 1
   fsdp: bool = False  # Shard parameters and optimizer state over `data` (ZeRO-3).
@@ -186,11 +192,11 @@ class BalanceSettings:
   mode: str = "lagrangian"  # fixed: the configured weights throughout | lagrangian: tuned within the bounds.
   low: tuple[float, ...] = (0.05, 0.05, 0.05, 0.05, 0.05)  # Least share of the trunk gradient norm, per objective.
   high: tuple[float, ...] = (0.6, 0.6, 0.6, 0.6, 0.6)  # Most share.
-  measure_every: int = 10  # Steps between measurements (a forward, then a last-block backward per objective).
-  dual_lr: float = 0.5
-  ema_decay: float = 0.9  # Of the measured norms, per measurement.
-  slack: float = 0.01
-  max_multiplier: float = 20.0
+  measure_every: int = 10  # k: steps between measurements (a forward, then a last-block backward per objective).
+  dual_lr: float = 0.5  # eta: multiplier step per measurement, in log-share units.
+  ema_decay: float = 0.9  # Of the measured trunk gradient norms; per measurement, not per step.
+  slack: float = 0.01  # The dual aims at [low + slack, high - slack] so shares settle inside [low, high].
+  max_multiplier: float = 20.0  # Box on the multipliers: weight ratios stay within exp(+-2 * this).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,6 +281,10 @@ GROUPS: dict[str, type] = {
     "eval": EvalConfig,
     "objectives": ObjectivesConfig,
 }
+
+# Keys filled at the config boundary (config/load.py `derive`) from other groups, never set by hand.
+DERIVED = frozenset({"model.objectives", "model.pixel_dim", "model.align_dim", "model.action_dim",
+                     "model.action_horizon"})
 
 # Keys that may change when a run resumes from its workdir; any other change is refused.
 RESUME_MUTABLE = frozenset({

@@ -249,7 +249,7 @@ def objective_problems(cfg: schema.Config) -> list[str]:
   tables = {"weights": o.weights, **{f"phase_weights.{k}": v for k, v in o.phase_weights.items()}}
   for key, weights in tables.items():
     problems.extend(weight_problems(weights, schema.OBJECTIVES, f"config.objectives.{key}"))
-  # A switched-off objective's lower bound is dropped where the tuner is built (train/objectives.py).
+  # A switched-off objective's lower bound is dropped where the tuner is built (runtime/multimodal.py spec_of).
   problems.extend(share_problems(o.balance, schema.OBJECTIVES, "config.objectives.balance."))
 
   v, a, w, act = o.vision, o.align, o.world, o.action

@@ -7,7 +7,7 @@ import time
 import numpy as np
 
 from codex_jax.config.schema import Config
-from codex_jax.data import pipeline
+from codex_jax.data import batches as batches_lib
 from codex_jax.data.accounting import TokenAccountant
 from codex_jax.data.plan import build_plan
 
@@ -16,7 +16,7 @@ def benchmark_pipeline(cfg: Config, batches: int, warmup: int = 5) -> dict:
   """Times `batches` train batches after `warmup`; tokens are row positions, as the trainer counts them."""
   plan = build_plan(cfg.data, vocab_size=cfg.model.vocab_size, feature_dim=cfg.model.feature_dim)
   phase = plan.manifest.phases[0].name
-  it = pipeline.make_iterator(plan, cfg.data, feature_dim=cfg.model.feature_dim, split="train", phase=phase,
+  it = batches_lib.make_iterator(plan, cfg.data, feature_dim=cfg.model.feature_dim, split="train", phase=phase,
                               local_batch=cfg.train.global_batch, seed=cfg.data.seed)
   accountant = TokenAccountant(plan, phase)
   try:

@@ -21,12 +21,8 @@ from typing import Any
 import numpy as np
 
 from codex_jax.cache import cache_dir  # noqa: F401  (re-exported: readers import it from here)
+from codex_jax.config.schema import MODALITIES, MODALITY_IDS, PAD_MODALITY  # noqa: F401  (re-exported)
 from codex_jax.data.errors import DataError
-
-# Model-side modality ids, one per position of a packed row; 0 is padding.
-MODALITIES: tuple[str, ...] = ("text", "image", "video", "audio", "proprio", "action")
-MODALITY_IDS: dict[str, int] = {name: i + 1 for i, name in enumerate(MODALITIES)}
-PAD_MODALITY = 0
 
 Record = dict[str, Any]
 

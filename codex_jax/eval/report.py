@@ -2,7 +2,7 @@
 
 The PNG has one row per task (and one for held-out loss): the continuous metric on the left (bits per
 byte), accuracy and probability on the right; the snapshot average (`avg/`) is drawn dashed beside the
-latest checkpoint. A multimodal run adds two rows for its per-objective evals (eval/objectives.py): held-out
+latest checkpoint. A multimodal run adds two rows for its per-objective evals (eval/objective_scores.py): held-out
 losses (and the normalised world loss) and retrieval accuracy (exact pair and caption match, each with its
 chance), then the model / baseline MSE ratios and the MSEs themselves (log scale).
 """
@@ -66,7 +66,7 @@ RETRIEVALS = (
 
 
 def objective_lines(o: dict) -> list[str]:
-  """The per-objective evals (eval/objectives.py), one line per question, each beside its baseline."""
+  """The per-objective evals (eval/objective_scores.py), one line per question, each beside its baseline."""
   if not o:
     return []
   g = lambda k: o.get(k) if o.get(k) is not None else float("nan")  # noqa: E731

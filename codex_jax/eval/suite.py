@@ -21,16 +21,16 @@ from absl import logging
 from codex_jax.cache import cache_dir
 from codex_jax.checkpoint import average
 from codex_jax.config.schema import Config
+from codex_jax.data.batches import encode_spec
 from codex_jax.data.encode import Encoder
-from codex_jax.data.pipeline import encode_spec
 from codex_jax.data.tokenizer import pinned_path
 from codex_jax.eval import builtin, heldout, score
-from codex_jax.eval.objectives import ObjectiveEval
+from codex_jax.eval.objective_scores import ObjectiveEval
 from codex_jax.eval.tasks import Task, TaskError, load_tasks
 from codex_jax.objectives import mtp as mtp_objective
-from codex_jax.parallel.mesh import replicated
-from codex_jax.parallel.rules import logical_axis_rules, sharding_scope
-from codex_jax.train import step as step_lib
+from codex_jax.runtime import feed, forward
+from codex_jax.runtime.engine import Engine, one_device
+from codex_jax.runtime.inputs import RunInputs
 
 
 def builtin_folder() -> str:
@@ -52,25 +52,22 @@ def task_folders(spec: str, images: bool) -> list[str]:
   return folders
 
 
-def make_runner(cfg: Config, trainer, to_global) -> Callable[..., dict[str, np.ndarray]]:
-  """(params, host batch, mtp=False) -> score.token_scores as numpy, one jit with the trainer's shardings.
+def make_runner(cfg: Config, engine: Engine, to_global) -> Callable[..., dict[str, np.ndarray]]:
+  """(params, host batch, mtp=False) -> score.token_scores as numpy, one jit on the run's engine.
 
   With mtp=True and model.mtp_depth > 0 the same forward also gives the MTP depths' held-out sums
   (objectives/mtp.py `mtp_*` keys); task scoring leaves them out.
   """
-  mesh = trainer.data_sharding.mesh
-  rules = logical_axis_rules(cfg.mesh.fsdp, cfg.mesh.sequence_parallel)
-
   def scores(params, batch, mtp: bool):
-    with sharding_scope(mesh, rules):
-      if not mtp:
-        logits = step_lib.logits_fn(params, batch, model=trainer.model, pipeline=trainer.pipeline)
-        return score.token_scores(logits, batch["targets"])
-      logits, mtp_logits = step_lib.outputs_fn(params, batch, model=trainer.model, pipeline=trainer.pipeline)
-      return score.token_scores(logits, batch["targets"]) | mtp_objective.mtp_sums(mtp_logits, logits, batch)
+    if not mtp:
+      logits = forward.logits_fn(params, batch, model=engine.model, pipeline=engine.pipeline)
+      return score.token_scores(logits, batch["targets"])
+    logits, mtp_logits = forward.outputs_fn(params, batch, model=engine.model, pipeline=engine.pipeline)
+    return score.token_scores(logits, batch["targets"]) | mtp_objective.mtp_sums(mtp_logits, logits, batch)
 
-  jitted = {mtp: jax.jit(functools.partial(scores, mtp=mtp), out_shardings=replicated(mesh),
-                         in_shardings=(trainer.shardings.params, trainer.data_sharding)) for mtp in (False, True)}
+  jitted = {mtp: engine.jit(functools.partial(scores, mtp=mtp), in_shardings=(engine.param_shardings,
+                                                                              engine.data_sharding))
+            for mtp in (False, True)}
   with_mtp = cfg.model.mtp_depth > 0
   return lambda params, batch, mtp=False: jax.device_get(jitted[mtp and with_mtp](params, to_global(batch)))
 
@@ -94,19 +91,19 @@ class Suite:
   domains: dict[int, str]              # source id -> kind
   eval_batches: Callable[[int], Any] | None  # step -> held-out batch iterator
   prepared: list | None = None         # score.prepare: the tasks' requests, tokenized and checked once.
-  objectives: ObjectiveEval | None = None  # Per-objective evals (eval/objectives.py) of a multimodal run.
+  objectives: ObjectiveEval | None = None  # Per-objective evals (eval/objective_scores.py) of a multimodal run.
 
   @classmethod
-  def create(cls, cfg: Config, plan, trainer, to_global, eval_batches, *, limit: int | None) -> Suite:
+  def create(cls, cfg: Config, plan, engine: Engine, to_global, eval_batches, *, limit: int | None) -> Suite:
     images = cfg.model.feature_dim > 0
     tasks = load_tasks(task_folders(cfg.eval.tasks, images), limit)
     encoder = Encoder(plan.tokenizer, encode_spec(cfg.data, cfg.model.feature_dim), 0, {})
     media_fn = lambda image: encoder.spans({"image": image})[0][1]  # noqa: E731
     encode = lambda text: plan.tokenizer.encode(text).ids  # noqa: E731
     prepared = score.prepare(tasks, encode, cfg.data.seq_len, media_fn)  # Fails before training, naming the file.
-    objectives = (ObjectiveEval.create(cfg, trainer, to_global)
-                  if getattr(trainer, "objectives", None) is not None and eval_batches is not None else None)
-    return cls(cfg, make_runner(cfg, trainer, to_global), tasks, encode, media_fn,
+    objectives = (ObjectiveEval.create(cfg, engine, to_global)
+                  if engine.spec is not None and eval_batches is not None else None)
+    return cls(cfg, make_runner(cfg, engine, to_global), tasks, encode, media_fn,
                heldout.token_bytes(plan.tokenizer, cfg.model.vocab_size),
                {s.source_id: s.source.name for s in plan.sources}, {s.source_id: s.source.kind for s in plan.sources},
                eval_batches, prepared, objectives)
@@ -161,18 +158,13 @@ class Suite:
 
 def offline(loaded, workdir: str, *, limit: int | None, tasks: str | None = None) -> Suite:
   """The suite for a loaded checkpoint (checkpoint/load.py) on one device: `codex eval`, `codex average`."""
-  from codex_jax.checkpoint.load import one_device_mesh
-  from codex_jax.train import feed
-  from codex_jax.train.inputs import TrainInputs
-  from codex_jax.train.setup import build_trainer
-
   cfg = loaded.cfg
   data = cfg.data if cfg.data.tokenizer_path else dataclasses.replace(
       cfg.data, tokenizer_path=pinned_path(workdir))  # The run's own, pinned at its start.
   cfg = dataclasses.replace(cfg, data=data, eval=dataclasses.replace(cfg.eval, tasks=cfg.eval.tasks if tasks is None
                                                                        else tasks))
-  trainer = build_trainer(cfg, one_device_mesh(cfg))
-  inputs = TrainInputs.create(cfg, workdir, is_main=False)
+  engine = one_device(cfg)
+  inputs = RunInputs.create(cfg, workdir, is_main=False)
   eval_batches = inputs.eval_iterator if cfg.data.eval_fraction > 0 and cfg.eval.batches > 0 else None
-  return Suite.create(cfg, inputs.plan, trainer, lambda b: feed.to_global(b, trainer.data_sharding), eval_batches,
+  return Suite.create(cfg, inputs.plan, engine, lambda b: feed.to_global(b, engine.data_sharding), eval_batches,
                       limit=limit)

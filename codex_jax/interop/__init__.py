@@ -1,1 +1,1 @@
-"""Hugging Face interop: Llama-layout export and import of a run's weights (see BUILD.md, 'Hugging Face interop')."""
+"""Hugging Face interop: Llama-layout export and import of a run's weights (see docs/interop.md)."""

@@ -17,19 +17,20 @@ import jax
 import numpy as np
 
 from codex_jax.checkpoint.lineage import config_hash
-from codex_jax.checkpoint.load import one_device_config, one_device_mesh
+from codex_jax.checkpoint.load import one_device_config
 from codex_jax.checkpoint.manager import Checkpointer, roots, state_leaf_hashes
 from codex_jax.config import load as config_load
+from codex_jax.config.workdir import CONFIG_FILE, write_config
 from codex_jax.data.tokenizer import load_tokenizer, pinned_path
 from codex_jax.hashing import sha256_file
 from codex_jax.interop import files, llama
 from codex_jax.interop.llama import InteropError
-from codex_jax.train.workdir import CONFIG_FILE, write_config
+from codex_jax.parallel.mesh import one_device_mesh
 
 
 def import_hf(directory: str, workdir: str, base_config: dict[str, Any]) -> dict[str, Any]:
   """Checks everything, then writes `workdir`: config.json, tokenizer.json, data record, checkpoint 0."""
-  from codex_jax.train.inputs import TrainInputs  # Late: the data and training stack.
+  from codex_jax.runtime.inputs import RunInputs  # Late: the data and training stack.
   from codex_jax.train.setup import build_trainer
 
   # 1. Checks; nothing is written until all have passed.
@@ -59,14 +60,14 @@ def import_hf(directory: str, workdir: str, base_config: dict[str, Any]) -> dict
   imported = llama.from_hf(tensors, cfg.model, scanned=cfg.model.scan_layers)
 
   # 2. The state: a fresh init (optimizer, step, non-Llama parameters) with the imported weights in it.
-  trainer = build_trainer(cfg, one_device_mesh(cfg))
+  trainer = build_trainer(cfg, one_device_mesh(cfg.mesh))
   state = trainer.init_state()
   params = dict(state.params)
   for key, value in imported.items():
     params[key] = jax.tree.map(lambda new, old: jax.device_put(np.asarray(new, old.dtype), old.sharding),
                                value, params[key])
   state = state.replace(params=params)
-  inputs = TrainInputs.create(cfg, workdir, is_main=False)  # Builds the data plan; writes nothing.
+  inputs = RunInputs.create(cfg, workdir, is_main=False)  # Builds the data plan; writes nothing.
   inputs.start(0, None)
   start = {"kind": "import", "source": os.path.abspath(directory), "format": llama.ARCHITECTURE,
            "files": {os.path.basename(p): sha256_file(p) for p in weights},

@@ -67,7 +67,7 @@ class ObjectiveHeads(nn.Module):
     cfg, D = self.cfg, self.cfg.d_model
     on = set(cfg.objectives)
     if "vision" in on:
-      # MAE: what a masked patch position sees instead of its projected values (objectives/layout.py).
+      # MAE: what a masked patch position sees instead of its projected values (objectives/slots.py).
       self.mask_embedding = self.param("mask_embedding", nn.with_logical_partitioning(
           nn.initializers.normal(cfg.init_std), ("embed",)), (D,), jnp.dtype(cfg.param_dtype))
       self.pixel_head = Linear(cfg.pixel_dim, ("embed", None), cfg)  # D -> X, per masked patch.

@@ -87,7 +87,8 @@ class Attention(nn.Module):
     k_BLGK = nn.with_logical_constraint(k_BLGK, ("act_batch", "act_length", "act_kv_heads", None))
     q_BLHK = rope(q_BLHK, positions_BL, cfg.rope_theta)
     k_BLGK = rope(k_BLGK, positions_BL, cfg.rope_theta)
-    # jax.nn.dot_product_attention may pick a fused kernel on TPU/GPU ("auto").
+    # "auto" passes implementation=None: in the jax pinned here that is plain XLA attention on every backend
+    # (jax/_src/nn/functions.py: "defaults to XLA for now"); no fused kernel runs unless "cudnn" is named.
     impl = None if cfg.attention_impl == "auto" else cfg.attention_impl
     if cache is not None:
       k_BSGK, v_BSGK, index = cache

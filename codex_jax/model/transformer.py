@@ -6,14 +6,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from codex_jax.config.schema import ModelConfig
+from codex_jax.config.schema import MODALITIES, MODALITY_IDS, ModelConfig
 from codex_jax.model.heads import HEADS, ObjectiveHeads
 from codex_jax.model.layers import Attention, RMSNorm, SwiGLU
 from codex_jax.model.mtp import MTP, MultiTokenPrediction
 
 ACT_BLD = ("act_batch", "act_seq", "act_embed")  # The residual stream between blocks.
 # Modality ids of a packed row (data/records.py): 0 padding, 1 text, then the non-text modalities.
-TEXT_MODALITY_ID, NUM_MODALITY_IDS = 1, 7
+TEXT_MODALITY_ID, NUM_MODALITY_IDS = MODALITY_IDS["text"], len(MODALITIES) + 1  # Row 0: padding.
 
 # The parameters of the EMA target encoder (the trunk as far as the last block; train/state.py).
 TRUNK_PARAMS = ("embedding", "feature_in", "modality_embedding", "layers")

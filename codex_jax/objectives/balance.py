@@ -4,7 +4,7 @@ N is the number of objectives, named in `BalanceConfig.objectives`; every [N] ar
 
 What is balanced. Objective i has an unweighted loss L_i and a trunk gradient g_i = d L_i / d theta, measured
 (`trunk_grad_norms`) every `measure_every` steps and smoothed into n_i, an EMA of |g_i|. The caller picks theta;
-the multimodal step (train/objectives.py) takes GradNorm's: the last shared block's weights. Its share of the
+the multimodal step (train/multimodal_step.py) takes GradNorm's: the last shared block's weights. Its share of the
 weighted trunk gradient is
 
   s_i(w) = w_i n_i / sum_{j present} w_j n_j                 (0 for an objective absent from the batch).
@@ -51,26 +51,18 @@ import jax
 import jax.numpy as jnp
 
 from codex_jax.config.errors import ConfigError
-from codex_jax.config.schema import OBJECTIVES
+from codex_jax.config.schema import OBJECTIVES, BalanceSettings
 from codex_jax.config.validate import share_problems, weight_problems
 
 _TINY = 1e-12  # Floor for shares and norms inside log(); a zero share reads as a very broken low bound.
 
 
 @dataclasses.dataclass(frozen=True)
-class BalanceConfig:
-  """One phase's loss weights and, in lagrangian mode, the share bounds the tuner enforces."""
+class BalanceConfig(BalanceSettings):
+  """One phase's loss weights w0 with the tuner's settings (config/schema.py BalanceSettings)."""
 
   objectives: tuple[str, ...] = OBJECTIVES
-  mode: str = "lagrangian"  # fixed: w0 throughout | lagrangian: tuned by dual ascent within the bounds.
   weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0)  # w0, per objective (>= 0; 0 switches one off).
-  low: tuple[float, ...] = (0.05, 0.05, 0.05, 0.05, 0.05)  # Least share of the trunk gradient norm.
-  high: tuple[float, ...] = (0.6, 0.6, 0.6, 0.6, 0.6)  # Most share of the trunk gradient norm.
-  dual_lr: float = 0.5  # eta: multiplier step per measurement, in log-share units.
-  ema_decay: float = 0.9  # Of the measured trunk gradient norms; per measurement, not per step.
-  measure_every: int = 100  # k: steps between measurements (each costs one backward pass per objective).
-  slack: float = 0.01  # The dual aims at [low + slack, high - slack] so shares settle inside [low, high].
-  max_multiplier: float = 20.0  # Box on the multipliers: weight ratios stay within exp(+-2 * this).
 
   def __post_init__(self):
     problems = self.problems()
@@ -143,7 +135,7 @@ def trunk_grad_norms(losses_fn: Callable[[Any], Mapping[str, jax.Array]], params
 
   The backward passes are unrolled, not one jax.vmap over the cotangents: XLA:CPU in jaxlib 0.10.2 miscompiles
   the vmapped RMSNorm backward at [16, 256, D] rows (its YNN fusion reuses cotangent 0's row sums for the others;
-  BUILD.md, "A miscompiled vmap"), which gave the tuner wrong norms on one device."""
+  docs/objectives.md, "A miscompiled vmap"), which gave the tuner wrong norms on one device."""
   def stacked_N(p):
     losses = losses_fn(p)
     return jnp.stack([jnp.asarray(losses.get(name, 0.0), jnp.float32) for name in objectives])

@@ -14,7 +14,7 @@ first match wins:
              a one-host slice simply becomes process 0 of 1.
   none       one process: nothing to do.
 
-Every process then feeds its own rows of the global batch (`train/feed.py`) and only process 0 logs
+Every process then feeds its own rows of the global batch (`runtime/feed.py`) and only process 0 logs
 at INFO: the others keep warnings and errors.
 """
 

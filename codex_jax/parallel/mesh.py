@@ -25,6 +25,11 @@ def build_mesh(cfg: schema.MeshConfig, devices: list | None = None) -> Mesh:
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(shape))
 
 
+def one_device_mesh(cfg: schema.MeshConfig) -> Mesh:
+  """The mesh of a one-device config (checkpoint reads, evals, the importer), on this process's first device."""
+  return build_mesh(cfg, jax.devices()[:1])
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Sharding of every [batch, length] input array: rows over `data`."""
   return NamedSharding(mesh, PartitionSpec("data"))

@@ -109,7 +109,7 @@ def trunk_forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 def head_matmuls(cfg: Config) -> int:
   """Sum over the non-text heads of weights x slot rows they run on, per micro-batch: every head runs on its
-  table's full capacity (objectives/layout.py), filled or not."""
+  table's full capacity (objectives/slots.py), filled or not."""
   m, o = cfg.model, cfg.objectives
   D, on = m.d_model, set(o.enabled)
   patches = (cfg.data.image_size // cfg.data.patch_size) ** 2

@@ -2,31 +2,21 @@
 
 An update's rows are split with a stride: micro-batch m is rows m, m + k, m + 2k, ... So when the rows are
 sharded over `data` in contiguous blocks (each a multiple of k rows), every device splits its own rows
-and no row moves. The loop builds the update's batch to match (`interleave`): row r of pipeline batch m
+and no row moves. The host builds the update's batch to match (runtime/feed.py `interleave`): row r of pipeline batch m
 goes to row r * k + m, so micro-batch m is exactly the pipeline's batch m, on every process.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 def split(x, k: int):
   """[rows, ...] -> [k, rows / k, ...]: micro-batch m is rows m, m + k, ... (see the module docstring)."""
   return x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
-
-
-def interleave(batches: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-  """k host batches of g rows -> one of k * g rows whose `split(., k)[m]` is batches[m]."""
-  k = len(batches)
-  if k == 1:
-    return batches[0]
-  return {name: np.stack([b[name] for b in batches], axis=1).reshape(-1, *np.shape(batches[0][name])[1:])
-          for name in batches[0]}
 
 
 def accumulate(fn: Callable, batch: dict, k: int):

@@ -11,8 +11,8 @@ import numpy as np
 
 from codex_jax.config.schema import Config
 from codex_jax.parallel.mesh import build_mesh
+from codex_jax.runtime import feed
 from codex_jax.telemetry import flops, peak
-from codex_jax.train import feed
 from codex_jax.train.setup import build_trainer, xla_model_flops
 
 
@@ -56,7 +56,7 @@ def benchmark(cfg: Config, steps: int, warmup: int = 2) -> dict:
   trainer = build_trainer(cfg, mesh)
   state = trainer.init_state()
   batch = feed.to_global(synthetic_batch(cfg, cfg.train.global_batch // jax.process_count()),
-                         trainer.data_sharding)
+                         trainer.engine.data_sharding)
   start = time.perf_counter()
   compiled = trainer.train_step.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
@@ -115,7 +115,7 @@ def benchmark_checkpoint(cfg: Config, workdir: str, steps: int = 3) -> dict:
   mesh = build_mesh(cfg.mesh)
   trainer = build_trainer(cfg, mesh)
   state = trainer.init_state()
-  batch = feed.to_global(synthetic_batch(cfg, cfg.train.global_batch // jax.process_count()), trainer.data_sharding)
+  batch = feed.to_global(synthetic_batch(cfg, cfg.train.global_batch // jax.process_count()), trainer.engine.data_sharding)
   compiled = trainer.train_step.lower(state, batch).compile()
   state, _, _ = timed_steps(compiled, state, batch, 1)
   state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))

@@ -12,7 +12,7 @@ from codex_jax.config.schema import Config
 from codex_jax.config.validate import validate
 from codex_jax.parallel import layout_cost, topology
 from codex_jax.parallel.mesh import build_mesh
-from codex_jax.train import feed
+from codex_jax.runtime import feed
 from codex_jax.train.bench import synthetic_batch, timed_steps
 from codex_jax.train.setup import build_trainer
 
@@ -52,7 +52,7 @@ def measure(cfg: Config, layout: layout_cost.Layout, topo: topology.Topology, st
     mesh = build_mesh(run_cfg.mesh)
     trainer = build_trainer(run_cfg, mesh)
     batch = feed.to_global(synthetic_batch(run_cfg, run_cfg.train.global_batch // jax.process_count()),
-                           trainer.data_sharding)
+                           trainer.engine.data_sharding)
     start = time.perf_counter()
     compiled = trainer.train_step.lower(trainer.restore_target(), batch).compile()
     line["compile_s"] = round(time.perf_counter() - start, 2)

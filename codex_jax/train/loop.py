@@ -12,20 +12,21 @@ from codex_jax.checkpoint import average
 from codex_jax.checkpoint.lineage import config_hash
 from codex_jax.checkpoint.manager import Checkpointer, roots, state_leaf_hashes
 from codex_jax.config.schema import Config
+from codex_jax.config.workdir import check_config, write_config
 from codex_jax.data.sample_ids import batch_samples
 from codex_jax.eval import report as eval_report
 from codex_jax.eval.suite import Suite
 from codex_jax.parallel.mesh import build_mesh
+from codex_jax.runtime import feed
+from codex_jax.runtime.inputs import RunInputs
 from codex_jax.telemetry import flops, params_table, peak, plot
 from codex_jax.telemetry.progress import Progress
 from codex_jax.telemetry.writer import MetricsWriter
-from codex_jax.train import batch_ramp, feed, guard, noise_scale
-from codex_jax.train.inputs import TrainInputs
+from codex_jax.train import batch_ramp, guard, noise_scale
 from codex_jax.train.ledger import SampleLedger
 from codex_jax.train.preemption import Preemption
 from codex_jax.train.report import Reporter
 from codex_jax.train.setup import build_trainer, xla_model_flops
-from codex_jax.train.workdir import check_config, write_config
 
 
 def train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: bool = True) -> dict[str, Any]:
@@ -44,21 +45,22 @@ def train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: b
                jax.devices()[0].device_kind, jax.process_count())
 
   # 3. Data: manifest, licence policy, validated file indexes, tokenizer, manifest hash (fails early).
-  inputs = TrainInputs.create(cfg, workdir, is_main)
+  inputs = RunInputs.create(cfg, workdir, is_main)
   evaluating = cfg.data.eval_fraction > 0 and cfg.eval.batches > 0
   if evaluating:
     inputs.eval_iterator(0).close()  # Fails now, not at the first eval, if no source holds eval records.
 
-  # 4. Model, optimizer, the state's shardings and the jitted steps (nothing allocated yet).
+  # 4. Model on the mesh, optimizer, the state's shardings and the jitted step (nothing allocated yet).
   trainer = build_trainer(cfg, mesh, phase_starts={p.name: p.start_step for p in inputs.plan.manifest.phases})
-  to_global = lambda batch: feed.to_global(batch, trainer.data_sharding)  # noqa: E731
-  if trainer.pipeline is not None:
-    s = trainer.pipeline.schedule
+  engine = trainer.engine
+  to_global = lambda batch: feed.to_global(batch, engine.data_sharding)  # noqa: E731
+  if engine.pipeline is not None:
+    s = engine.pipeline.schedule
     logging.info("Pipeline: %s schedule, %d stages x %d repeat(s), %d microbatches, %d ticks, bubble %.1f%%",
                  s.kind, s.stages, s.repeats, s.microbatches, s.ticks, 100 * s.bubble_fraction)
 
   # 4b. Eval suite: held-out loss per source and domain, and the task files (checked now, scored at evals).
-  suite = Suite.create(cfg, inputs.plan, trainer, to_global, inputs.eval_iterator,
+  suite = Suite.create(cfg, inputs.plan, engine, to_global, inputs.eval_iterator,
                        limit=cfg.eval.task_examples) if evaluating else None
 
   # 5. Resume: (a) latest committed checkpoint, (b) its data record checked (process count, manifest
@@ -85,7 +87,7 @@ def train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: b
   # 6. Telemetry, and the noise probe with its moving averages as the checkpoint left them (the batch
   #    ramp's cap reads them, so a resumed run draws the uninterrupted run's batch sizes).
   writer = MetricsWriter(workdir, enabled=is_main, resume_step=start)
-  noise = noise_scale.Probe.create(cfg, trainer, mesh, writer.write)  # Off: a no-op.
+  noise = noise_scale.Probe.create(cfg, engine, writer.write)  # Off: a no-op.
   noise.restore((meta or {}).get("noise_scale"))
 
   def next_update(step: int) -> tuple[dict, dict, int]:
@@ -178,7 +180,7 @@ def train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: b
              "data_excluded": {e.source: e.reason for e in inputs.plan.exclusions},
              "data_share_error": reporter.summary_value("data/max_share_error"),
              "mesh": dict(mesh.shape),
-             "pipeline_bubble": None if trainer.pipeline is None else trainer.pipeline.schedule.bubble_fraction}
+             "pipeline_bubble": None if engine.pipeline is None else engine.pipeline.schedule.bubble_fraction}
   metrics_file = os.path.join(workdir, "metrics.jsonl")
   if is_main and os.path.exists(metrics_file):
     summary["plot"] = plot.plot_metrics(metrics_file, os.path.join(workdir, "loss.png"))

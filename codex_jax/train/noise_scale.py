@@ -33,8 +33,7 @@ import optax
 from absl import logging
 
 from codex_jax.config.schema import Config
-from codex_jax.parallel.mesh import replicated
-from codex_jax.parallel.rules import logical_axis_rules, sharding_scope
+from codex_jax.runtime.engine import Engine
 from codex_jax.train import accumulate
 from codex_jax.train import step as step_lib
 
@@ -106,21 +105,16 @@ class Probe:
   pending: tuple | None = None  # (step, rows, dispatched norms) until `collect`.
 
   @classmethod
-  def create(cls, cfg: Config, trainer, mesh, write: Callable) -> Probe:
+  def create(cls, cfg: Config, engine: Engine, write: Callable) -> Probe:
     t = cfg.train
     if t.noise_scale_every == 0:
       return cls(0)
-    rules = logical_axis_rules(cfg.mesh.fsdp, cfg.mesh.sequence_parallel)
 
     def grad_fn(params, mb):
-      return step_lib.value_and_grad(params, mb, model=trainer.model, z_loss=t.z_loss, pipeline=trainer.pipeline)[1]
+      return step_lib.value_and_grad(params, mb, model=engine.model, z_loss=t.z_loss, pipeline=engine.pipeline)[1]
 
-    def norms(params, batch):
-      with sharding_scope(mesh, rules):
-        return micro_grad_norms(grad_fn, params, batch, t.noise_scale_microbatches)
-
-    jitted = jax.jit(norms, in_shardings=(trainer.shardings.params, trainer.data_sharding),
-                     out_shardings=replicated(mesh))
+    jitted = engine.jit(lambda params, batch: micro_grad_norms(grad_fn, params, batch, t.noise_scale_microbatches),
+                        in_shardings=(engine.param_shardings, engine.data_sharding))
     return cls(t.noise_scale_every, t.noise_scale_microbatches, cfg.data.seq_len, jitted, Ema(t.noise_scale_ema),
                write)
 

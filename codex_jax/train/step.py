@@ -1,4 +1,5 @@
-"""The pure training step: `train_step(state, batch) -> (state, metrics)`, and its jitted form."""
+"""The pure text training step: `train_step(state, batch) -> (state, metrics)`, and the guarded update every
+step (text and multimodal) ends with. train/setup.py jits it on the run's engine."""
 
 from __future__ import annotations
 
@@ -11,47 +12,11 @@ import optax
 from codex_jax.config.schema import TrainConfig
 from codex_jax.model.transformer import Decoder
 from codex_jax.objectives import mtp as mtp_objective
-from codex_jax.parallel.mesh import replicated
-from codex_jax.parallel.pipeline import LAYERS, Pipeline
-from codex_jax.parallel.rules import sharding_scope
+from codex_jax.parallel.pipeline import Pipeline
+from codex_jax.runtime.forward import batch_sums
 from codex_jax.train import accumulate
 from codex_jax.train import guard as guard_lib
 from codex_jax.train.state import TrainState
-
-
-def trunk_fn(params, batch: dict, *, model: Decoder, pipeline: Pipeline | None = None,
-             rng: jax.Array | None = None) -> jax.Array:
-  """The last block's output [B, L, D] of one batch; with a pipeline, the layer stack runs over its stages."""
-  if pipeline is None:
-    return model.apply({"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"],
-                       batch.get("features"), batch.get("modality_ids"), batch.get("masked"),
-                       rngs=None if rng is None else {"dropout": rng}, method=Decoder.trunk)
-  x_BLD = model.apply({"params": params}, batch["inputs"], batch.get("features"), batch.get("modality_ids"),
-                      batch.get("masked"), method=Decoder.embed)
-  return pipeline.stack(params[LAYERS], x_BLD, batch["segment_ids"], batch["positions"])
-
-
-def logits_fn(params, batch: dict, *, model: Decoder, pipeline: Pipeline | None = None,
-              rng: jax.Array | None = None) -> jax.Array:
-  """Next-token logits [B, L, V] of one batch."""
-  x_BLD = trunk_fn(params, batch, model=model, pipeline=pipeline, rng=rng)
-  return model.apply({"params": params}, x_BLD, method=Decoder.head)
-
-
-def outputs_fn(params, batch: dict, *, model: Decoder, pipeline: Pipeline | None = None,
-               rng: jax.Array | None = None) -> tuple[jax.Array, list[jax.Array]]:
-  """(next-token logits [B, L, V], [logits of each MTP depth]); the list is empty when MTP is off."""
-  x_BLD = trunk_fn(params, batch, model=model, pipeline=pipeline, rng=rng)
-  return (model.apply({"params": params}, x_BLD, method=Decoder.head),
-          model.apply({"params": params}, x_BLD, batch["inputs"], batch["segment_ids"], batch["positions"],
-                      method=Decoder.mtp_logits))
-
-
-def batch_sums(params, batch: dict, *, model: Decoder, rng: jax.Array | None = None,
-               pipeline: Pipeline | None = None) -> dict[str, jax.Array]:
-  """The loss sums of one batch (text.py; objectives/mtp.py when model.mtp_depth > 0)."""
-  logits_BLV, mtp_logits = outputs_fn(params, batch, model=model, pipeline=pipeline, rng=rng)
-  return mtp_objective.loss_sums(logits_BLV, mtp_logits, batch)
 
 
 def loss_fn(params, batch: dict, *, model: Decoder, z_loss: float, rng: jax.Array | None = None,
@@ -126,32 +91,3 @@ def apply_update(state: TrainState, loss: jax.Array, aux: dict, grads, *, tx: op
              "consecutive_bad": guard.consecutive_bad, "spike_threshold": threshold}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state, guard=guard), metrics, bad
 
-
-def eval_step(params, batch: dict, *, model: Decoder, z_loss: float, pipeline: Pipeline | None = None) -> dict:
-  """Held-out loss of `params` on one batch (sums, so batches combine exactly): `ce_sum`, `tokens`, and
-  with MTP each depth's `mtp_ce_sum_k`, `mtp_tokens_k`, `mtp_accept_k` (objectives/mtp.py)."""
-  sums = batch_sums(params, batch, model=model, pipeline=pipeline)
-  return {k: v for k, v in sums.items() if k != "z_sum"}
-
-
-def jit_train_step(model, tx, schedule, train: TrainConfig, state_shardings, batch_sharding, mesh, rules,
-                   pipeline: Pipeline | None = None, step=None):
-  """train_step (or `step`, a (state, batch) function: train/objectives.py's) jitted once: explicit in/out
-  shardings, the state donated, logical rules in scope."""
-  step = step or functools.partial(train_step, model=model, tx=tx, schedule=schedule, train=train,
-                                   pipeline=pipeline)
-
-  def ruled_step(state, batch):
-    with sharding_scope(mesh, rules):
-      return step(state, batch)
-
-  return jax.jit(ruled_step, in_shardings=(state_shardings, batch_sharding),
-                 out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
-
-
-def jit_eval_step(model, z_loss, param_shardings, batch_sharding, mesh, rules, pipeline: Pipeline | None = None):
-  def ruled_eval(params, batch):
-    with sharding_scope(mesh, rules):
-      return eval_step(params, batch, model=model, z_loss=z_loss, pipeline=pipeline)
-
-  return jax.jit(ruled_eval, in_shardings=(param_shardings, batch_sharding), out_shardings=replicated(mesh))

@@ -1,6 +1,8 @@
-"""Turns each process's numpy batch into one global, data-sharded jax.Array per model field."""
+"""Turns each process's numpy batches into one global, data-sharded jax.Array per model field."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -31,3 +33,12 @@ def check_batch(batch: dict, local_batch: int, seq_len: int, vocab_size: int, fe
 def to_global(batch: dict, sharding: NamedSharding) -> dict[str, jax.Array]:
   """Each process contributes its rows; together they form the global batch sharded over `data`."""
   return {name: jax.make_array_from_process_local_data(sharding, np.asarray(batch[name])) for name in MODEL_FIELDS}
+
+
+def interleave(batches: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  """k host batches of g rows -> one of k * g rows whose micro-batch m (train/accumulate.py `split`) is batches[m]."""
+  k = len(batches)
+  if k == 1:
+    return batches[0]
+  return {name: np.stack([b[name] for b in batches], axis=1).reshape(-1, *np.shape(batches[0][name])[1:])
+          for name in batches[0]}

@@ -47,13 +47,12 @@ import numpy as np
 from absl import logging
 
 from codex_jax.config.schema import OBJECTIVES, Config
-from codex_jax.parallel.mesh import replicated
-from codex_jax.parallel.rules import logical_axis_rules, sharding_scope
-from codex_jax.train import objectives as objectives_lib
+from codex_jax.runtime import multimodal
+from codex_jax.runtime.engine import Engine
 
 PREFIX = "objectives/"
 EVAL_STREAM = 0x0E7A1  # Folded into the run's seed: the evals' own key, apart from training's.
-SAMPLE_STREAM = 2      # fold_in(batch key, 2): the sampler's noise (layout uses 0, flow matching 1).
+SAMPLE_STREAM = 2      # fold_in(batch key, 2): the sampler's noise (the slot draw uses 0, flow matching 1).
 ACTION_SAMPLES = 8     # Sampled chunks per condition whose mean is scored beside the single sample.
 RECALL_K = 10          # Retrieval recall@K: the true partner among the K most similar.
 MAX_BATCHES = 64       # The held-out pass is read whole (the media sources hold few held-out records), up to this.
@@ -148,7 +147,7 @@ def retrieval_accuracy(media_NE: np.ndarray, text_NE: np.ndarray) -> tuple[float
 
 
 def caption_ids(keys_NK: np.ndarray) -> np.ndarray:
-  """Caption keys [N, K] (objectives/layout.caption_keys) -> one small int per distinct caption [N]."""
+  """Caption keys [N, K] (objectives/slots.caption_keys) -> one small int per distinct caption [N]."""
   return np.unique(np.asarray(keys_NK).reshape(len(keys_NK), -1), axis=0, return_inverse=True)[1].reshape(-1)
 
 
@@ -208,7 +207,7 @@ class Totals:
   align_kind: str = "clip"  # objectives.align.kind: CLIP's InfoNCE has a chance level, log(pairs in the batch).
 
   def add(self, out: dict) -> None:
-    """One batch's objective outputs (train/objectives.objective_outputs, numpy; action with `sampled`)."""
+    """One batch's objective outputs (runtime/multimodal.objective_outputs, numpy; action with `sampled`)."""
     parts = [loss_sums(out["losses"], out["present"], units_of(out))]
     if "vision" in out:
       v = out["vision"]
@@ -271,7 +270,7 @@ class Totals:
 
 # --- The device side and the whole eval. -----------------------------------------------------------------
 
-def eval_specs(spec: objectives_lib.Spec) -> tuple[objectives_lib.Spec, objectives_lib.Spec]:
+def eval_specs(spec: multimodal.Spec) -> tuple[multimodal.Spec, multimodal.Spec]:
   """(every image masked, every caption blind; no image masked, every caption blind): the held-out draws.
 
   Training splits each batch at random (a share of images masked for MAE, a share of captions blind for
@@ -285,38 +284,35 @@ def eval_specs(spec: objectives_lib.Spec) -> tuple[objectives_lib.Spec, objectiv
   return dataclasses.replace(spec, objectives=first), dataclasses.replace(spec, objectives=second)
 
 
-def make_runner(cfg: Config, trainer) -> Callable[..., dict]:
+def make_runner(cfg: Config, engine: Engine) -> Callable[..., dict]:
   """(params, target_params, global batch, key) -> objective_outputs with `action.sampled`, replicated.
 
-  One jit with the trainer's shardings: the two held-out passes of `eval_specs` (align from the second),
+  One jit on the run's engine: the two held-out passes of `eval_specs` (align from the second),
   the heads and the Euler sampler (objectives.action.sample_steps): one sampled chunk per condition, and
   the mean of ACTION_SAMPLES chunks (the policy's MSE-optimal prediction) as `sampled_mean`.
   """
-  mesh = trainer.data_sharding.mesh
-  rules = logical_axis_rules(cfg.mesh.fsdp, cfg.mesh.sequence_parallel)
-  model, steps = trainer.model, cfg.objectives.action.sample_steps
-  first, second = eval_specs(trainer.objectives)
+  model, steps = engine.model, cfg.objectives.action.sample_steps
+  first, second = eval_specs(engine.spec)
 
   def run(params, target_params, batch, key):
-    with sharding_scope(mesh, rules):
-      outputs = functools.partial(objectives_lib.objective_outputs, params, target_params, batch, key, model=model,
-                                  pipeline=trainer.pipeline)
-      out = outputs(spec=first)
-      if "align" in out:
-        paired = outputs(spec=second)
-        out["align"] = paired["align"]
-        out["losses"] = {**out["losses"], "align": paired["losses"]["align"]}
-        out["present"] = out["present"].at[OBJECTIVES.index("align")].set(paired["present"][OBJECTIVES.index("align")])
-      if "action" in out:
-        noise = jax.random.split(jax.random.fold_in(key, SAMPLE_STREAM), ACTION_SAMPLES)
-        sample = lambda k: objectives_lib.sample_actions(params, out["action"]["condition"], k, model=model,  # noqa: E731
-                                                         steps=steps)
-        sampled_SCTA = jax.vmap(sample)(noise)
-        out["action"] = {**out["action"], "sampled": sampled_SCTA[0], "sampled_mean": sampled_SCTA.mean(0)}
+    outputs = functools.partial(multimodal.objective_outputs, params, target_params, batch, key, model=model,
+                                pipeline=engine.pipeline)
+    out = outputs(spec=first)
+    if "align" in out:
+      paired = outputs(spec=second)
+      out["align"] = paired["align"]
+      out["losses"] = {**out["losses"], "align": paired["losses"]["align"]}
+      out["present"] = out["present"].at[OBJECTIVES.index("align")].set(paired["present"][OBJECTIVES.index("align")])
+    if "action" in out:
+      noise = jax.random.split(jax.random.fold_in(key, SAMPLE_STREAM), ACTION_SAMPLES)
+      sample = lambda k: multimodal.sample_actions(params, out["action"]["condition"], k, model=model,  # noqa: E731
+                                                   steps=steps)
+      sampled_SCTA = jax.vmap(sample)(noise)
+      out["action"] = {**out["action"], "sampled": sampled_SCTA[0], "sampled_mean": sampled_SCTA.mean(0)}
     return out
 
-  return jax.jit(run, in_shardings=(trainer.shardings.params, trainer.shardings.target_params,
-                                    trainer.data_sharding, replicated(mesh)), out_shardings=replicated(mesh))
+  return engine.jit(run, in_shardings=(engine.param_shardings, engine.target_shardings, engine.data_sharding,
+                                       engine.replicated))
 
 
 @dataclasses.dataclass
@@ -331,9 +327,9 @@ class ObjectiveEval:
   align_kind: str = "clip"
 
   @classmethod
-  def create(cls, cfg: Config, trainer, to_global: Callable[[dict], dict]) -> ObjectiveEval:
+  def create(cls, cfg: Config, engine: Engine, to_global: Callable[[dict], dict]) -> ObjectiveEval:
     key = jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), EVAL_STREAM)
-    return cls(make_runner(cfg, trainer), to_global, key, MAX_BATCHES, trainer.objectives.needs_target,
+    return cls(make_runner(cfg, engine), to_global, key, MAX_BATCHES, engine.has_target,
                cfg.objectives.align.kind)
 
   def scores(self, params, target_params, batches: Callable[[], Iterable[dict]]) -> dict[str, float]:

@@ -27,14 +27,13 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from codex_jax.config.schema import ObjectivesConfig
+from codex_jax.config.schema import MODALITY_IDS, ObjectivesConfig
 
-# Modality ids (data/records.py; objectives know nothing of data, so they are repeated here).
-TEXT, IMAGE, VIDEO, ACTION = 1, 2, 3, 6
+TEXT, IMAGE, VIDEO, ACTION = (MODALITY_IDS[name] for name in ("text", "image", "video", "action"))
 
 
 @flax.struct.dataclass
-class Layout:
+class Slots:
   segment_ids_BL: jax.Array   # Blind captions split off (2s+1); every other segment 2s; padding 0.
   loss_mask_BL: jax.Array     # The text loss mask minus the targets that cross a blind split.
   masked_BL: jax.Array        # bool: MAE-masked patch positions.
@@ -80,7 +79,7 @@ def _runs(flag_N: jax.Array, prev_same_N: jax.Array) -> tuple[jax.Array, jax.Arr
   return start_N, first_N
 
 
-def build(batch: dict, rng: jax.Array, cfg: ObjectivesConfig, patches: int) -> Layout:
+def build(batch: dict, rng: jax.Array, cfg: ObjectivesConfig, patches: int) -> Slots:
   """The slot tables of one (global) batch; `patches` = positions per image or video chunk."""
   B, L = batch["segment_ids"].shape
   N, P = B * L, patches
@@ -147,7 +146,7 @@ def build(batch: dict, rng: jax.Array, cfg: ObjectivesConfig, patches: int) -> L
   act_valid_C = jnp.all(filled[ahead_CT] & in_range_CT & same_CT, axis=1) & prev_same_N[act_start_C] & filled
   cond_pos_C = jnp.maximum(act_start_C - 1, 0)
 
-  return Layout(
+  return Slots(
       segment_ids_BL=segment_ids_N.reshape(B, L), loss_mask_BL=loss_mask_N.reshape(B, L),
       masked_BL=masked_N.reshape(B, L), image_idx_CP=image_idx_CP, image_valid_C=image_valid_C,
       image_masked_C=image_masked_C, patch_masked_CP=patch_masked_CP, pair_slot_N=pair_slot_N,
@@ -192,7 +191,7 @@ def caption_keys(tokens_N: jax.Array, slot_N: jax.Array, text_N: jax.Array, cap:
   """A key [cap, 3] uint32 per pair slot naming its caption's token sequence: two sums (mod 2^32) of a hash
   of (token, rank in the caption) under two salts, and the caption's length. Equal captions get equal keys;
   different ones collide with probability ~2^-64. Retrieval evals use it to count a retrieved duplicate
-  caption as a hit (eval/objectives.py)."""
+  caption as a hit (eval/objective_scores.py)."""
   is_text_N = (text_N > 0) & (slot_N < cap)
   count_N = jnp.cumsum(is_text_N.astype(jnp.int32))
   first_C = jax.ops.segment_min(jnp.where(is_text_N, count_N, jnp.iinfo(jnp.int32).max), slot_N,

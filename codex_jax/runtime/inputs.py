@@ -1,10 +1,10 @@
-"""The training run's data side: the resolved plan, its train batches across mixture phases, resume rules.
+"""The run's data side: the resolved plan, its train batches across mixture phases, resume rules.
 
 Resume order (before any state is restored): the checkpoint's data record is read; a different JAX
 process count is refused (each process's shard of every source would change); a different manifest
 hash is refused unless data.phase names a new run phase, in which case the data stream starts afresh
 on the new manifest. Within a run, the manifest's mixture phases switch at their start steps: the new
-phase's pipeline continues every source where the old one stopped (rows still buffered in the
+phase's batches continue every source where the old one stopped (rows still buffered in the
 shuffle window and the open rows of the packers at that moment are dropped, never repeated).
 """
 
@@ -17,25 +17,25 @@ import jax
 from absl import logging
 
 from codex_jax.config.schema import Config
-from codex_jax.data import pipeline
+from codex_jax.data import batches as batches_lib
 from codex_jax.data.accounting import TokenAccountant
 from codex_jax.data.errors import DataError
 from codex_jax.data.plan import DataPlan, build_plan, write_data_record
-from codex_jax.train import accumulate
+from codex_jax.runtime.feed import interleave
 
 
 @dataclasses.dataclass
-class TrainInputs:
+class RunInputs:
   cfg: Config
   plan: DataPlan
-  local_batch: int  # This process's rows of one micro-batch: the pipeline's batch.
-  batches: pipeline.Batches | None = None
+  local_batch: int  # This process's rows of one micro-batch: one batch of the data stream.
+  batches: batches_lib.Batches | None = None
   phase: str = ""
   accountant: TokenAccountant | None = None
   restore_iterator: bool = True  # False after a run-phase change: the old iterator state does not apply.
 
   @classmethod
-  def create(cls, cfg: Config, workdir: str, is_main: bool) -> TrainInputs:
+  def create(cls, cfg: Config, workdir: str, is_main: bool) -> RunInputs:
     plan = build_plan(cfg.data, vocab_size=cfg.model.vocab_size, feature_dim=cfg.model.feature_dim,
                       workdir=workdir if is_main else None)
     if plan.malformed:
@@ -44,10 +44,10 @@ class TrainInputs:
     logging.info("Data %s: manifest hash %s, sources %s, excluded %s", plan.manifest.path, plan.manifest_hash,
                  ", ".join(s.source.name for s in plan.sources),
                  ", ".join(f"{e.source} ({e.reason})" for e in plan.exclusions) or "none")
-    return cls(cfg, plan, cfg.train.micro_batch // jax.process_count())  # The pipeline yields micro-batches.
+    return cls(cfg, plan, cfg.train.micro_batch // jax.process_count())  # The data stream yields micro-batches.
 
-  def _build(self, phase: str, split: str = "train", num_epochs: int | None = None) -> pipeline.Batches:
-    return pipeline.build_batches(
+  def _build(self, phase: str, split: str = "train", num_epochs: int | None = None) -> batches_lib.Batches:
+    return batches_lib.build_batches(
         self.plan, self.cfg.data, feature_dim=self.cfg.model.feature_dim, split=split, phase=phase,
         local_batch=self.local_batch, seed=self.cfg.data.seed, process_index=jax.process_index(),
         process_count=jax.process_count(), num_epochs=num_epochs)
@@ -85,10 +85,10 @@ class TrainInputs:
     self.restore_iterator = False
 
   def next_update(self, step: int, k: int) -> tuple[dict, dict[str, float]]:
-    """This process's rows of update `step` (0-based): k pipeline batches interleaved so that micro-batch m
+    """This process's rows of update `step` (0-based): k batches of the data stream interleaved so that micro-batch m
     is batch m (train/accumulate.py), and the update's data metrics; switches mixture phase on time."""
     self._switch_phase(step)
-    batch = accumulate.interleave([next(self.batches.iterator) for _ in range(k)])
+    batch = interleave([next(self.batches.iterator) for _ in range(k)])
     return batch, self.accountant.update(batch)
 
   def _switch_phase(self, step: int) -> None:
