@@ -4,6 +4,8 @@ the align loss sharded over 8 devices equals one device, a multimodal train step
 refusals."""
 
 import dataclasses
+import json
+import os
 import functools
 
 import chex
@@ -391,3 +393,31 @@ def test_the_console_line_leads_with_the_text_ce_and_shows_each_objective_and_th
   for name in ("vision", "align", "world", "action"):
     assert f" {name} {metrics[f'loss_{name}']:.4g} (w {metrics[f'balance_weight_{name}']:.2f})" in line, name
   assert f"weighted total {metrics['loss']:.4f}" in line and metrics["loss"] != metrics["ce_loss"]
+
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "multimodal_step.json")
+
+
+def test_golden_multimodal_train_steps(trainer):
+  """Three steps of the five-objective step (`make train`'s) on the hand-made batch: each objective's loss, the
+  weighted total, the tuner's weights (it measures at steps 0 and 2), gradient norms and the parameter sum.
+  Regenerate after an intended numerics change: CODEX_UPDATE_GOLDEN=1 pytest tests/test_objectives.py -k golden."""
+  _, _, tr, init = trainer
+  state, rows = jax.tree.map(jnp.copy, init), make_batch(8, 32, 96, PATCHES, 256, seed=3)
+  history = []
+  for _ in range(3):
+    state, metrics = tr.train_step(state, feed.to_global(rows, tr.engine.data_sharding))
+    history.append(jax.device_get(metrics))
+  got = {"loss": [float(m["loss"]) for m in history], "grad_norm": [float(m["grad_norm"]) for m in history],
+         **{f"loss_{name}": [float(m[f"loss_{name}"]) for m in history] for name in OBJECTIVES},
+         "weights": jax.device_get(state.balance.weights_N).tolist(),
+         "param_sum": float(sum(np.sum(np.asarray(x, np.float64)) for x in jax.tree.leaves(jax.device_get(state.params))))}
+  if os.environ.get("CODEX_UPDATE_GOLDEN"):
+    with open(GOLDEN, "w") as f:
+      json.dump(got, f, indent=2)
+  with open(GOLDEN) as f:
+    want = json.load(f)
+  assert set(got) == set(want)
+  for key in want:
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-4, err_msg=key)
+  assert history[-1]["loss_text"] < history[0]["loss_text"]

@@ -106,6 +106,9 @@ class TrainConfig:
   seed: int = 0
   z_loss: float = 1e-4
   log_every: int = 10
+  # Also count one step's FLOPs with XLA's cost analysis at the start (the step lowered again, unscanned: seconds
+  # to minutes) to cross-check the analytic count: `mfu_xla` in metrics. `codex bench` always does.
+  xla_flop_check: bool = False
   spike_window: int = 100  # Recent accepted losses a spike is judged against; 0: spike detection off.
   spike_sigmas: float = 6.0  # A loss above mean + spike_sigmas * std of the window skips its update.
   spike_min_steps: int = 20  # Losses the window must hold before it judges spikes.
@@ -290,6 +293,7 @@ DERIVED = frozenset({"model.objectives", "model.pixel_dim", "model.align_dim", "
 RESUME_MUTABLE = frozenset({
     "train.steps",
     "train.log_every",
+    "train.xla_flop_check",
     "checkpoint.every",
     "checkpoint.max_to_keep",
     "checkpoint.async_save",

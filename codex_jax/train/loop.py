@@ -110,7 +110,8 @@ def train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: b
   compiled_for(k, train_state, to_global(batch))
   cost = flops.step_flops(cfg, cfg.train.global_batch, cfg.train.grad_accum)  # Of a whole update.
   model_flops, flops_per_token = cost.mean, cost.mean / (cfg.train.global_batch * seq_len)
-  xla_counted = xla_model_flops(cfg, mesh, to_global(batch))  # Of the first update's rows, on a measuring step.
+  # Of the first update's rows, on a measuring step; only when asked (it lowers the step again).
+  xla_counted = xla_model_flops(cfg, mesh, to_global(batch)) if cfg.train.xla_flop_check else None
   xla_per_row = cost.mean_of(xla_counted) / (k * cfg.train.micro_batch) if xla_counted else None
   xla_flops = xla_per_row * cfg.train.global_batch if xla_per_row else None
   peak_flops = peak.peak_flops(cfg.model.compute_dtype)
