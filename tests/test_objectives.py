@@ -4,9 +4,9 @@ the align loss sharded over 8 devices equals one device, a multimodal train step
 refusals."""
 
 import dataclasses
+import functools
 import json
 import os
-import functools
 
 import chex
 import jax

@@ -162,6 +162,18 @@ def test_a_run_leaves_everything_a_user_looks_at(reference):
   assert "Parameters:" in result.stderr and "total" in result.stderr
 
 
+def test_rerunning_a_finished_run_compiles_nothing_writes_nothing_and_says_so(reference):
+  workdir, _ = reference
+  before = {name: os.stat(os.path.join(workdir, name)).st_mtime_ns for name in os.listdir(workdir)}
+  result = _train(workdir)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "Nothing to train: the run in" in result.stderr and "train.steps=40" in result.stderr
+  assert "Compiled the train step" not in result.stderr and "Parameters:" not in result.stderr
+  summary = json.loads(result.stdout)
+  assert summary["finished"] and summary["final_step"] == 40 and summary["checkpoints"][-1] == 40
+  assert {name: os.stat(os.path.join(workdir, name)).st_mtime_ns for name in os.listdir(workdir)} == before
+
+
 def test_kill_9_then_resume_is_bit_identical_to_an_uninterrupted_run(reference, tmp_path):
   ref_dir, _ = reference
   workdir = str(tmp_path)

@@ -56,13 +56,21 @@ def one_device_config(config: dict[str, Any]) -> Config:
   return config_load.load(one_device, num_devices=1)
 
 
+def committed_steps(workdir: str) -> list[int]:
+  """The committed checkpoint steps of `workdir`, ascending; [] when it has none (or no checkpoints folder)."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory)
+                if name.isdigit() and os.path.isdir(os.path.join(directory, name)))
+
+
 def checkpoint_steps(workdir: str) -> list[int]:
-  """The committed checkpoint steps of `workdir`, ascending."""
+  """The committed checkpoint steps of `workdir`, ascending; refuses a workdir without any."""
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"{directory}: no checkpoints; has `codex train --workdir={workdir}` saved one?")
-  steps = sorted(int(name) for name in os.listdir(directory)
-                 if name.isdigit() and os.path.isdir(os.path.join(directory, name)))
+  steps = committed_steps(workdir)
   if not steps:
     raise FileNotFoundError(f"{directory}: no committed checkpoint")
   return steps

@@ -95,10 +95,10 @@ def _bench(flag_values) -> dict:
 
   from ml_collections import config_flags
 
-  from codex_jax.data.bench import benchmark_pipeline
+  from codex_jax.data.bench import benchmark_batches
   cfg, _ = common.load_config(flag_values, num_devices=None)
   label = config_flags.get_config_filename(flag_values["config"])
-  result = {"config": f"{label}:data", **benchmark_pipeline(cfg, flag_values.batches)}
+  result = {"config": f"{label}:data", **benchmark_batches(cfg, flag_values.batches)}
   if not flag_values.json:
     print(json.dumps(result, sort_keys=True))
   return result

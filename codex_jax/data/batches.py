@@ -1,4 +1,4 @@
-"""The Grain input pipeline: manifest sources -> examples -> effective-token mixture -> packed batches.
+"""The Grain input: manifest sources -> examples -> effective-token mixture -> packed batches.
 
 Chain, per process:
 

@@ -1,4 +1,4 @@
-"""How fast the input pipeline alone delivers batches: what `make bench` compares with the trainer."""
+"""How fast the data side alone (data/batches.py) delivers batches: what `make bench` compares with the trainer."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from codex_jax.data.accounting import TokenAccountant
 from codex_jax.data.plan import build_plan
 
 
-def benchmark_pipeline(cfg: Config, batches: int, warmup: int = 5) -> dict:
+def benchmark_batches(cfg: Config, batches: int, warmup: int = 5) -> dict:
   """Times `batches` train batches after `warmup`; tokens are row positions, as the trainer counts them."""
   plan = build_plan(cfg.data, vocab_size=cfg.model.vocab_size, feature_dim=cfg.model.feature_dim)
   phase = plan.manifest.phases[0].name
@@ -33,6 +33,6 @@ def benchmark_pipeline(cfg: Config, batches: int, warmup: int = 5) -> dict:
   finally:
     it.close()
   tokens = batches * cfg.train.global_batch * cfg.data.seq_len
-  return {"pipeline_tokens_per_s": tokens / seconds, "pipeline_real_tokens_per_s": real / seconds,
-          "pipeline_effective_tokens_per_s": effective / seconds, "pipeline_batches_per_s": batches / seconds,
+  return {"data_tokens_per_s": tokens / seconds, "data_real_tokens_per_s": real / seconds,
+          "data_effective_tokens_per_s": effective / seconds, "data_batches_per_s": batches / seconds,
           "num_workers": cfg.data.num_workers, "manifest_hash": plan.manifest_hash}

@@ -10,6 +10,7 @@ from absl import logging
 
 from codex_jax.checkpoint import average
 from codex_jax.checkpoint.lineage import config_hash
+from codex_jax.checkpoint.load import committed_steps
 from codex_jax.checkpoint.manager import Checkpointer, roots, state_leaf_hashes
 from codex_jax.config.schema import Config
 from codex_jax.config.workdir import check_config, write_config
@@ -38,6 +39,13 @@ def train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: b
   #    is written into the workdir until every check below has passed.
   for change in check_config(workdir, config_dict):
     logging.info("Config change accepted on resume: %s", change)
+  # 1b. A finished run has nothing to do: said before anything is built or compiled.
+  last = (committed_steps(workdir) or [None])[-1]
+  if last is not None and last >= total_steps:
+    logging.info("Nothing to train: the run in %s is finished (its last checkpoint is step %d, train.steps=%d); "
+                 "raise --config.train.steps to continue it.", workdir, last, total_steps)
+    return {"start_step": last, "final_step": last, "finished": True, "workdir": os.path.abspath(workdir),
+            "checkpoints": committed_steps(workdir)}
 
   # 2. Mesh.
   mesh = build_mesh(cfg.mesh)
