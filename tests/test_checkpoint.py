@@ -249,6 +249,27 @@ def test_sigterm_checkpoints_the_current_step_exits_0_and_resumes_exactly(run, t
   assert verify.verify(workdir)["ok"]
 
 
+def test_ctrl_c_checkpoints_the_current_step_exits_0_and_names_the_step_a_rerun_resumes_from(tmp_path):
+  """A first Ctrl-C (SIGINT) saves like SIGTERM (whose resume the test above replays exactly)."""
+  workdir = str(tmp_path / "run")
+  process = train_process(workdir, OVERRIDES)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 300
+  while time.time() < deadline and process.poll() is None:
+    if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 3:
+      break
+    time.sleep(0.05)
+  process.send_signal(signal.SIGINT)
+  out, err = process.communicate(timeout=120)
+  assert process.returncode == 0, err[-2000:]
+  summary = json.loads(out)
+  step = summary["final_step"]
+  assert summary["preempted"] and step < 12 and summary["checkpoints"][-1] == step
+  assert "Ctrl-C: will checkpoint at the next step boundary" in err
+  assert f"rerun the same command to resume from step {step}" in err
+  assert verify.verify(workdir)["ok"]
+
+
 def test_re_seeding_instead_of_restoring_the_rng_changes_the_state_hash(run):
   """Negative control for the resume tests: they compare every leaf, the RNG key included."""
   from codex_jax.checkpoint.manager import roots, state_leaf_hashes

@@ -123,7 +123,8 @@ def main(argv: list[str]) -> int:
     print(f"codex {command}: error: {_one_line(e)}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
-    print(f"codex {command}: error: interrupted", file=sys.stderr)
+    resume = "; the same command resumes from the last committed checkpoint" if command == "train" else ""
+    print(f"codex {command}: error: interrupted{resume}", file=sys.stderr)
     return 130
   except Exception as e:  # An unexpected failure: keep the traceback, end with the one-line reason.
     traceback.print_exc()

@@ -166,8 +166,8 @@ def train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: b
                           {"manifest_hash": inputs.plan.manifest_hash, "config_hash": config_hash(config_dict),
                            "eval": scores})
       if preempted:
-        logging.warning("Preempted: checkpointed step %d in %s; rerun the same command to resume.", done,
-                        checkpointer.directory)
+        logging.warning("Stopped: checkpointed step %d in %s; rerun the same command to resume from step %d.",
+                        done, checkpointer.directory, done)
         break
       if done < total_steps:
         batch, data_metrics, k = next_update(done)
