@@ -390,3 +390,20 @@ def test_written_files_honour_the_umask(tmp_path):
   finally:
     os.umask(old)
   assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_the_end_of_run_summary_reads_as_a_table_and_says_how_to_resume_or_extend():
+  from codex_jax.train.report import summary_text
+  summary = {"start_step": 0, "final_step": 120, "preempted": True, "first_text_ce": 8.3512, "last_text_ce": 4.6021,
+             "eval_loss": 4.9137, "tokens_per_s": 5535.2, "mfu": 0.294, "checkpoints": [100, 120],
+             "workdir": "/runs/default"}
+  lines = summary_text(summary).splitlines()
+  assert lines[0].split() == ["steps", "0", "->", "120", "(stopped;", "the", "same", "command", "resumes", "from",
+                              "step", "120)"]
+  assert "text cross-entropy  8.3512 -> 4.6021" in lines[1] and lines[2].endswith("4.9137")
+  assert "5,535 tokens/s, MFU 29.4%" in lines[3] and lines[4].endswith("100, 120")
+  gap = [line.index("  ") for line in lines]
+  assert len({g + len(line[g:]) - len(line[g:].lstrip()) for g, line in zip(gap, lines, strict=True)}) == 1  # One value column.
+  assert "n/a" in summary_text({**summary, "eval_loss": None}).splitlines()[2]
+  finished = summary_text({"finished": True, "workdir": "/runs/default", "final_step": 300})
+  assert "finished at step 300" in finished and "--config.train.steps" in finished

@@ -19,4 +19,8 @@ def run(flag_values):
 
   cfg, as_dict = common.load_config(flag_values, jax.device_count(), jax.process_count())
   from codex_jax.train.loop import train
-  return train(cfg, as_dict, flag_values.workdir, progress=flag_values.progress)
+  from codex_jax.train.report import summary_text
+  summary = train(cfg, as_dict, flag_values.workdir, progress=flag_values.progress)
+  if not flag_values.json and jax.process_index() == 0:
+    print(summary_text(summary))  # With --json, stdout holds the summary object alone.
+  return summary

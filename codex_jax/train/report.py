@@ -29,7 +29,7 @@ class Reporter:
     self.seq_len, self.flops_per_token, self.xla_flops_per_row = seq_len, flops_per_token, xla_flops_per_row
     self.peak_flops, self.log_every = peak_flops, log_every
     self.last: dict | None = None
-    self.first_loss: float | None = None
+    self.first: dict | None = None
     self.last_time = time.perf_counter()
 
   def step(self, step: int, metrics, host_metrics: dict[str, float] | None, samples: list[list[int]] | None,
@@ -59,8 +59,7 @@ class Reporter:
     # The headline is the text cross-entropy: with several objectives `loss` is their weighted sum, whose
     # weights the tuner moves, so it can rise while every objective falls.
     self.bar.update(step, extra={"text_ce": scalars.get("ce_loss", scalars["loss"])}, tokens=tokens)
-    if self.first_loss is None:
-      self.first_loss = scalars["loss"]
+    self.first = self.first or scalars
     self.last = scalars
     if step % self.log_every == 0 or step <= 3:
       logging.info("%s", console_line(step, scalars))
@@ -75,8 +74,9 @@ class Reporter:
     return (self.last or {}).get(name)
 
   def summary(self) -> dict:
-    last = self.last or {}
-    return {"first_loss": self.first_loss, "last_loss": last.get("loss"),
+    first, last = self.first or {}, self.last or {}
+    return {"first_loss": first.get("loss"), "last_loss": last.get("loss"),
+            "first_text_ce": first.get("ce_loss", first.get("loss")), "last_text_ce": last.get("ce_loss", last.get("loss")),
             "tokens_per_s": last.get("tokens_per_s"), "mfu": last.get("mfu")}
 
   def close(self) -> None:
@@ -101,3 +101,23 @@ def console_line(step: int, scalars: dict[str, float]) -> str:
   parts.append(f"grad_norm {scalars['grad_norm']:.3f} lr {scalars['learning_rate']:.2e} "
                f"{scalars['tokens_per_s']:.0f} tok/s mfu {100 * scalars['mfu']:.1f}%")
   return " ".join(parts)
+
+
+def summary_text(summary: dict) -> str:
+  """The end of a run for a person (`codex train` without --json): what was trained, how it went, where it is."""
+  if summary.get("finished"):
+    return (f"Nothing to train: the run in {summary['workdir']} is finished at step {summary['final_step']}; "
+            "raise --config.train.steps to continue it.")
+  number = lambda value, spec: "n/a" if value is None else format(value, spec)  # noqa: E731
+  steps = f"{summary['start_step']} -> {summary['final_step']}"
+  if summary.get("preempted"):
+    steps += f" (stopped; the same command resumes from step {summary['final_step']})"
+  rows = [("steps", steps),
+          ("text cross-entropy", f"{number(summary.get('first_text_ce'), '.4f')} -> "
+                                 f"{number(summary.get('last_text_ce'), '.4f')}"),
+          ("held-out loss", number(summary.get("eval_loss"), ".4f")),
+          ("speed", f"{number(summary.get('tokens_per_s'), ',.0f')} tokens/s, MFU {number(summary.get('mfu'), '.1%')}"),
+          ("checkpoints", ", ".join(str(s) for s in summary.get("checkpoints", [])) or "none"),
+          ("workdir", f"{summary['workdir']} (metrics.jsonl, loss.png, eval.png, lineage.jsonl)")]
+  width = max(len(name) for name, _ in rows)
+  return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
