@@ -259,3 +259,15 @@ def test_manifest(corpus):
     assert entry["format"] in {"jsonl", "parquet", "wds", "episodes", "array_record"}
     for pattern in entry["locations"]:  # Every location matches files of the built corpus.
       assert glob.glob(os.path.join(root, pattern)), (source.name, pattern)
+
+
+def test_without_the_corpus_extra_the_build_names_what_to_install(tmp_path, monkeypatch):
+  import importlib.util
+
+  from codex_jax.data.default_corpus import build
+  from codex_jax.data.errors import DataError
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else real(name, *a))
+  with pytest.raises(DataError, match=r"scikit-learn, not installed: pip install -e '\.\[corpus\]'"):
+    build.build_default_corpus(str(tmp_path / "corpus"))
+  assert not (tmp_path / "corpus").exists()  # Refused before anything is written.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import glob
+import importlib.util
 import json
 import os
 import shutil
@@ -28,6 +29,9 @@ SOURCES: tuple[writers.Source, ...] = (
 )
 SOURCE_BY_NAME = {s.name: s for s in SOURCES}
 
+
+# Sources that need the `corpus` extra (pyproject.toml): (module, package).
+CORPUS_EXTRA = (("sklearn", "scikit-learn"), ("gymnasium", "gymnasium[classic-control]"))
 
 def default_dir() -> str:
   return os.path.join(records.cache_dir(), DIR_NAME)
@@ -148,6 +152,10 @@ def build_default_corpus(out_dir: str | None = None, *, force: bool = False,
   info = read_info(out_dir)
   if info is not None and not force:
     return info
+  missing = [name for module, name in CORPUS_EXTRA if importlib.util.find_spec(module) is None]
+  if missing:
+    raise DataError(f"the default corpus draws on {', '.join(missing)}, not installed: pip install -e '.[corpus]' "
+                    "(`make train` does)")
   parent, base = os.path.dirname(out_dir), os.path.basename(out_dir)
   os.makedirs(parent, exist_ok=True)
   with _locked(f"{out_dir}.lock"):
