@@ -6,6 +6,7 @@ import json
 import math
 import os
 import struct
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -311,6 +312,34 @@ def test_progress_to_a_pipe():
   with Progress(total_steps=10, enabled=False, file=silent) as bar:
     bar.update(3, loss=1.0)
   assert silent.getvalue() == ""
+
+
+class _Terminal(io.StringIO):
+  def isatty(self):
+    return True
+
+
+def test_on_a_terminal_log_lines_go_above_the_bar_and_the_handler_is_restored():
+  from absl import flags, logging
+  logging.use_absl_handler()  # As the CLI does once its flags are parsed (cli/log_filter.py).
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  handler = logging.get_absl_handler().python_handler
+  term = _Terminal()
+  handler.setStream(term)  # Where the log lines land here, beside the bar (stderr in a run).
+  try:
+    with Progress(total_steps=10, file=term) as bar:
+      bar.update(3, loss=2.0)
+      logging.warning("a log line while the bar is shown")
+      assert "emit" in vars(handler)
+      bar.update(4, loss=1.5)
+  finally:
+    handler.setStream(sys.stderr)
+  text = term.getvalue()
+  line = text.index("a log line while the bar is shown")
+  assert "\r" in text[text.rindex("step/s]", 0, line):line]  # The bar was cleared before the line ...
+  assert "3/10" in text[line:]  # ... and drawn again under the line.
+  assert "emit" not in vars(handler)  # The handler's own emit again.
 
 
 def test_plot_writes_png(tmp_path):

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+from absl import logging
 from tqdm import tqdm
 
 
@@ -34,6 +35,19 @@ class Progress:
         smoothing=0.1,
         disable=not enabled,
     )
+    # On a terminal, log lines go above the bar instead of through it: the bar is cleared while the log
+    # handler writes a record, and drawn again after it.
+    self._log_handler = None
+    if enabled and is_tty:
+      self._log_handler = logging.get_absl_handler().python_handler
+      emit = self._log_handler.emit
+
+      def emit_above_the_bar(record):
+        self._bar.clear()
+        emit(record)
+        self._bar.refresh()
+
+      self._log_handler.emit = emit_above_the_bar
 
   def update(self, step: int, loss: float | None = None, extra: Mapping[str, Any] | None = None,
              tokens: int | None = None) -> None:
@@ -62,6 +76,9 @@ class Progress:
 
   def close(self) -> None:
     self._bar.close()
+    if self._log_handler is not None:
+      del self._log_handler.emit  # The class's own again.
+      self._log_handler = None
 
   def __enter__(self) -> Progress:
     return self
