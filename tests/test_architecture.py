@@ -6,7 +6,7 @@ import pathlib
 from tests.helpers import ROOT
 
 # Bottom to top. A module may import its own package and the packages on the floors below, never above.
-FLOORS = (("atomic", "cache", "hashing"), ("config",), ("data",), ("model",), ("objectives",), ("telemetry",),
+FLOORS = (("atomic", "cache", "hashing", "workdir"), ("config",), ("data",), ("model",), ("objectives",), ("telemetry",),
           ("planning",), ("parallel",), ("runtime",), ("checkpoint",), ("eval",), ("train",), ("interop",),
           ("cli",), ("__main__", "__init__"))
 FLOOR = {unit: i for i, units in enumerate(FLOORS) for unit in units}

@@ -267,3 +267,25 @@ def test_the_experiment_sets_only_what_differs_from_the_schema():
   assert not restated, f"experiments/codex.py restates schema defaults: {restated}"
   unassigned = sorted(key for key in tiny if tiny[key] != default[key] and key not in assigned)
   assert not unassigned and len(assigned) >= 10, unassigned
+
+
+def test_the_writer_lock_refuses_a_second_writer_and_a_refused_fresh_run_leaves_nothing(tmp_path):
+  import socket
+
+  from codex_jax.workdir import LOCK_FILE, WorkdirInUse, writer_lock
+  run = str(tmp_path / "run")
+  with writer_lock(run):
+    with pytest.raises(WorkdirInUse, match=f"is in use by pid {os.getpid()} on {re.escape(socket.gethostname())}"):
+      with writer_lock(run):
+        pass
+  with writer_lock(run):  # Released with its descriptor (or by the kernel, when a holder dies).
+    pass
+  fresh = str(tmp_path / "fresh")
+  with pytest.raises(ValueError, match="a check failed"):
+    with writer_lock(fresh):
+      raise ValueError("a check failed")
+  assert not os.path.exists(fresh)  # Created for the lock, removed again: nothing left behind.
+  with pytest.raises(ValueError):
+    with writer_lock(run):
+      raise ValueError("a check failed")
+  assert sorted(os.listdir(run)) == [LOCK_FILE]  # An existing workdir stays.

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 
@@ -13,6 +14,7 @@ import pytest
 import yaml
 
 from codex_jax.cache import cache_dir
+from codex_jax.checkpoint import verify
 from codex_jax.data.default_corpus.build import build_default_corpus
 from codex_jax.data.sample_ids import split_id
 from codex_jax.data.stream import EpochBlockShuffle
@@ -164,14 +166,38 @@ def test_a_run_leaves_everything_a_user_looks_at(reference):
 
 def test_rerunning_a_finished_run_compiles_nothing_writes_nothing_and_says_so(reference):
   workdir, _ = reference
-  before = {name: os.stat(os.path.join(workdir, name)).st_mtime_ns for name in os.listdir(workdir)}
+  mtimes = lambda: {name: os.stat(os.path.join(workdir, name)).st_mtime_ns  # noqa: E731
+                    for name in os.listdir(workdir) if name != "writer.lock"}  # The lock is taken, and names its holder.
+  before = mtimes()
   result = _train(workdir)
   assert result.returncode == 0, result.stderr[-2000:]
   assert "Nothing to train: the run in" in result.stderr and "train.steps=40" in result.stderr
   assert "Compiled the train step" not in result.stderr and "Parameters:" not in result.stderr
   summary = json.loads(result.stdout)
   assert summary["finished"] and summary["final_step"] == 40 and summary["checkpoints"][-1] == 40
-  assert {name: os.stat(os.path.join(workdir, name)).st_mtime_ns for name in os.listdir(workdir)} == before
+  assert mtimes() == before
+
+
+def test_a_second_writer_is_refused_naming_the_first_which_finishes_untouched(reference, tmp_path):
+  """Two `codex train` on one workdir used to both run: every metric twice, the lineage interleaved."""
+  workdir = str(tmp_path / "run")
+  first = subprocess.Popen(_command(workdir), cwd=ROOT, env=run_env(), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+  metrics, deadline = os.path.join(workdir, "metrics.jsonl"), time.time() + 300
+  while time.time() < deadline and first.poll() is None and not os.path.exists(metrics):
+    time.sleep(0.05)
+  second = _train(workdir)
+  assert second.returncode == 2
+  holder = f"is in use by pid {first.pid} on {socket.gethostname()}"
+  assert holder in second.stderr.strip().splitlines()[-1], second.stderr[-1000:]
+  out, err = first.communicate(timeout=300)
+  assert first.returncode == 0, err[-2000:]
+  with open(metrics) as f:
+    steps = [json.loads(line)["step"] for line in f if '"loss"' in line]
+  assert steps == list(range(1, 41))  # Each step once: the refused writer wrote nothing.
+  assert verify.verify(workdir)["ok"]
+  for got, want in zip(_leaves(_state(workdir, 40)), _leaves(_state(reference[0], 40)), strict=True):
+    np.testing.assert_array_equal(got, want)  # And trained exactly as the uninterrupted reference.
 
 
 def test_kill_9_then_resume_is_bit_identical_to_an_uninterrupted_run(reference, tmp_path):

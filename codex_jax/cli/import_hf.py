@@ -16,7 +16,9 @@ def run(flag_values, args: list[str]):
   common.check_workdir(flag_values.workdir)
   _, base = common.load_config(flag_values, num_devices=None)  # The base experiment, model shape to be replaced.
   from codex_jax.interop.importer import import_hf  # After flag checks: jax loads here.
-  result = import_hf(args[1], flag_values.workdir, base)
+  from codex_jax.workdir import writer_lock
+  with writer_lock(flag_values.workdir):  # One writer per workdir, as `codex train`.
+    result = import_hf(args[1], flag_values.workdir, base)
   if not flag_values.json:
     overrides = " ".join(f"--config.{k}={v}" for k, v in result["train_overrides"].items())
     print(f"Imported {args[1]} into {result['workdir']} as checkpoint 0 (content root {result['content_root']}).\n"

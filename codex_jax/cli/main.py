@@ -18,6 +18,7 @@ from codex_jax.cli import log_filter
 from codex_jax.config.errors import ConfigError
 from codex_jax.data.errors import DataError
 from codex_jax.train.errors import NumericsError
+from codex_jax.workdir import WorkdirInUse
 
 # command -> (module under codex_jax.cli, one-line help, an example).
 COMMANDS = {
@@ -51,8 +52,8 @@ COMMANDS = {
 }
 HELP_ARGS = ("-h", "--help", "--helpshort")
 flags.DEFINE_bool("verbose", False, "Also show the INFO logs of jax, Orbax, Grain and Flax.")
-EXPECTED_ERRORS = (ConfigError, DataError, CheckpointIntegrityError, NumericsError, flags.Error, FileNotFoundError,
-                   ValueError)
+EXPECTED_ERRORS = (ConfigError, DataError, CheckpointIntegrityError, NumericsError, WorkdirInUse, flags.Error,
+                   FileNotFoundError, ValueError)
 
 
 class UsageError(Exception):

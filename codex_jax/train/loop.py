@@ -28,10 +28,19 @@ from codex_jax.train.ledger import SampleLedger
 from codex_jax.train.preemption import Preemption
 from codex_jax.train.report import Reporter
 from codex_jax.train.setup import build_trainer, xla_model_flops
+from codex_jax.workdir import writer_lock
 
 
 def train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: bool = True) -> dict[str, Any]:
-  """Trains `cfg` in `workdir`, resuming from its latest checkpoint; returns a run summary."""
+  """Trains `cfg` in `workdir`, resuming from its latest checkpoint; returns a run summary. Process 0, the one
+  that writes, holds the workdir's writer lock throughout (a second writer is refused: codex_jax/workdir.py)."""
+  if jax.process_index() != 0:
+    return _train(cfg, config_dict, workdir, progress=progress)
+  with writer_lock(workdir):
+    return _train(cfg, config_dict, workdir, progress=progress)
+
+
+def _train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: bool) -> dict[str, Any]:
   is_main = jax.process_index() == 0
   total_steps, seq_len = cfg.train.steps, cfg.data.seq_len
 
