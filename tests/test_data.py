@@ -315,7 +315,7 @@ def test_sample_ids_show_each_record_once_per_epoch_and_epochs_in_order(few_clip
 
 # In-process: a resume from every step. With worker processes each resume starts two more processes: every
 # third step (still across the epoch boundaries), which keeps the test at a third of the time.
-@pytest.mark.parametrize("workers,stride", [(0, 1), (2, 3)])
+@pytest.mark.parametrize("workers,stride", [(0, 1), pytest.param(2, 3, marks=pytest.mark.slow)])  # Workers: slow.
 def test_state_round_trips_at_every_step_across_an_epoch_boundary(few_clips, cfg, workers, stride):
   plan = few_clips
   reference = batches(plan, cfg, 10)
@@ -339,6 +339,7 @@ def test_state_round_trips_at_every_step_across_an_epoch_boundary(few_clips, cfg
     it.close()
 
 
+@pytest.mark.slow  # Worker processes start with their imports: make test, not test-fast.
 def test_worker_count_is_not_in_the_state(plan, cfg):
   in_process = batches(plan, cfg)
   reference = [next(in_process) for _ in range(6)]
@@ -475,6 +476,7 @@ def _alive(pid: int) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_no_worker_outlives_a_killed_trainer(manifest):
   proc = subprocess.Popen([sys.executable, "-c", _CHILD.format(root=ROOT, manifest=manifest)],
                           stdout=subprocess.PIPE, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})

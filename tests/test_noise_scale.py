@@ -70,6 +70,7 @@ def test_noise_scale_keys_are_validated():
     load(**{"train.noise_scale_every": 1, "train.noise_scale_ema": 1.0})
 
 
+@pytest.mark.slow  # Compile-heavy: make test, not test-fast.
 def test_probe_on_the_model_matches_gradients_of_each_micro_batch_and_logs_on_schedule():
   from codex_jax.parallel.mesh import build_mesh
   from codex_jax.runtime import feed

@@ -14,6 +14,8 @@ from tests.helpers import load
 from tests.objective_batch import make_batch
 from tests.test_objectives import MM, PATCHES
 
+pytestmark = pytest.mark.slow  # Compile-heavy (pipelined multimodal programs): make test, not test-fast.
+
 NAMES = ("text", "vision", "align", "world", "action")
 
 

@@ -25,6 +25,8 @@ from tests.helpers import load
 from tests.objective_batch import make_batch
 from tests.test_objectives import MM, PATCHES, _adam_mu
 
+pytestmark = pytest.mark.slow  # Compile-heavy (one multimodal step per layout): make test, not test-fast.
+
 # Eight heads for tensor 8; 16 rows of 256 positions (see the docstring).
 MODEL = {**MM, "model.num_heads": 8, "model.num_kv_heads": 8, "data.seq_len": 256, "train.global_batch": 16}
 STEPS = 3

@@ -215,6 +215,7 @@ def _adam_mu(state):
   return next(s.mu for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: hasattr(x, "mu")) if hasattr(s, "mu"))
 
 
+@pytest.mark.slow  # Compile-heavy: make test, not test-fast.
 def test_null_action_gets_gradient_on_clips_and_the_target_encoder_only_its_ema(trainer):
   clips = make_batch(8, 32, 96, PATCHES, 256, layout=[[[VIDEO] * 12 + [TEXT] * 3]])
   _, after, metrics = _step(trainer, clips)
@@ -226,6 +227,7 @@ def test_null_action_gets_gradient_on_clips_and_the_target_encoder_only_its_ema(
   assert "target_params" not in str(jax.tree_util.tree_structure(after.opt_state))
 
 
+@pytest.mark.slow  # Compile-heavy: make test, not test-fast.
 def test_the_tuner_measures_each_loss_on_the_last_blocks_weights(trainer):
   """GradNorm's yardstick: the norms a measure step logs (its first measurement, so the EMA is the norm itself)
   equal the last layer's slice of each loss's full gradient (jax.grad through the whole model, on the
@@ -308,6 +310,7 @@ def test_multimodal_train_step_updates_ema_exactly_and_moves_the_tuner(trainer):
   assert sampled.shape == (3, 2, 1) and bool(jnp.all(jnp.isfinite(sampled)))
 
 
+@pytest.mark.slow  # Compile-heavy: make test, not test-fast.
 def test_an_accumulated_multimodal_step_updates_tuner_optimizer_and_target_once(trainer):
   """16 rows through the fixture's step, whose micro-batch is train.global_batch = 8 rows: k = 2 micro-batches,
   each with its own slot tables, forwards and trunk-norm measurement, then one tuner, optimizer and EMA step."""

@@ -82,6 +82,7 @@ def one_device_mtp():
   return _run({**_layout(1, 1, 1), **MTP}, jax.devices()[:1])
 
 
+@pytest.mark.slow  # Compile-heavy, as the two memory tests below: make test, not test-fast.
 @pytest.mark.parametrize("layout", [
     _layout(8, 1, 1, fsdp=True),
     _layout(1, 8, 1),
@@ -115,6 +116,7 @@ def _compiled(overrides, devices):
   return compiled, compiled.memory_analysis().argument_size_in_bytes - batch_bytes
 
 
+@pytest.mark.slow
 def test_fsdp_and_tensor_sharding_cut_state_bytes_per_device_about_n_fold():
   """Parameters + AdamW moments per device, from XLA's memory analysis of the compiled step."""
   small = {"model.num_layers": 2, "model.d_model": 128, "model.mlp_dim": 512}
@@ -129,6 +131,7 @@ def test_fsdp_and_tensor_sharding_cut_state_bytes_per_device_about_n_fold():
   assert "all-gather" not in tensor_step.as_text()
 
 
+@pytest.mark.slow
 def test_1f1b_activation_memory_is_bounded_where_gpipe_grows_with_microbatches():
   def temp_bytes(schedule, microbatches):
     compiled, _ = _compiled({**_layout(1, 1, 2, schedule=schedule, microbatches=microbatches),

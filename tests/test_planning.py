@@ -144,6 +144,7 @@ def test_manifest_exchange_rates_turn_effective_tokens_into_raw(tmp_path):
     exchange.raw_tokens(path, d, phase="nope")
 
 
+@pytest.mark.slow  # Compile-heavy: make test, not test-fast.
 def test_plan_cli_json_config_and_errors(tmp_path):
   out = tmp_path / "planned.py"
   manifest = data_fixtures.write_corpus(str(tmp_path / "corpus"))

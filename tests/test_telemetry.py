@@ -133,6 +133,7 @@ def test_train_flops_match_xla_for_a_two_layer_model():
   assert counted == pytest.approx(expected, rel=0.05)
 
 
+@pytest.mark.slow  # Compile-heavy: make test, not test-fast.
 def test_the_five_objective_step_flops_match_xla():
   """The tiny experiment's multimodal step as XLA counts it (a step that measures the tuner's norms: online
   forward + backward, heads, the EMA target forward, the measurement's forward and five backward passes)."""
