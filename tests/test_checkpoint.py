@@ -270,6 +270,30 @@ def test_ctrl_c_checkpoints_the_current_step_exits_0_and_names_the_step_a_rerun_
   assert verify.verify(workdir)["ok"]
 
 
+def test_a_torn_last_lineage_line_is_set_aside_on_resume_and_any_other_bad_line_is_named(run, tmp_path):
+  """A crash in the middle of an append leaves half a line with no newline: verify names it, a resume copies
+  the log to lineage.jsonl.torn, drops the half line, says so and continues; a bad line elsewhere is refused
+  naming file and line."""
+  workdir = _copy(run, tmp_path)
+  log = os.path.join(workdir, "lineage.jsonl")
+  whole = open(log, "rb").read()
+  with open(log, "ab") as f:
+    f.write(b'{"step": 13, "content_root": "ab')  # What a kill -9 mid-append leaves.
+  lines = whole.count(b"\n") + 1
+  with pytest.raises(CheckpointIntegrityError, match=rf"lineage.jsonl:{lines}: not a JSON record .* has no newline"):
+    verify.verify(workdir)
+  resumed = run_train(workdir, {**OVERRIDES, "train.steps": 13})  # An allowed change: one more step.
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert "its last line was torn by a crash in the middle of an append; dropped" in resumed.stderr
+  assert open(log + ".torn", "rb").read().startswith(whole) and open(log, "rb").read().startswith(whole)
+  assert verify.verify(workdir)["ok"] and json.loads(resumed.stdout)["final_step"] == 13
+  broken = whole.split(b"\n")
+  broken[1] = b"not json"
+  open(log, "wb").write(b"\n".join(broken))
+  with pytest.raises(CheckpointIntegrityError, match=r"lineage.jsonl:2: not a JSON record \(Expecting value\)$"):
+    verify.verify(workdir)
+
+
 def test_re_seeding_instead_of_restoring_the_rng_changes_the_state_hash(run):
   """Negative control for the resume tests: they compare every leaf, the RNG key included."""
   from codex_jax.checkpoint.manager import roots, state_leaf_hashes

@@ -22,10 +22,13 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 from typing import Any
 
 import codex_jax
+from codex_jax.atomic import write_bytes
+from codex_jax.checkpoint.errors import CheckpointIntegrityError
 from codex_jax.hashing import canonical_json
 
 LOG_FILE = "lineage.jsonl"
@@ -68,11 +71,47 @@ def config_hash(config: dict[str, Any]) -> str:
 
 
 def read_log(workdir: str) -> list[dict[str, Any]]:
+  """WORKDIR/lineage.jsonl's records; a line that is not a JSON record is refused naming file and line."""
   path = os.path.join(workdir, LOG_FILE)
   if not os.path.exists(path):
     return []
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  with open(path, encoding="utf-8", errors="replace") as f:
+    text = f.read()
+  lines, records = text.split("\n"), []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      torn = number == len(lines)  # No newline after it: an append a crash cut short.
+      raise CheckpointIntegrityError(
+          f"{path}:{number}: not a JSON record ({e.msg})" + (
+              "; it is the last line and has no newline, as a crash in the middle of an append leaves it: "
+              "resuming the run sets it aside and continues" if torn else "")) from None
+  return records
+
+
+def set_aside_torn_line(workdir: str) -> str | None:
+  """A last line torn by a crash mid-append (no newline, not JSON) is dropped from lineage.jsonl, the whole file
+  first copied to lineage.jsonl.torn; a whole last record that only lacks its newline gets it. Returns the copy's
+  path when a line was dropped. Any other damage is left for read_log to name."""
+  path = os.path.join(workdir, LOG_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path, "rb") as f:
+    data = f.read()
+  if not data or data.endswith(b"\n"):
+    return None
+  head, newline, tail = data.rpartition(b"\n")
+  try:
+    json.loads(tail)
+    kept, copy = data + b"\n", None
+  except ValueError:
+    kept, copy = head + newline, path + ".torn"
+    shutil.copyfile(path, copy)
+  write_bytes(path, kept)
+  return copy
 
 
 def append_log(workdir: str, record: dict[str, Any]) -> None:

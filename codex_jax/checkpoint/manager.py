@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 from codex_jax.checkpoint import lineage, merkle
 from codex_jax.checkpoint.errors import CheckpointIntegrityError
@@ -111,6 +112,12 @@ class Checkpointer:
     self.primary = jax.process_index() == 0
     self._unrecorded: list[dict] = []  # Records whose files are not yet hashed (their save may be in flight).
 
+  def _set_aside_torn_line(self) -> None:
+    copy = lineage.set_aside_torn_line(self.workdir)
+    if copy:
+      logging.warning("%s/%s: its last line was torn by a crash in the middle of an append; dropped (the file as "
+                      "it was: %s)", self.workdir, lineage.LOG_FILE, copy)
+
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
@@ -124,6 +131,7 @@ class Checkpointer:
     """A new run: its first record links to `start` (init seed and content root, or a parent checkpoint)."""
     self.parent = start["lineage_hash"] if "lineage_hash" in start else lineage.start_hash(start)
     if self.primary:
+      self._set_aside_torn_line()
       lineage.truncate_log(self.workdir, None)
       lineage.append_log(self.workdir, {"start": start, "hash": self.parent})
 
@@ -176,6 +184,8 @@ class Checkpointer:
     back to it); resume=False only reads (eval, export, averaging) and leaves the workdir untouched.
     """
     step_dir = self.step_dir(step)
+    if resume and self.primary:
+      self._set_aside_torn_line()
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
