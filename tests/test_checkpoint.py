@@ -174,6 +174,18 @@ def test_edited_resealed_or_reordered_records_fail_naming_the_first_broken_link(
   with pytest.raises(CheckpointIntegrityError, match="links to parent"):
     verify.verify(workdir)
 
+  def forge_start(records):  # Another seed, sealed by naming the old start hash as a parent checkpoint's.
+    records[0]["start"].update(seed=7, lineage_hash=records[0]["hash"])
+  for name, edit, message in (
+      ("forged", forge_start, r"the start has fields \['content_root', 'kind', 'lineage_hash', 'seed'\]; a start of "
+                              r"kind 'init' has exactly \['content_root', 'kind', 'seed'\]"),
+      ("seed", lambda records: records[0]["start"].update(seed=7), "the start record was edited"),
+      ("extra", lambda records: records[0].update(note="x"), r"the start line has fields \['hash', 'note', 'start'\]")):
+    workdir = _copy(run, tmp_path / f"start-{name}")
+    _rewrite_log(workdir, edit)
+    with pytest.raises(CheckpointIntegrityError, match=message):
+      verify.verify(workdir)
+
   workdir = _copy(run, tmp_path / "d")  # An edited record inside the checkpoint itself.
   path = os.path.join(workdir, "checkpoints", "12", "_CHECKPOINT_METADATA")
   with open(path) as f:

@@ -32,6 +32,11 @@ from codex_jax.checkpoint.errors import CheckpointIntegrityError
 from codex_jax.hashing import canonical_json
 
 LOG_FILE = "lineage.jsonl"
+# The fields of a start, by kind, exactly: a fresh init, an imported model (interop/importer.py), or a run
+# initialised from another checkpoint (its lineage hash alone).
+START_FIELDS = {"init": {"kind", "seed", "content_root"},
+                "import": {"kind", "source", "format", "files", "content_root"},
+                None: {"lineage_hash"}}
 # 2: tensor leaves hashed over 1 MiB blocks (merkle.py, leaf v2); 1 hashed whole tensors (leaf v1).
 RECORD_VERSION = 2
 _RECORD_TAG = b"codex.lineage.v1\n"

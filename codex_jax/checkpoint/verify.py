@@ -65,13 +65,29 @@ def read_state(state_dir: str):
   return ocp.StandardCheckpointer().restore(state_dir, jax.tree.map(as_stored, tree))
 
 
+def check_start(line: dict[str, Any], where: str) -> None:
+  """The start line is {"start", "hash"}; the start has exactly its kind's fields (lineage.START_FIELDS) and
+  hashes to `hash`, or, for a run initialised from another checkpoint, is that checkpoint's lineage hash."""
+  start = line.get("start")
+  if set(line) != {"start", "hash"} or not isinstance(start, dict):
+    raise CheckpointIntegrityError(f"{where}: the start line has fields {sorted(line)}; expected exactly "
+                                   "['hash', 'start']")
+  kind = start.get("kind")
+  expected = lineage.START_FIELDS.get(kind)
+  if expected is None or set(start) != expected:
+    raise CheckpointIntegrityError(f"{where}: the start has fields {sorted(start)}; a start of kind {kind!r} has "
+                                   f"exactly {sorted(expected or lineage.START_FIELDS['init'])}")
+  want = start["lineage_hash"] if kind is None else lineage.start_hash(start)
+  if want != line["hash"]:
+    raise CheckpointIntegrityError(f"{where}: the start record was edited (it hashes to {want}, it says {line['hash']})")
+
+
 def verify_chain(records: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
   """Checks every record's own hash and its link to the one before; returns the step records."""
   if not records or "start" not in records[0]:
     raise CheckpointIntegrityError(f"{where}: the lineage log does not begin with the run's start")
   start = records[0]
-  if lineage.start_hash(start["start"]) != start["hash"] and start["start"].get("lineage_hash") != start["hash"]:
-    raise CheckpointIntegrityError(f"{where}: the start record was edited")
+  check_start(start, where)
   parent, steps, seen = start["hash"], [], set()
   for record in records[1:]:
     step = record.get("step")
