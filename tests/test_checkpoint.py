@@ -306,6 +306,25 @@ def test_a_torn_last_lineage_line_is_set_aside_on_resume_and_any_other_bad_line_
     verify.verify(workdir)
 
 
+def test_a_deleted_or_edited_log_fails_verify_and_a_resume_refuses_to_extend_it(run, tmp_path):
+  """`verify` used to print "lineage ok: 0 record(s)" without the log, and a resume appended to an edited one."""
+  deleted = _copy(run, tmp_path / "deleted")
+  os.remove(os.path.join(deleted, "lineage.jsonl"))
+  with pytest.raises(CheckpointIntegrityError, match="lineage.jsonl: missing or empty, while checkpoints exist"):
+    verify.verify(deleted)
+  result = run_train(deleted, {**OVERRIDES, "train.steps": 13})
+  assert result.returncode == 2 and "lineage.jsonl: missing or empty, while checkpoint 12 exists" in (
+      result.stderr.strip().splitlines()[-1])
+  assert not os.path.exists(os.path.join(deleted, "lineage.jsonl"))  # Nothing started a new chain.
+  edited = _copy(run, tmp_path / "edited")
+  _rewrite_log(edited, lambda rs: next(r for r in rs if r.get("step") == 4 and "lineage_hash" in r)["eval"].update(
+      heldout_loss=1.0))
+  before = open(os.path.join(edited, "lineage.jsonl"), "rb").read()
+  result = run_train(edited, {**OVERRIDES, "train.steps": 13})
+  assert result.returncode == 2 and "the record of step 4 was edited" in result.stderr.strip().splitlines()[-1]
+  assert open(os.path.join(edited, "lineage.jsonl"), "rb").read() == before  # Refused, not extended.
+
+
 def test_re_seeding_instead_of_restoring_the_rng_changes_the_state_hash(run):
   """Negative control for the resume tests: they compare every leaf, the RNG key included."""
   from codex_jax.checkpoint.manager import roots, state_leaf_hashes

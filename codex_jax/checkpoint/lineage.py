@@ -138,3 +138,48 @@ def truncate_log(workdir: str, last_step: int | None) -> None:
   with open(path + ".tmp", "w", encoding="utf-8") as f:
     f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in keep)
   os.replace(path + ".tmp", path)
+
+
+def check_start(line: dict[str, Any], where: str) -> None:
+  """The start line is {"start", "hash"}; the start has exactly its kind's fields (START_FIELDS) and
+  hashes to `hash`, or, for a run initialised from another checkpoint, is that checkpoint's lineage hash."""
+  start = line.get("start")
+  if set(line) != {"start", "hash"} or not isinstance(start, dict):
+    raise CheckpointIntegrityError(f"{where}: the start line has fields {sorted(line)}; expected exactly "
+                                   "['hash', 'start']")
+  kind = start.get("kind")
+  expected = START_FIELDS.get(kind)
+  if expected is None or set(start) != expected:
+    raise CheckpointIntegrityError(f"{where}: the start has fields {sorted(start)}; a start of kind {kind!r} has "
+                                   f"exactly {sorted(expected or START_FIELDS['init'])}")
+  want = start["lineage_hash"] if kind is None else start_hash(start)
+  if want != line["hash"]:
+    raise CheckpointIntegrityError(f"{where}: the start record was edited (it hashes to {want}, it says {line['hash']})")
+
+
+def verify_chain(records: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
+  """Checks every record's own hash and its link to the one before; returns the step records."""
+  if not records or "start" not in records[0]:
+    raise CheckpointIntegrityError(f"{where}: the lineage log does not begin with the run's start")
+  start = records[0]
+  check_start(start, where)
+  parent, steps, seen = start["hash"], [], set()
+  for record in records[1:]:
+    step = record.get("step")
+    if record_hash(record) != record.get("lineage_hash"):
+      raise CheckpointIntegrityError(f"{where}: the record of step {step} was edited (it hashes to "
+                                     f"{record_hash(record)}, it says {record.get('lineage_hash')})")
+    if "parents" in record:  # An average: a side branch off the chain whose parents must all be in it.
+      missing = [p for p in record["parents"] if p not in seen]
+      if missing or record["parent"] not in record["parents"]:
+        raise CheckpointIntegrityError(f"{where}: the average at step {step} names parent(s) {missing or record['parent']} "
+                                       "that are not checkpoints of the chain before it")
+      steps.append(record)
+      continue
+    if record["parent"] != parent:
+      raise CheckpointIntegrityError(f"{where}: step {step} links to parent {record['parent']}, but the record before "
+                                     f"it is {parent} (a record was removed, swapped or rewritten)")
+    parent = record["lineage_hash"]
+    seen.add(parent)
+    steps.append(record)
+  return steps

@@ -118,6 +118,19 @@ class Checkpointer:
       logging.warning("%s/%s: its last line was torn by a crash in the middle of an append; dropped (the file as "
                       "it was: %s)", self.workdir, lineage.LOG_FILE, copy)
 
+  def _check_log(self, step: int, record: dict[str, Any]) -> None:
+    """Before a resume appends to lineage.jsonl: the log verifies as `codex lineage verify` checks it, and holds
+    the restored checkpoint's own record; an edited, deleted or foreign log is refused, never extended."""
+    path = os.path.join(self.workdir, lineage.LOG_FILE)
+    log = lineage.read_log(self.workdir)
+    if not log:
+      raise CheckpointIntegrityError(f"{path}: missing or empty, while checkpoint {step} exists: the chain cannot "
+                                     "continue from it; restore the run's lineage.jsonl")
+    chain = lineage.verify_chain([r for r in log if "files_of" not in r], path)
+    if not any(r.get("lineage_hash") == record["lineage_hash"] for r in chain):
+      raise CheckpointIntegrityError(f"{path}: holds no record of checkpoint {step} (lineage hash "
+                                     f"{record['lineage_hash']}): the log belongs to another chain")
+
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
@@ -199,6 +212,7 @@ class Checkpointer:
     if resume:
       self.parent = meta["lineage"]["lineage_hash"]
       if self.primary:
+        self._check_log(step, meta["lineage"])
         lineage.truncate_log(self.workdir, step)
     return state
 

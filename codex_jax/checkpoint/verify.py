@@ -65,51 +65,6 @@ def read_state(state_dir: str):
   return ocp.StandardCheckpointer().restore(state_dir, jax.tree.map(as_stored, tree))
 
 
-def check_start(line: dict[str, Any], where: str) -> None:
-  """The start line is {"start", "hash"}; the start has exactly its kind's fields (lineage.START_FIELDS) and
-  hashes to `hash`, or, for a run initialised from another checkpoint, is that checkpoint's lineage hash."""
-  start = line.get("start")
-  if set(line) != {"start", "hash"} or not isinstance(start, dict):
-    raise CheckpointIntegrityError(f"{where}: the start line has fields {sorted(line)}; expected exactly "
-                                   "['hash', 'start']")
-  kind = start.get("kind")
-  expected = lineage.START_FIELDS.get(kind)
-  if expected is None or set(start) != expected:
-    raise CheckpointIntegrityError(f"{where}: the start has fields {sorted(start)}; a start of kind {kind!r} has "
-                                   f"exactly {sorted(expected or lineage.START_FIELDS['init'])}")
-  want = start["lineage_hash"] if kind is None else lineage.start_hash(start)
-  if want != line["hash"]:
-    raise CheckpointIntegrityError(f"{where}: the start record was edited (it hashes to {want}, it says {line['hash']})")
-
-
-def verify_chain(records: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
-  """Checks every record's own hash and its link to the one before; returns the step records."""
-  if not records or "start" not in records[0]:
-    raise CheckpointIntegrityError(f"{where}: the lineage log does not begin with the run's start")
-  start = records[0]
-  check_start(start, where)
-  parent, steps, seen = start["hash"], [], set()
-  for record in records[1:]:
-    step = record.get("step")
-    if lineage.record_hash(record) != record.get("lineage_hash"):
-      raise CheckpointIntegrityError(f"{where}: the record of step {step} was edited (it hashes to "
-                                     f"{lineage.record_hash(record)}, it says {record.get('lineage_hash')})")
-    if "parents" in record:  # An average: a side branch off the chain whose parents must all be in it.
-      missing = [p for p in record["parents"] if p not in seen]
-      if missing or record["parent"] not in record["parents"]:
-        raise CheckpointIntegrityError(f"{where}: the average at step {step} names parent(s) {missing or record['parent']} "
-                                       "that are not checkpoints of the chain before it")
-      steps.append(record)
-      continue
-    if record["parent"] != parent:
-      raise CheckpointIntegrityError(f"{where}: step {step} links to parent {record['parent']}, but the record before "
-                                     f"it is {parent} (a record was removed, swapped or rewritten)")
-    parent = record["lineage_hash"]
-    seen.add(parent)
-    steps.append(record)
-  return steps
-
-
 def verify(path: str) -> dict[str, Any]:
   """Verifies a workdir (the whole chain and every checkpoint still on disk) or one step directory."""
   path = os.path.abspath(path)
@@ -120,11 +75,14 @@ def verify(path: str) -> dict[str, Any]:
   else:
     raise CheckpointIntegrityError(f"{path}: neither a workdir (with checkpoints/) nor a checkpoint step directory")
   log = lineage.read_log(workdir)
+  if not log and only is None and _step_dirs(workdir, "checkpoints"):
+    raise CheckpointIntegrityError(f"{os.path.join(workdir, lineage.LOG_FILE)}: missing or empty, while checkpoints "
+                                   "exist: the chain cannot be checked back to the run's start")
   files = {r["files_of"]: r["files"] for r in log if "files_of" in r}
   log = [r for r in log if "files_of" not in r]
   by_hash = {}
   if log:
-    by_hash = {r["lineage_hash"]: r for r in verify_chain(log, os.path.join(workdir, lineage.LOG_FILE))}
+    by_hash = {r["lineage_hash"]: r for r in lineage.verify_chain(log, os.path.join(workdir, lineage.LOG_FILE))}
   dirs = [only] if only else [d for folder in ("checkpoints", AVERAGED_DIR) for d in _step_dirs(workdir, folder)]
   checked = []
   for step_dir in dirs:
