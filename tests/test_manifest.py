@@ -59,6 +59,10 @@ def source(raw, name):
     (lambda r: source(r, "code").update(exchange_rate={"image": -1}), r"source 'code': exchange_rate.image"),
     (lambda r: r["phases"][1].update(start_step=0), r"start_step values must increase"),
     (lambda r: source(r, "clips").update(eval_fraction=1.0), r"source 'clips': eval_fraction 1.0 must be"),
+    (lambda r: source(r, "clips").update(locations=["clips/*.tar", "../../../etc/*.tar"]),
+     r"source 'clips': locations\[1\] '\.\./\.\./\.\./etc/\*\.tar' resolves to \S*/etc/\*\.tar, outside the manifest's root"),
+    (lambda r: source(r, "clips").update(locations=["/etc/passwd"]), r"locations\[0\] '/etc/passwd' resolves to /etc/passwd, "
+                                                                     r"outside the manifest's root"),
 ])
 def test_manifest_errors_name_the_source_and_field(corpus_dir, tmp_path, edit, expected):
   with pytest.raises(DataError, match=expected) as info:

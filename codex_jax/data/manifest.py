@@ -223,6 +223,11 @@ def _source(entry: Any, i: int, root: str, rates: dict[str, float], phase_names:
     if m not in MODALITIES:
       problems.append(f"{where}: modality {m!r} is not one of {', '.join(MODALITIES)}")
   locations = entry["locations"] if isinstance(entry["locations"], list) else [entry["locations"]]
+  resolved = [os.path.normpath(os.path.join(root, os.path.expanduser(str(loc)))) for loc in locations]
+  for j, (loc, path) in enumerate(zip(locations, resolved, strict=True)):
+    if os.path.commonpath([path, root]) != root:  # `../..` or an absolute path elsewhere.
+      problems.append(f"{where}: locations[{j}] {loc!r} resolves to {path}, outside the manifest's root {root}; "
+                      "data is named under its root (set `root` to the folder that holds it)")
   share = entry["share"]
   if not isinstance(share, dict):
     share = {phase_names[0]: share} if len(phase_names) == 1 else {}
@@ -245,8 +250,7 @@ def _source(entry: Any, i: int, root: str, rates: dict[str, float], phase_names:
   if len(problems) > before:
     return None
   return Source(name=str(entry["name"]), kind=entry["kind"], modalities=tuple(modalities), format=entry["format"],
-                locations=tuple(os.path.normpath(os.path.join(root, os.path.expanduser(str(loc))))
-                                for loc in locations),
+                locations=tuple(resolved),
                 licence=str(entry["licence"]), share={p: float(share[p]) for p in phase_names},
                 exchange_rates=source_rates, options=dict(options), origin=str(entry.get("origin", "")),
                 eval_fraction=None if eval_fraction is None else float(eval_fraction))
