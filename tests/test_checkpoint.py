@@ -239,17 +239,23 @@ def _assert_same_final_state(workdir, reference):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
-def test_sigterm_checkpoints_the_current_step_exits_0_and_resumes_exactly(run, tmp_path):
-  workdir = str(tmp_path / "run")
+def _signal_after(workdir: str, rows: int, signum: int) -> tuple[subprocess.Popen, str, str]:
+  """A real run in `workdir` sent `signum` once metrics.jsonl holds `rows` lines; (process, stdout, stderr)."""
   process = train_process(workdir, OVERRIDES)
   metrics = os.path.join(workdir, "metrics.jsonl")
   deadline = time.time() + 300
   while time.time() < deadline and process.poll() is None:
-    if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 5:
+    if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= rows:
       break
     time.sleep(0.05)
-  process.send_signal(signal.SIGTERM)
+  process.send_signal(signum)
   out, err = process.communicate(timeout=120)
+  return process, out, err
+
+
+def test_sigterm_checkpoints_the_current_step_exits_0_and_resumes_exactly(run, tmp_path):
+  workdir = str(tmp_path / "run")
+  process, out, err = _signal_after(workdir, 5, signal.SIGTERM)
   assert process.returncode == 0, err[-2000:]
   summary = json.loads(out)
   assert summary["preempted"] and summary["final_step"] < 12
@@ -264,15 +270,7 @@ def test_sigterm_checkpoints_the_current_step_exits_0_and_resumes_exactly(run, t
 def test_ctrl_c_checkpoints_the_current_step_exits_0_and_names_the_step_a_rerun_resumes_from(tmp_path):
   """A first Ctrl-C (SIGINT) saves like SIGTERM (whose resume the test above replays exactly)."""
   workdir = str(tmp_path / "run")
-  process = train_process(workdir, OVERRIDES)
-  metrics = os.path.join(workdir, "metrics.jsonl")
-  deadline = time.time() + 300
-  while time.time() < deadline and process.poll() is None:
-    if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 3:
-      break
-    time.sleep(0.05)
-  process.send_signal(signal.SIGINT)
-  out, err = process.communicate(timeout=120)
+  process, out, err = _signal_after(workdir, 3, signal.SIGINT)
   assert process.returncode == 0, err[-2000:]
   summary = json.loads(out)
   step = summary["final_step"]

@@ -27,7 +27,7 @@ import subprocess
 from typing import Any
 
 import codex_jax
-from codex_jax.atomic import write_bytes
+from codex_jax.atomic import write_bytes, write_text
 from codex_jax.checkpoint.errors import CheckpointIntegrityError
 from codex_jax.hashing import canonical_json
 
@@ -134,10 +134,7 @@ def truncate_log(workdir: str, last_step: int | None) -> None:
     keep = [r for r in keep if "start" in r]  # No record of the restored step: only the start is still valid.
   if len(keep) == len(records):
     return
-  path = os.path.join(workdir, LOG_FILE)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in keep)
-  os.replace(path + ".tmp", path)
+  write_text(os.path.join(workdir, LOG_FILE), "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
 
 
 def check_start(line: dict[str, Any], where: str) -> None:

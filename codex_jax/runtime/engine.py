@@ -30,6 +30,7 @@ class Engine:
   model: Decoder
   mesh: Mesh
   rules: tuple
+  param_shapes: Any             # ShapeDtypeStructs of the parameter tree (traced once, never allocated).
   param_shardings: Any           # NamedShardings of the parameter tree, by the rules table.
   data_sharding: NamedSharding   # A batch's rows over `data`.
   pipeline: Pipeline | None      # The layer stack's schedule over `pipeline`, when that axis is > 1.
@@ -55,7 +56,7 @@ class Engine:
 
   def abstract_params(self):
     """ShapeDtypeStructs of the parameters, carrying their shardings: what a checkpoint restores into."""
-    return with_shardings(jax.eval_shape(self.init_params, 0), self.param_shardings)
+    return with_shardings(self.param_shapes, self.param_shardings)
 
   @property
   def has_target(self) -> bool:
@@ -75,21 +76,17 @@ def build_engine(cfg: Config, mesh: Mesh, phase_starts: dict[str, int] | None = 
   """`phase_starts` (manifest phase -> start step) switches the objectives' weights per phase."""
   rules = logical_axis_rules(cfg.mesh.fsdp, cfg.mesh.sequence_parallel)
   model = Decoder(cfg.model)
-  specs = param_logical_specs(model, cfg.data.seq_len)
+  # One trace of the init gives the parameters' shapes and their logical axis names.
+  boxed = jax.eval_shape(lambda: _boxed_init(model, 0, cfg.data.seq_len))
+  specs = nn.get_partition_spec(boxed)
   spec = multimodal.spec_of(cfg, phase_starts) if cfg.objectives.multimodal else None
-  return Engine(cfg, model, mesh, rules, nn.logical_to_mesh_sharding(specs, mesh, rules), batch_sharding(mesh),
-                _pipeline(cfg, mesh, model, specs), spec)
+  return Engine(cfg, model, mesh, rules, nn.meta.unbox(boxed), nn.logical_to_mesh_sharding(specs, mesh, rules),
+                batch_sharding(mesh), _pipeline(cfg, mesh, model, specs), spec)
 
 
 def one_device(cfg: Config) -> Engine:
   """The engine of a one-device config (checkpoint/load.py's), on this process's first device."""
   return build_engine(cfg, one_device_mesh(cfg.mesh))
-
-
-def param_logical_specs(model: Decoder, seq_len: int):
-  """PartitionSpecs of logical axis names for every parameter, without allocating any."""
-  boxed = jax.eval_shape(lambda: _boxed_init(model, 0, seq_len))
-  return nn.get_partition_spec(boxed)
 
 
 def _pipeline(cfg: Config, mesh: Mesh, model: Decoder, specs) -> Pipeline | None:

@@ -49,12 +49,12 @@ def _train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: 
   for change in check_config(workdir, config_dict):
     logging.info("Config change accepted on resume: %s", change)
   # 1b. A finished run has nothing to do: said before anything is built or compiled.
-  last = (committed_steps(workdir) or [None])[-1]
-  if last is not None and last >= total_steps:
+  committed = committed_steps(workdir)
+  if committed and committed[-1] >= total_steps:
     logging.info("Nothing to train: the run in %s is finished (its last checkpoint is step %d, train.steps=%d); "
-                 "raise --config.train.steps to continue it.", workdir, last, total_steps)
-    return {"start_step": last, "final_step": last, "finished": True, "workdir": os.path.abspath(workdir),
-            "checkpoints": committed_steps(workdir)}
+                 "raise --config.train.steps to continue it.", workdir, committed[-1], total_steps)
+    return {"start_step": committed[-1], "final_step": committed[-1], "finished": True,
+            "workdir": os.path.abspath(workdir), "checkpoints": committed}
 
   # 2. Mesh.
   mesh = build_mesh(cfg.mesh)

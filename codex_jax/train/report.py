@@ -58,7 +58,7 @@ class Reporter:
       self.ledger.write(step, samples)
     # The headline is the text cross-entropy: with several objectives `loss` is their weighted sum, whose
     # weights the tuner moves, so it can rise while every objective falls.
-    self.bar.update(step, extra={"text_ce": scalars.get("ce_loss", scalars["loss"])}, tokens=tokens)
+    self.bar.update(step, extra={"text_ce": text_ce(scalars)}, tokens=tokens)
     self.first = self.first or scalars
     self.last = scalars
     if step % self.log_every == 0 or step <= 3:
@@ -76,7 +76,7 @@ class Reporter:
   def summary(self) -> dict:
     first, last = self.first or {}, self.last or {}
     return {"first_loss": first.get("loss"), "last_loss": last.get("loss"),
-            "first_text_ce": first.get("ce_loss", first.get("loss")), "last_text_ce": last.get("ce_loss", last.get("loss")),
+            "first_text_ce": text_ce(first), "last_text_ce": text_ce(last),
             "tokens_per_s": last.get("tokens_per_s"), "mfu": last.get("mfu")}
 
   def close(self) -> None:
@@ -86,10 +86,15 @@ class Reporter:
       self.ledger.close()
 
 
+def text_ce(scalars: dict[str, float]) -> float | None:
+  """The text cross-entropy of a step's scalars (a text-only step without `ce_loss`: its loss)."""
+  return scalars.get("ce_loss", scalars.get("loss"))
+
+
 def console_line(step: int, scalars: dict[str, float]) -> str:
   """A step's log line: the text cross-entropy first; with other objectives, each one's loss and tuner weight,
   then their weighted total, labelled as such (text-only: the loss with z-loss and MTP)."""
-  parts = [f"step {step}", f"text_ce {scalars.get('ce_loss', scalars['loss']):.4f}"]
+  parts = [f"step {step}", f"text_ce {text_ce(scalars):.4f}"]
   others = [name for name in OBJECTIVES[1:] if f"loss_{name}" in scalars]
   if others:
     weight = lambda name: scalars.get(f"balance_weight_{name}", float("nan"))  # noqa: E731
