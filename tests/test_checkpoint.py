@@ -1,7 +1,9 @@
 """Checkpoint integrity and lineage: a real content root re-derived, flipped bytes, edited records, proofs, kills."""
 
 import json
+import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,7 +18,7 @@ import pytest
 
 from codex_jax.checkpoint import lineage, merkle, verify
 from codex_jax.checkpoint.errors import CheckpointIntegrityError
-from codex_jax.checkpoint.manager import Checkpointer
+from codex_jax.checkpoint.manager import Checkpointer, write_files
 from codex_jax.config.schema import CheckpointConfig
 from tests.helpers import ROOT, RUN_OVERRIDES, run_train, train_process, trained_workdir
 from tests.test_merkle import spec_leaf, spec_root  # docs/checkpoints.md's hash format, written out with hashlib.
@@ -98,11 +100,9 @@ def test_one_flipped_byte_anywhere_fails_verification_naming_file_and_tensor(run
 def test_restore_refuses_a_flipped_bit_before_returning_any_array(run, tmp_path):
   workdir = _copy(run, tmp_path)
   step_dir = os.path.join(workdir, "checkpoints", "12")
-  # Flip inside the compressed chunk and hide the file list, so the tensor hash itself must catch it.
+  # Flip inside the compressed chunk and re-list the files, so the tensor hash itself must catch it.
   _flip(os.path.join(step_dir, "state", "params.unembed", "0.0"), at=0.9)
-  records = [r for r in lineage.read_log(workdir) if "files_of" not in r]
-  with open(os.path.join(workdir, lineage.LOG_FILE), "w") as f:
-    f.writelines(json.dumps(r) + "\n" for r in records)
+  write_files(step_dir)
   checkpointer = Checkpointer(workdir, CheckpointConfig())
   try:
     meta = checkpointer.read_meta(12)
@@ -111,7 +111,7 @@ def test_restore_refuses_a_flipped_bit_before_returning_any_array(run, tmp_path)
       checkpointer.restore(12, target, meta=meta)
   finally:
     checkpointer.close()
-  assert "params/unembed" in str(info.value) and "expected" in str(info.value)
+  assert "tensor(s) do not match their recorded hash: tensor params/unembed" in str(info.value)
 
 
 def _target_from_metadata(step_dir: str, **changes):
@@ -197,7 +197,9 @@ def test_edited_resealed_or_reordered_records_fail_naming_the_first_broken_link(
   assert result.returncode == 2 and "_CHECKPOINT_METADATA" in result.stderr.strip().splitlines()[-1]
 
 
-def test_a_tensor_proof_verifies_without_the_checkpoint(run, tmp_path):
+def test_a_tensor_proof_verifies_without_the_checkpoint_and_binds_what_it_proves(run, tmp_path):
+  """Proofs used to verify when relabelled to another tensor, re-indexed, re-counted, renamed to another root, when
+  an inner node was presented as the leaf, and, with no trusted root, a made-up leaf printed "proof ok"."""
   workdir = _copy(run, tmp_path)
   proof_file = str(tmp_path / "proof.json")
   made = _lineage_cli("prove", os.path.join(workdir, "checkpoints", "12"), "--tensor=params/layers/mlp/down",
@@ -205,14 +207,45 @@ def test_a_tensor_proof_verifies_without_the_checkpoint(run, tmp_path):
   assert made.returncode == 0, made.stderr[-2000:]
   shutil.rmtree(workdir)
   proof = json.load(open(proof_file))
-  assert proof["root"] == _record(os.path.join(run, "checkpoints", "12"))["content_root"]
-  ok = _lineage_cli("verify", f"--proof={proof_file}", f"--root={proof['root']}")
-  assert ok.returncode == 0 and "proof ok" in ok.stdout
-  proof["siblings"][0]["hash"] = "0" * 64
+  root = _record(os.path.join(run, "checkpoints", "12"))["content_root"]
+  assert proof["root"] == root and proof["dtype"] == "float32" and proof["leaf_format"] == "codex.leaf.v2"
+  ok = _lineage_cli("verify", f"--proof={proof_file}", f"--root={root}")
+  assert ok.returncode == 0 and f"proof ok: params/layers/mlp/down is in content_root {root}" in ok.stdout
+  unrooted = _lineage_cli("verify", f"--proof={proof_file}")
+  assert unrooted.returncode == 2 and "that root is not trusted" in unrooted.stderr
+  accepted = _lineage_cli("verify", f"--proof={proof_file}", "--untrusted_root_ok")
+  assert accepted.returncode == 0 and "internally only, no trusted root" in accepted.stdout
+
+  embedding = next(p for p in _record_leaves(run) if p == "params/embedding")
+  inner = merkle.root([proof["leaf_hash"], proof["siblings"][0]])  # An inner node, presented as a leaf.
+  forgeries = {
+      "relabelled": {"tensor": embedding, "leaf_path": "embedding"},
+      "relabelled, leaf hash recomputed": {"tensor": embedding, "leaf_path": "embedding", "leaf_hash": merkle.leaf_from_digests(
+          "embedding", np.float32, proof["shape"], [bytes.fromhex(d) for d in proof["block_digests"]])},
+      "label only": {"tensor": embedding},
+      "re-indexed": {"index": proof["index"] ^ 1},
+      "re-counted": {"count": proof["count"] + 2},
+      "other root": {"root_name": "optimizer_root"},
+      "inner node as leaf": {"leaf_hash": inner, "siblings": proof["siblings"][1:], "index": proof["index"] // 2},
+      "other shape": {"shape": proof["shape"][::-1]},
+      "made-up leaf": {"leaf_hash": "0" * 64},
+      "a sibling changed": {"siblings": ["0" * 64, *proof["siblings"][1:]]},
+  }
+  for name, change in forgeries.items():
+    with open(proof_file, "w") as f:
+      json.dump({**proof, **change}, f)
+    bad = _lineage_cli("verify", f"--proof={proof_file}", f"--root={root}")
+    assert bad.returncode == 2 and "proof of" in bad.stderr, name
+  made_up = {**proof, "siblings": proof["siblings"][1:], "index": 0, "count": 1}  # Consistent with its own root...
+  made_up["root"] = merkle.root_from_proof(proof["leaf_hash"], 0, 1, [])
   with open(proof_file, "w") as f:
-    json.dump(proof, f)
-  bad = _lineage_cli("verify", f"--proof={proof_file}")
-  assert bad.returncode == 2 and "params/layers/mlp/down" in bad.stderr
+    json.dump(made_up, f)
+  assert _lineage_cli("verify", f"--proof={proof_file}").returncode == 2  # ...which nobody trusted.
+
+
+def _record_leaves(run) -> dict:
+  with open(os.path.join(run, "checkpoints", "12", "meta", "metadata")) as f:
+    return json.load(f)["leaves"]
 
 
 def test_no_checkpoint_is_written_with_a_non_finite_value(tmp_path):
@@ -308,7 +341,7 @@ def test_a_deleted_or_edited_log_fails_verify_and_a_resume_refuses_to_extend_it(
   """`verify` used to print "lineage ok: 0 record(s)" without the log, and a resume appended to an edited one."""
   deleted = _copy(run, tmp_path / "deleted")
   os.remove(os.path.join(deleted, "lineage.jsonl"))
-  with pytest.raises(CheckpointIntegrityError, match="lineage.jsonl: missing or empty, while checkpoints exist"):
+  with pytest.raises(CheckpointIntegrityError, match="lineage.jsonl: missing or empty. The checkpoints' own records"):
     verify.verify(deleted)
   result = run_train(deleted, {**OVERRIDES, "train.steps": 13})
   assert result.returncode == 2 and "lineage.jsonl: missing or empty, while checkpoint 12 exists" in (
@@ -378,12 +411,15 @@ def test_three_kills_one_during_an_async_save_one_during_restore_and_compile_sti
 
 
 def test_consecutive_bad_steps_stop_the_run_with_a_clear_error(tmp_path):
-  # A learning rate of 1e12 blows the weights up on the first update; every later step is non-finite.
-  result = run_train(str(tmp_path / "run"), {**OVERRIDES, "optimizer.learning_rate": 1e12, "train.steps": 12,
+  # A learning rate of 1e30 gives finite losses but updates 1e30 times the weights: the update size, not the loss,
+  # refuses them (such a step used to be applied), so the weights stay those of the last good step.
+  result = run_train(str(tmp_path / "run"), {**OVERRIDES, "optimizer.learning_rate": 1e30, "train.steps": 12,
                                              "train.max_consecutive_bad": 3, "checkpoint.every": 100})
   assert result.returncode == 2
   last = result.stderr.strip().splitlines()[-1]
-  assert "consecutive steps skipped as numerically bad" in last and "train.max_consecutive_bad=3" in last
+  assert re.search(r"step \d+: 3 consecutive steps skipped as numerically bad", last) and "train.max_consecutive_bad=3" in last
+  loss, ratio = re.search(r"last loss (\S+), .* update / weights (\S+) ", last).groups()
+  assert math.isfinite(float(loss)) and float(ratio) > 1e20
 
 
 def test_a_background_write_error_surfaces_at_the_next_save_and_the_step_is_never_listed(tmp_path, monkeypatch):
@@ -427,3 +463,103 @@ def test_a_deleted_or_truncated_file_is_named(run, tmp_path, damage):
       f.truncate(os.path.getsize(path) // 2)
   with pytest.raises(CheckpointIntegrityError, match=r"params.feature_in/0.0 \(tensor params/feature_in\)"):
     verify.verify(workdir)
+
+
+def test_a_step_killed_right_after_its_commit_still_has_its_file_hashes(tmp_path):
+  """Per-file hashes used to be written at the next save, so a `kill -9` just after a commit left a step whose
+  `.zarray` could be edited unseen. They are now written inside the commit (files.json before the rename)."""
+  workdir = str(tmp_path / "run")
+  step_dir = os.path.join(workdir, "checkpoints", "4")
+  process = train_process(workdir, OVERRIDES)
+  deadline = time.time() + 300
+  while time.time() < deadline and process.poll() is None and not os.path.isdir(step_dir):
+    time.sleep(0.002)
+  process.send_signal(signal.SIGKILL)
+  process.communicate()
+  assert os.path.isfile(os.path.join(step_dir, "files.json"))  # Committed, so listed: no later save needed.
+  zarray = os.path.join(step_dir, "state", "params.embedding", ".zarray")
+  header = json.load(open(zarray))
+  json.dump(header, open(zarray, "w"), indent=4)  # Same array, other bytes: no tensor hash sees it.
+  with pytest.raises(CheckpointIntegrityError, match=r"params.embedding/.zarray \(tensor params/embedding\) changed"):
+    verify.verify(workdir)
+  os.remove(os.path.join(step_dir, "files.json"))
+  with pytest.raises(CheckpointIntegrityError, match="checkpoints/4/files.json is missing"):
+    verify.verify(workdir)
+
+
+def _tiny_run(workdir: str, seed: int, steps: list[int]) -> None:
+  checkpointer = Checkpointer(workdir, CheckpointConfig(async_save=False, max_to_keep=5))
+  checkpointer.start_fresh({"kind": "init", "seed": seed, "content_root": merkle.EMPTY_ROOT})
+  iterator = iter(grain.MapDataset.range(4).to_iter_dataset())
+  try:
+    for step in steps:
+      checkpointer.save(step, {"params": {"w": np.full(3, step + seed, np.float32)}, "step": np.int32(step)},
+                        iterator, {}, {})
+  finally:
+    checkpointer.close()
+
+
+def test_the_checkpoints_own_records_expose_a_swap_without_the_log(tmp_path):
+  """With lineage.jsonl deleted, `verify` used to say ok, and a checkpoint swapped in from another run passed."""
+  ours, theirs = str(tmp_path / "ours"), str(tmp_path / "theirs")
+  _tiny_run(ours, 0, [1, 2, 3])
+  _tiny_run(theirs, 1, [1, 2, 3])
+  assert verify.verify(ours)["ok"]
+  os.remove(os.path.join(ours, lineage.LOG_FILE))
+  with pytest.raises(CheckpointIntegrityError, match=r"lineage.jsonl: missing or empty. The checkpoints' own records "
+                                                     r"link from step 1 to 3, but .* the run's start"):
+    verify.verify(ours)
+  shutil.rmtree(os.path.join(ours, "checkpoints", "2"))
+  shutil.copytree(os.path.join(theirs, "checkpoints", "2"), os.path.join(ours, "checkpoints", "2"))
+  with pytest.raises(CheckpointIntegrityError, match="step 2's record links to parent .* the checkpoint before it "
+                                                     r"\(step 1\) is .*: a checkpoint was swapped in or removed"):
+    verify.verify(ours)
+  shutil.rmtree(os.path.join(ours, "checkpoints", "2"))  # Removed from the middle: retention never does that.
+  with pytest.raises(CheckpointIntegrityError, match="step 3's record links to parent"):
+    verify.verify(ours)
+
+
+def test_every_config_the_run_ran_under_is_kept_so_each_records_config_hash_re_derives(run, tmp_path):
+  """config.json is rewritten by an allowed change on resume; older records' config hashes used to be lost."""
+  workdir = _copy(run, tmp_path)
+  before = _record(os.path.join(workdir, "checkpoints", "12"))["config_hash"]
+  resumed = run_train(workdir, {**OVERRIDES, "train.steps": 13})
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  after = _record(os.path.join(workdir, "checkpoints", "13"))["config_hash"]
+  assert before != after and sorted(os.listdir(os.path.join(workdir, "configs"))) == sorted(
+      [before + ".json", after + ".json"])
+  assert verify.verify(workdir)["ok"]
+  old = os.path.join(workdir, "configs", before + ".json")
+  config = json.load(open(old))
+  config["train"]["steps"] = 99
+  with open(old, "w") as f:
+    json.dump(config, f)
+  with pytest.raises(CheckpointIntegrityError, match=rf"configs/{before}.json: hashes to .* the config was edited"):
+    verify.verify(workdir)
+  os.remove(old)
+  with pytest.raises(CheckpointIntegrityError, match=r"the config step 4 ran under cannot be read"):
+    verify.verify(workdir)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"), reason="needs root to mount a small tmpfs")
+def test_a_full_disk_stops_the_run_in_a_few_lines_and_a_rerun_elsewhere_resumes(tmp_path):
+  """A full disk used to print dozens of tracebacks (and could hang on tensorboardX's dead writer thread)."""
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3M", "tmpfs", str(disk)], check=True)
+  try:
+    result = run_train(str(disk / "run"), {**OVERRIDES, "train.steps": 30, "checkpoint.every": 5})
+    shutil.copytree(disk / "run", tmp_path / "run")
+  finally:
+    subprocess.run(["umount", str(disk)], check=True)
+  assert result.returncode == 2, result.stderr[-3000:]
+  lines = result.stderr.strip().splitlines()
+  assert "Traceback" not in result.stderr and len(lines) < 60, result.stderr[-3000:]
+  [error] = [line for line in lines if line.startswith("codex train: error:")]
+  assert "No space left on device" in error, error
+  workdir = str(tmp_path / "run")
+  committed = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+  assert committed and verify.verify(workdir)["ok"]
+  resumed = run_train(workdir, {**OVERRIDES, "train.steps": 30, "checkpoint.every": 5})
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert json.loads(resumed.stdout)["start_step"] == committed[-1] and verify.verify(workdir)["ok"]

@@ -204,7 +204,7 @@ def test_an_averaged_checkpoint_has_its_parents_in_its_record_and_lineage_verify
   result = average.write_average(workdir, loaded, {"heldout_loss": 1.5})
   checked = verify.verify(workdir)
   assert [c.get("parents") for c in checked["checkpoints"] if "parents" in c] == [result["parents"]]
-  assert lineage.read_log(workdir)[-2]["eval"] == {"heldout_loss": 1.5}
+  assert lineage.read_log(workdir)[-1]["eval"] == {"heldout_loss": 1.5}
   with pytest.raises(CheckpointIntegrityError, match="already exists"):
     average.write_average(workdir, loaded)
 
@@ -221,7 +221,7 @@ def test_an_averaged_checkpoint_has_its_parents_in_its_record_and_lineage_verify
 @pytest.mark.slow
 def test_a_params_only_load_equals_the_full_restore_and_refuses_a_tampered_parameter(run, tmp_path):
   from codex_jax.checkpoint.load import read_config
-  from codex_jax.checkpoint.manager import Checkpointer
+  from codex_jax.checkpoint.manager import Checkpointer, write_files
   from codex_jax.parallel.mesh import build_mesh
   from codex_jax.train.setup import build_trainer
   workdir = str(tmp_path / "copy")
@@ -236,14 +236,12 @@ def test_a_params_only_load_equals_the_full_restore_and_refuses_a_tampered_param
   pairs = zip(jax.tree.leaves(load_step(workdir, 12).params), jax.tree.leaves(full.params), strict=True)
   assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in pairs)
 
-  # Flip a byte inside one parameter's data and drop the file hashes, so the tensor hash itself must refuse it.
+  # Flip a byte inside one parameter's data and re-list the files, so the tensor hash itself must refuse it.
   chunk = os.path.join(workdir, "checkpoints", "12", "state", "params.unembed", "0.0")
   data = bytearray(open(chunk, "rb").read())
   data[int(len(data) * 0.9)] ^= 0x04
   with open(chunk, "wb") as f:
     f.write(bytes(data))
-  records = [r for r in lineage.read_log(workdir) if "files_of" not in r]
-  with open(os.path.join(workdir, lineage.LOG_FILE), "w") as f:
-    f.writelines(json.dumps(r) + "\n" for r in records)
+  write_files(os.path.join(workdir, "checkpoints", "12"))
   with pytest.raises(CheckpointIntegrityError, match=r"tensor params/unembed .*expected"):
     load_step(workdir, 12)

@@ -19,7 +19,7 @@ import zstandard
 from array_record.python.array_record_module import ArrayRecordWriter
 from PIL import Image
 
-from codex_jax.data import formats
+from codex_jax.data import fingerprint, formats
 from codex_jax.data.errors import DataError
 from codex_jax.data.records import MalformedRecord
 
@@ -272,7 +272,7 @@ def test_episodes_malformed_episode_is_one_bad_window(tmp_path, overrides, reaso
   fmt = formats.EpisodesFormat()
   assert fmt.scan(path, {}) == [("episode_007 window 0", [0, 0])]
   expect_malformed(fmt, path, [0, 0], "episode_007 window 0", reason)
-  index = formats.index_file(fmt, path, {})
+  index = _index(fmt, path, {})
   assert index.records == [] and index.malformed[0][0] == "episode_007 window 0" and reason in index.malformed[0][1]
 
 
@@ -306,10 +306,14 @@ def test_array_record_round_trip_and_malformed(tmp_path):
 
 # ---- index ----
 
+def _index(fmt, path, options):
+  return formats.index_file(fmt, path, options, fingerprint.file_sha256(path))
+
+
 def test_index_lists_malformed_and_keeps_good(tmp_path, monkeypatch):
   monkeypatch.setenv("CODEX_CACHE_DIR", str(tmp_path / "cache"))
   path = write_jsonl(tmp_path / "a.jsonl", ['{"text": "a"}', "{oops", "", '{"text": ""}', '{"text": "e"}'])
-  index = formats.index_file(formats.get_format("jsonl"), path, {})
+  index = _index(formats.get_format("jsonl"), path, {})
   assert index.path == path
   assert index.records == [("line 1", [0, 13]), ("line 5", [34, 13])]
   assert [name for name, _ in index.malformed] == ["line 2", "line 4"]
@@ -320,7 +324,7 @@ def test_index_cache_used_until_file_changes(tmp_path, monkeypatch):
   monkeypatch.setenv("CODEX_CACHE_DIR", str(tmp_path / "cache"))
   path = write_jsonl(tmp_path / "a.jsonl", ['{"text": "a"}', '{"text": "b"}'])
   fmt = formats.JsonlFormat()
-  first = formats.index_file(fmt, path, {})
+  first = _index(fmt, path, {})
   assert len(first.records) == 2 and not first.malformed
   [cache_file] = os.listdir(tmp_path / "cache" / "index")
 
@@ -329,19 +333,20 @@ def test_index_cache_used_until_file_changes(tmp_path, monkeypatch):
 
   monkeypatch.setattr(fmt, "read", fail)
   monkeypatch.setattr(fmt, "scan", fail)
-  assert formats.index_file(fmt, path, {"text_field": "text"}) == first  # Same options once defaults are merged.
+  assert _index(fmt, path, {"text_field": "text"}) == first  # Same options once defaults are merged.
   monkeypatch.undo()
   monkeypatch.setenv("CODEX_CACHE_DIR", str(tmp_path / "cache"))
-  # Same size, one byte different, a new mtime: validated again.
-  write_jsonl(tmp_path / "a.jsonl", ['{"text": "a"}', '{"text": 123}'])
+  # Same size, one byte different, the old modification time put back: validated again (keyed by content).
   stat = os.stat(path)
-  os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-  second = formats.index_file(fmt, path, {})
+  write_jsonl(tmp_path / "a.jsonl", ['{"text": "a"}', '{"text": 123}'])
+  os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+  assert os.path.getsize(path) == stat.st_size
+  second = _index(fmt, path, {})
   assert second.records == first.records[:1] and second.malformed[0][0] == "line 2"
   [second_file] = set(os.listdir(tmp_path / "cache" / "index")) - {cache_file}
   # A corrupt cache file is ignored and rebuilt.
   (tmp_path / "cache" / "index" / second_file).write_text("{truncated")
-  assert formats.index_file(fmt, path, {}) == second
+  assert _index(fmt, path, {}) == second
   cached = json.loads((tmp_path / "cache" / "index" / second_file).read_text())
   assert cached["names"] == ["line 1"] and cached["locators"] == [[0, 13]] and cached["malformed"][0][0] == "line 2"
 

@@ -36,12 +36,10 @@ def spec_leaf(path: str, array) -> str:
 
 def spec_root(hashes: list[str]) -> str:
   level = [bytes.fromhex(h) for h in hashes]
-  if not level:
-    return hashlib.sha256(b"codex.empty.v1").hexdigest()
   while len(level) > 1:
     nxt = [hashlib.sha256(b"\x01" + level[i] + level[i + 1]).digest() for i in range(0, len(level) - 1, 2)]
     level = nxt + ([level[-1]] if len(level) % 2 else [])
-  return level[0].hex()
+  return hashlib.sha256(b"codex.root.v2\n" + str(len(hashes)).encode() + b"\n" + b"".join(level)).hexdigest()
 
 
 def _arrays() -> dict[str, np.ndarray]:
@@ -82,6 +80,10 @@ def test_a_known_leaf_hash_pins_the_format():
   # print merkle.leaf_hash("w", np.arange(6, dtype=np.float32).reshape(2, 3)) to renew this value).
   assert merkle.leaf_hash("w", np.arange(6, dtype=np.float32).reshape(2, 3)) == (
       "e5711ede8cf941e1b2d30ba906502eaa646384c49f72520ff0d6e689d5c8abc9")
+  # The root format likewise ("codex.root.vN"); renew with merkle.root([leaf]) and merkle.root([leaf] * 3).
+  leaf = "e5711ede8cf941e1b2d30ba906502eaa646384c49f72520ff0d6e689d5c8abc9"
+  assert merkle.root([leaf]) == "7e7421f0d4a495742e982cba2f79672c17b35ed60d1cccb25b4e44af53c67d10"
+  assert merkle.root([leaf] * 3) == "b00a277b9f6a753e4f1f0013075252925dd35290f8dd5f733857b6b03560cec5"
 
 
 def test_roots_and_proofs_match_the_spec():
@@ -89,9 +91,16 @@ def test_roots_and_proofs_match_the_spec():
     leaves = [hashlib.sha256(bytes([i])).hexdigest() for i in range(n)]
     assert merkle.root(leaves) == spec_root(leaves)
     for i in range(n):
-      assert merkle.root_from_proof(leaves[i], merkle.proof(leaves, i)) == merkle.root(leaves)
+      siblings = merkle.proof(leaves, i)
+      assert merkle.root_from_proof(leaves[i], i, n, siblings) == merkle.root(leaves)
       if n > 1:
-        assert merkle.root_from_proof(leaves[(i + 1) % n], merkle.proof(leaves, i)) != merkle.root(leaves)
+        assert merkle.root_from_proof(leaves[(i + 1) % n], i, n, siblings) != merkle.root(leaves)
+        claims = [(j, c) for j in range(n + 2) for c in range(j + 1, n + 3) if (j, c) != (i, n)]
+        for j, c in claims:  # Another index or count: never the same root (the root commits to its count).
+          try:
+            assert merkle.root_from_proof(leaves[i], j, c, siblings) != merkle.root(leaves)
+          except ValueError:
+            pass
 
 
 # --- the distributed path, forced on the fake 8-device mesh -----------------------------------------
@@ -214,5 +223,5 @@ def test_a_version_1_record_is_refused_by_name_not_reported_as_tampered():
   from codex_jax.checkpoint.errors import CheckpointIntegrityError
   from codex_jax.checkpoint.manager import check_meta
   with pytest.raises(CheckpointIntegrityError, match=r"ckpt/7/_CHECKPOINT_METADATA: lineage record version 1; "
-                                                     r"this codex-jax reads version 2"):
+                                                     r"this codex-jax reads version 3"):
     check_meta({}, "ckpt/7", {"version": 1, "step": 7})

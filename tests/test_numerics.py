@@ -45,16 +45,25 @@ def test_a_window_shorter_than_spike_min_steps_never_flags_and_non_finite_always
   cfg = TrainConfig(spike_window=50, spike_sigmas=6.0, spike_min_steps=20)
   noise = np.random.default_rng(0).normal(2.0, 0.01, 20)
   short = _push(guard_lib.init_guard(50), noise[:19], [False] * 19)
-  bad, threshold = guard_lib.is_bad(short, jnp.float32(1e9), jnp.float32(1.0), cfg)
+  bad, threshold = guard_lib.is_bad(short, jnp.float32(1e9), jnp.float32(1.0), jnp.float32(1e-3), cfg)
   assert not bad and threshold == np.inf
-  bad, threshold = guard_lib.is_bad(_push(short, noise[19:], [False]), jnp.float32(1e9), jnp.float32(1.0), cfg)
+  bad, threshold = guard_lib.is_bad(_push(short, noise[19:], [False]), jnp.float32(1e9), jnp.float32(1.0), jnp.float32(1e-3), cfg)
   assert bad and threshold < 2.1
   off = _push(guard_lib.init_guard(0), noise, [False] * 20)  # spike_window=0: spikes off, one idle slot.
-  assert guard_lib.is_bad(off, jnp.float32(1e9), jnp.float32(1.0), cfg)[1] == np.inf
-  assert not guard_lib.is_bad(off, jnp.float32(1e9), jnp.float32(1.0), cfg)[0]
+  assert guard_lib.is_bad(off, jnp.float32(1e9), jnp.float32(1.0), jnp.float32(1e-3), cfg)[1] == np.inf
+  assert not guard_lib.is_bad(off, jnp.float32(1e9), jnp.float32(1.0), jnp.float32(1e-3), cfg)[0]
   for loss, grad_norm in ((np.nan, 1.0), (np.inf, 1.0), (2.0, np.inf), (2.0, np.nan)):
     for guard in (off, short):
-      assert guard_lib.is_bad(guard, jnp.float32(loss), jnp.float32(grad_norm), cfg)[0]
+      assert guard_lib.is_bad(guard, jnp.float32(loss), jnp.float32(grad_norm), jnp.float32(1e-3), cfg)[0]
+
+
+def test_an_update_larger_than_max_update_ratio_is_bad_whatever_the_loss():
+  guard = guard_lib.init_guard(50)
+  judge = lambda ratio, limit=0.5: bool(guard_lib.is_bad(guard, jnp.float32(2.0), jnp.float32(1.0), jnp.float32(ratio),
+                                                         TrainConfig(max_update_ratio=limit))[0])
+  assert not judge(0.01) and not judge(0.5)
+  assert judge(0.51) and judge(1e30) and judge(np.inf) and judge(np.nan)
+  assert not judge(1e30, limit=0)  # 0: off.
 
 
 @pytest.mark.parametrize("key,value,rule", [

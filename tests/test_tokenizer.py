@@ -82,3 +82,16 @@ def test_tokenizer_is_pinned_in_workdir(tok, tmp_path):
     f.write(tok_lib.train_tokenizer(["a different corpus " * 50], 300).to_str())
   with pytest.raises(DataError, match="different tokenizer"):
     load()
+
+
+def test_a_workdirs_pinned_tokenizer_is_the_runs_without_training_again(tok, tmp_path):
+  """A new data phase changes what the default tokenizer would be trained on; the run keeps its pinned one."""
+  workdir = str(tmp_path / "run")
+  os.makedirs(workdir)
+  tok.save(os.path.join(workdir, "tokenizer.json"))
+
+  def texts():
+    raise AssertionError("a run with a pinned tokenizer trains none")
+
+  got = tok_lib.load_or_train_tokenizer(DataConfig(), VOCAB, texts, "other data", workdir)
+  assert json.loads(got.to_str()) == json.loads(tok.to_str())

@@ -1,5 +1,6 @@
 """`codex train` end to end in real subprocesses: outputs, kill -9 and resume, refused config changes."""
 
+import glob
 import json
 import os
 import signal
@@ -267,9 +268,12 @@ def test_resume_refuses_changed_data_unless_a_new_phase_is_declared(reference, t
   import shutil
   workdir = str(tmp_path / "run")
   shutil.copytree(reference[0], workdir)
+  # Shares moved far enough that the default tokenizer, trained from the new shares, would differ: the run keeps
+  # its pinned one (a new phase used to be refused as "holds a different tokenizer").
   changed = write_manifest(str(tmp_path / "changed.yaml"), lambda raw: raw["sources"][1]["share"].update(
-      main=raw["sources"][1]["share"]["main"] + 0.01) or raw["sources"][0]["share"].update(
-      main=raw["sources"][0]["share"]["main"] - 0.01))
+      main=raw["sources"][1]["share"]["main"] + 0.2) or raw["sources"][0]["share"].update(
+      main=raw["sources"][0]["share"]["main"] - 0.2))
+  tokenizer = open(os.path.join(workdir, "tokenizer.json"), "rb").read()
   before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
   refused = _train(workdir, **{"data.manifest": changed, "train.steps": 44})
   assert refused.returncode == 2
@@ -281,6 +285,32 @@ def test_resume_refuses_changed_data_unless_a_new_phase_is_declared(reference, t
   assert accepted.returncode == 0, accepted.stderr[-3000:]
   assert "Run phase 'pretrain' -> 'phase-2'" in accepted.stderr
   assert json.loads(accepted.stdout)["manifest_hash"] != json.loads(reference[1].stdout)["manifest_hash"]
+  assert open(os.path.join(workdir, "tokenizer.json"), "rb").read() == tokenizer
+
+
+def test_a_data_edit_that_keeps_size_and_modification_time_is_refused_on_resume(reference, tmp_path):
+  """File hashes were cached by path, size and mtime: this edit kept the old manifest hash and was trained on."""
+  import shutil
+
+  from codex_jax.data import fingerprint
+  workdir, corpus = str(tmp_path / "run"), str(tmp_path / "corpus")
+  shutil.copytree(reference[0], workdir)
+  with open(MANIFEST) as f:
+    root = yaml.safe_load(f)["root"]
+  shutil.copytree(root, corpus)
+  moved = write_manifest(str(tmp_path / "moved.yaml"), lambda raw: raw.update(root=corpus))
+  data = sorted(glob.glob(os.path.join(corpus, "embodied", "episode_*", "frames.npy")))[0]
+  fingerprint.file_sha256(os.path.dirname(data))  # Hashed once before the edit, as a run on this copy would.
+  stat = os.stat(data)
+  pixels = bytearray(open(data, "rb").read())
+  pixels[-1] ^= 1  # One pixel of one frame: still a valid episode, other content.
+  open(data, "wb").write(bytes(pixels))
+  os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+  refused = _train(workdir, **{"data.manifest": moved, "train.steps": 44})
+  assert refused.returncode == 2, refused.stderr[-2000:]
+  last = refused.stderr.strip().splitlines()[-1]
+  episode = os.path.basename(os.path.dirname(data))
+  assert "checkpoint 40 was trained on data with manifest hash" in last and episode in last, last
 
 
 def test_allowed_change_extends_a_finished_run(reference, tmp_path):

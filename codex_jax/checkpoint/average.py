@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 from codex_jax.checkpoint import lineage
 from codex_jax.checkpoint.errors import CheckpointIntegrityError
 from codex_jax.checkpoint.load import LoadedStep, checkpoint_steps, load_steps
-from codex_jax.checkpoint.manager import AVERAGED_DIR, file_hashes, meta_hash, roots, state_leaf_hashes
+from codex_jax.checkpoint.manager import AVERAGED_DIR, HashedCommit, meta_hash, roots, state_leaf_hashes
 from codex_jax.config.schema import CheckpointConfig
 
 
@@ -143,7 +143,8 @@ def write_average(workdir: str, loaded: LoadedStep, scores: dict | None = None) 
     record = lineage.seal({**{k: v for k, v in record.items() if k != "lineage_hash"}, "eval": scores})
   leaves = state_leaf_hashes({"params": loaded.params})
   meta = {"averaged_steps": chosen, "weights": record["weights"], "leaves": leaves, "lineage": record}
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=True),
+  options = ocp.CheckpointManagerOptions(create=True, temporary_path_class=HashedCommit)
+  manager = ocp.CheckpointManager(directory, options=options,
                                   item_handlers={"state": ocp.StandardCheckpointHandler(use_ocdbt=False),
                                                  "meta": ocp.JsonCheckpointHandler()})
   try:
@@ -156,8 +157,6 @@ def write_average(workdir: str, loaded: LoadedStep, scores: dict | None = None) 
   step_dir = os.path.join(directory, str(chosen[-1]))
   if jax.process_index() == 0:
     lineage.append_log(workdir, record)
-    lineage.append_log(workdir, {"files_of": record["lineage_hash"], "step": record["step"],
-                                 "files": file_hashes(step_dir)})
   return {"path": step_dir, "steps": chosen, "weights": record["weights"], "lineage_hash": record["lineage_hash"],
           "parents": record["parents"], "content_root": record["content_root"]}
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -37,8 +38,9 @@ LOG_FILE = "lineage.jsonl"
 START_FIELDS = {"init": {"kind", "seed", "content_root"},
                 "import": {"kind", "source", "format", "files", "content_root"},
                 None: {"lineage_hash"}}
-# 2: tensor leaves hashed over 1 MiB blocks (merkle.py, leaf v2); 1 hashed whole tensors (leaf v1).
-RECORD_VERSION = 2
+# 3: roots commit to their leaf count (merkle.py, root v2); 2: tensor leaves hashed over 1 MiB blocks (leaf v2);
+# 1 hashed whole tensors (leaf v1).
+RECORD_VERSION = 3
 _RECORD_TAG = b"codex.lineage.v1\n"
 _START_TAG = b"codex.start.v1\n"
 
@@ -71,10 +73,6 @@ def code_version() -> dict[str, str | None]:
   return {"package": getattr(codex_jax, "__version__", "unknown"), "git": commit}
 
 
-def config_hash(config: dict[str, Any]) -> str:
-  return hashlib.sha256(canonical(config)).hexdigest()
-
-
 def read_log(workdir: str) -> list[dict[str, Any]]:
   """WORKDIR/lineage.jsonl's records; a line that is not a JSON record is refused naming file and line."""
   path = os.path.join(workdir, LOG_FILE)
@@ -87,13 +85,17 @@ def read_log(workdir: str) -> list[dict[str, Any]]:
     if not line.strip():
       continue
     try:
-      records.append(json.loads(line))
+      record = json.loads(line)
     except json.JSONDecodeError as e:
       torn = number == len(lines)  # No newline after it: an append a crash cut short.
       raise CheckpointIntegrityError(
           f"{path}:{number}: not a JSON record ({e.msg})" + (
               "; it is the last line and has no newline, as a crash in the middle of an append leaves it: "
               "resuming the run sets it aside and continues" if torn else "")) from None
+    if not isinstance(record, dict):
+      raise CheckpointIntegrityError(f"{path}:{number}: a JSON {type(record).__name__}, not a record (an object)")
+    if "files_of" not in record:  # Older logs listed each step's file hashes; files.json in the step does now.
+      records.append(record)
   return records
 
 
@@ -130,11 +132,20 @@ def truncate_log(workdir: str, last_step: int | None) -> None:
   """Drops records past the checkpoint a run resumes from (saves that never committed)."""
   records = read_log(workdir)
   keep = [r for r in records if last_step is not None and r.get("step", -1) <= last_step]
-  if last_step is not None and not any(r.get("step") == last_step and "files_of" not in r for r in keep):
+  if last_step is not None and not any(r.get("step") == last_step for r in keep if "start" not in r):
     keep = [r for r in keep if "start" in r]  # No record of the restored step: only the start is still valid.
-  if len(keep) == len(records):
-    return
-  write_text(os.path.join(workdir, LOG_FILE), "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
+  _rewrite_log(workdir, records, keep)
+
+
+def drop_records(workdir: str, lineage_hashes: set[str]) -> None:
+  """Drops the records of saves whose write failed (they never committed)."""
+  records = read_log(workdir)
+  _rewrite_log(workdir, records, [r for r in records if r.get("lineage_hash") not in lineage_hashes])
+
+
+def _rewrite_log(workdir: str, records: list[dict[str, Any]], keep: list[dict[str, Any]]) -> None:
+  if len(keep) != len(records):
+    write_text(os.path.join(workdir, LOG_FILE), "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
 
 
 def check_start(line: dict[str, Any], where: str) -> None:
@@ -180,3 +191,13 @@ def verify_chain(records: list[dict[str, Any]], where: str) -> list[dict[str, An
     seen.add(parent)
     steps.append(record)
   return steps
+
+
+def verify_links(records: list[dict[str, Any]], where: str) -> None:
+  """The retained checkpoints' own records, oldest first: each links to the one saved before it (retention only
+  ever removes the oldest), so a checkpoint swapped in from another run or removed from the middle is named."""
+  for before, record in itertools.pairwise(records):
+    if record["parent"] != before["lineage_hash"]:
+      raise CheckpointIntegrityError(
+          f"{where}: step {record['step']}'s record links to parent {record['parent']}, but the checkpoint before it "
+          f"(step {before['step']}) is {before['lineage_hash']}: a checkpoint was swapped in or removed")

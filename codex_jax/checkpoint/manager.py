@@ -10,11 +10,13 @@ a single array is handed back.
 
 from __future__ import annotations
 
+import asyncio
 import glob
 import hashlib
 import json
 import os
 import re
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -24,14 +26,18 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from orbax.checkpoint._src.metadata import checkpoint as checkpoint_metadata
+from orbax.checkpoint._src.path import async_path, atomicity
 
+from codex_jax import atomic
 from codex_jax.checkpoint import lineage, merkle
-from codex_jax.checkpoint.errors import CheckpointIntegrityError
+from codex_jax.checkpoint.errors import CheckpointIntegrityError, CheckpointWriteError
 from codex_jax.config.schema import CheckpointConfig
 from codex_jax.hashing import sha256_file
 
 STATE_GROUPS = ("params", "opt_state")  # Hashed into their own roots; every other leaf into extra_root.
 AVERAGED_DIR = "averaged"  # WORKDIR/averaged/<step>/: parameter means written by checkpoint/average.py.
+FILES_FILE = "files.json"  # In each step directory: every other file's sha256, written inside the commit.
 
 
 def group_of(path: str) -> str:
@@ -101,7 +107,8 @@ class Checkpointer:
     self.directory = os.path.join(self.workdir, "checkpoints")
     # Averaging keeps at least its window of snapshots, whatever max_to_keep says (checkpoint/average.py).
     keep = max(cfg.max_to_keep, cfg.average_count if cfg.average_every > 0 or cfg.average_every_seconds > 0 else 0)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=cfg.async_save, create=True)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=cfg.async_save, create=True,
+                                           temporary_path_class=HashedCommit)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(use_ocdbt=False),
@@ -110,7 +117,7 @@ class Checkpointer:
     # Process 0 writes lineage.jsonl, and its data iterator is the one the records hash (every process
     # saves its own shards and iterator file through Orbax).
     self.primary = jax.process_index() == 0
-    self._unrecorded: list[dict] = []  # Records whose files are not yet hashed (their save may be in flight).
+    self._in_flight: list[dict] = []  # Records of saves that may not have committed yet.
 
   def _set_aside_torn_line(self) -> None:
     copy = lineage.set_aside_torn_line(self.workdir)
@@ -126,7 +133,7 @@ class Checkpointer:
     if not log:
       raise CheckpointIntegrityError(f"{path}: missing or empty, while checkpoint {step} exists: the chain cannot "
                                      "continue from it; restore the run's lineage.jsonl")
-    chain = lineage.verify_chain([r for r in log if "files_of" not in r], path)
+    chain = lineage.verify_chain(log, path)
     if not any(r.get("lineage_hash") == record["lineage_hash"] for r in chain):
       raise CheckpointIntegrityError(f"{path}: holds no record of checkpoint {step} (lineage hash "
                                      f"{record['lineage_hash']}): the log belongs to another chain")
@@ -158,7 +165,7 @@ class Checkpointer:
       raise CheckpointIntegrityError(f"{self.step_dir(step)} already exists: a committed step is never overwritten")
     if self.parent is None:
       raise CheckpointIntegrityError("no lineage start: call start_fresh() or restore() before the first save")
-    self._record_committed_files()
+    self.wait_for_saves()
     leaves = state_leaf_hashes(state, refuse_non_finite_at=step)
     record = lineage.seal({"version": lineage.RECORD_VERSION, "step": step, **roots(leaves),
                            "iterator_hash": iterator_hash(data_iterator.get_state()), "meta_hash": meta_hash(meta),
@@ -170,21 +177,27 @@ class Checkpointer:
     if self.primary:
       lineage.append_log(self.workdir, record)
     self.parent = record["lineage_hash"]
-    self._unrecorded.append(record)
+    self._in_flight.append(record)
     return record
 
-  def _record_committed_files(self) -> None:
-    """After the saves in flight commit: every file's sha256 into lineage.jsonl, so `codex lineage
-    verify` names any changed byte's file (markers and Orbax metadata included)."""
-    if not self._unrecorded:
-      return
-    self.manager.wait_until_finished()  # Raises a background write error here, before the next save.
-    for record in self._unrecorded:
-      step_dir = self.step_dir(record["step"])
-      if self.primary and os.path.isdir(step_dir):
-        lineage.append_log(self.workdir, {"files_of": record["lineage_hash"], "step": record["step"],
-                                          "files": file_hashes(step_dir)})
-    self._unrecorded = []
+  def wait_for_saves(self) -> None:
+    """Waits for the saves in flight. A background write error surfaces here, and the failed saves' records
+    leave lineage.jsonl, so the next save links to the last committed checkpoint."""
+    failed, self._in_flight = self._in_flight, []
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      if failed:
+        self.parent = failed[0]["parent"]
+      if failed and self.primary:
+        try:
+          lineage.drop_records(self.workdir, {r["lineage_hash"] for r in failed})
+        except OSError:
+          pass  # A full disk: the resume drops them (truncate_log) before appending.
+      raise CheckpointWriteError(
+          f"{self.directory}: checkpoint {', '.join(str(r['step']) for r in failed) or '?'} could not be written "
+          f"({_short(e)}); committed checkpoints {self.all_steps()} are untouched, and a rerun resumes from the "
+          "latest") from e
 
   def read_meta(self, step: int) -> dict:
     return load_meta(self.step_dir(step))[0]
@@ -246,9 +259,7 @@ class Checkpointer:
     """`read()`'s state tree, read only once the step's files match their recorded hashes and `target` the saved
     tensors (`leaves`, path -> hash), and handed back only once every tensor matches its hash."""
     step_dir = self.step_dir(step)
-    recorded = [r["files"] for r in lineage.read_log(self.workdir) if r.get("files_of") == meta["lineage"]["lineage_hash"]]
-    if recorded:
-      check_files(recorded[-1], step_dir)
+    check_files(step_dir)
     check_structure(leaves, target, step_dir, allow_dtype_change)
     try:
       restored = read()
@@ -258,30 +269,64 @@ class Checkpointer:
     return restored
 
   def close(self) -> None:
-    """Waits for the save in flight (a background write error surfaces here) and records its files."""
+    """Waits for the save in flight (a background write error surfaces here)."""
     try:
-      self._record_committed_files()
-      self.manager.wait_until_finished()
+      self.wait_for_saves()
     finally:
       self.manager.close()
 
 
+class HashedCommit(atomicity.AtomicRenameTemporaryPath):
+  """Orbax's commit of a step (0.12's AtomicRenameTemporaryPath.finalize: the step metadata's commit time, the
+  commit marker, the rename), with files.json written just before the rename: the sha256 of every other file
+  of the step, so no committed step lacks them. Runs on process 0 once every process has written."""
+
+  async def finalize(self):
+    if not self.get_final().name.isdigit():  # An item (state/, data/, meta/), committed inside its step.
+      return await super().finalize()
+    store, tmp = self._checkpoint_metadata_store, self.get()
+    if store:
+      await asyncio.to_thread(store.wait_until_finished)
+      await asyncio.to_thread(store.update, file_path=checkpoint_metadata.step_metadata_file_path(tmp),
+                              commit_timestamp_nsecs=time.time_ns())
+      await asyncio.to_thread(store.wait_until_finished)
+    await async_path.write_text(tmp / atomicity.COMMIT_SUCCESS_FILE,
+                                f"Checkpoint commit was successful to {self.get_final()}")
+    await asyncio.to_thread(write_files, str(tmp))
+    await async_path.rename(tmp, self.get_final())
+
+
+def write_files(step_dir: str) -> None:
+  atomic.write_json(os.path.join(step_dir, FILES_FILE), {"version": 1, "files": file_hashes(step_dir)})
+
+
 def _short(e: Exception) -> str:
-  """One line; when TensorStore names the file it failed on, that file (and so the tensor) comes first."""
+  """One line; the operating system's reason (a full disk) and the file TensorStore names (so the tensor) first."""
   text = " ".join(str(e).split())
   found = re.search(r"'path': '([^']+)'", text) or re.search(r'local file "([^"]+)"', text)
-  where = f"while reading {found.group(1)}: " if found else ""
-  return where + text[:300]
+  code = re.search(r"os_error_code='(\d+)'|\[Errno (\d+)\]", text)
+  reason = f"{os.strerror(int(code.group(1) or code.group(2)))}: " if code else ""
+  return reason + (f"at {found.group(1)}: " if found else "") + text[:300]
 
 
 def file_hashes(step_dir: str) -> dict[str, str]:
-  """sha256 of every file of a committed step, by path relative to the step directory."""
+  """sha256 of every file of a step but files.json, by path relative to the step directory."""
   paths = (os.path.join(folder, name) for folder, _, names in os.walk(step_dir) for name in names)
-  return dict(sorted((os.path.relpath(path, step_dir), sha256_file(path)) for path in paths))
+  return dict(sorted((rel, sha256_file(os.path.join(step_dir, rel))) for rel in
+                     (os.path.relpath(path, step_dir) for path in paths) if rel != FILES_FILE))
 
 
-def check_files(recorded: dict[str, str], step_dir: str) -> None:
-  """Every file as recorded after commit: names the first changed, missing or extra file and its tensor."""
+def check_files(step_dir: str) -> None:
+  """Every file as files.json lists it: names the first changed, missing or extra file and its tensor."""
+  path = os.path.join(step_dir, FILES_FILE)
+  try:
+    with open(path) as f:
+      recorded = json.load(f)["files"]
+  except FileNotFoundError:
+    raise CheckpointIntegrityError(f"{path} is missing: every committed step lists its files' hashes there (steps "
+                                   "written by codex-jax before Dec 2026 kept them in lineage.jsonl instead)") from None
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise CheckpointIntegrityError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
   actual = file_hashes(step_dir)
   for rel in sorted(set(recorded) | set(actual)):
     if recorded.get(rel) != actual.get(rel):
@@ -316,8 +361,9 @@ def check_meta(meta: dict, step_dir: str, record: dict | None) -> None:
   if record.get("version") != lineage.RECORD_VERSION:
     raise CheckpointIntegrityError(
         f"{step_dir}/_CHECKPOINT_METADATA: lineage record version {record.get('version')!r}; this codex-jax reads "
-        f"version {lineage.RECORD_VERSION} (tensor hashes over 1 MiB blocks, docs/checkpoints.md 'Hash format'). Version 1 "
-        "checkpoints hashed whole tensors: verify or convert them with the codex-jax release that wrote them")
+        f"version {lineage.RECORD_VERSION} (tensor hashes over 1 MiB blocks, roots that commit to their leaf count; "
+        "docs/checkpoints.md 'Hash format'). Verify or convert older checkpoints with the codex-jax release that "
+        "wrote them")
   if lineage.record_hash(record) != record.get("lineage_hash"):
     raise CheckpointIntegrityError(f"{step_dir}/_CHECKPOINT_METADATA: the lineage record was edited "
                                    f"(its hash is {lineage.record_hash(record)}, it says {record.get('lineage_hash')})")

@@ -11,7 +11,9 @@ The format (docs/checkpoints.md, "Hash format", is the normative copy; a third p
             + sha256(block_0) + sha256(block_1) + ...)   (raw 32-byte digests, concatenated)
   order     leaves sorted by the UTF-8 bytes of their path
   node      sha256(b"\\x01" + left + right); an odd last node moves up a level unchanged
-  root      the single node left; one leaf is its own root; no leaf: sha256(b"codex.empty.v1")
+  top       the single node left; one leaf is its own top; no leaf: no top (b"")
+  root      sha256(b"codex.root.v2\\n" + number of leaves in decimal + b"\\n" + top), so a root commits
+            to its leaf count and a proof cannot claim another
 
 Blocks make the hash independent of sharding: a tensor spread over processes is re-laid on device as
 [device, blocks, BLOCK_BYTES] rows (`sharded_leaf_hash`), each process hashes the whole blocks it then
@@ -34,7 +36,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 BLOCK_BYTES = 1 << 20
 _LEAF_TAG = b"codex.leaf.v2\n"
 _NODE_TAG = b"\x01"
-EMPTY_ROOT = hashlib.sha256(b"codex.empty.v1").hexdigest()
+_ROOT_TAG = b"codex.root.v2\n"
 
 
 def key_name(key) -> str:
@@ -80,6 +82,11 @@ def block_digests(data: np.ndarray) -> list[bytes]:
   """sha256 of each BLOCK_BYTES piece of flat uint8 `data` (the last may be shorter)."""
   view = memoryview(data)
   return _digests([view[i:i + BLOCK_BYTES] for i in range(0, len(view), BLOCK_BYTES)])
+
+
+def dtype_of(name: str) -> np.dtype:
+  """A dtype from its name as leaves record it (numpy's, bfloat16 and the other ml_dtypes included)."""
+  return np.dtype(jnp.dtype(name))
 
 
 def leaf_from_digests(path: str, dtype, shape, digests) -> str:
@@ -219,30 +226,44 @@ def _parent(left: str, right: str) -> str:
 
 def root(hashes: list[str]) -> str:
   """The Merkle root of leaf hashes already in canonical order."""
-  if not hashes:
-    return EMPTY_ROOT
   level = list(hashes)
   while len(level) > 1:
     level = [_parent(level[i], level[i + 1]) if i + 1 < len(level) else level[i] for i in range(0, len(level), 2)]
-  return level[0]
+  return _sealed(len(hashes), level[0] if level else None)
 
 
-def proof(hashes: list[str], index: int) -> list[dict[str, str]]:
-  """Siblings from leaf `index` up to the root: [{"side": "left" | "right", "hash": hex}, ...]."""
+def _sealed(count: int, top: str | None) -> str:
+  return hashlib.sha256(_ROOT_TAG + str(count).encode() + b"\n" + (bytes.fromhex(top) if top else b"")).hexdigest()
+
+
+EMPTY_ROOT = root([])
+
+
+def proof(hashes: list[str], index: int) -> list[str]:
+  """The sibling hashes from leaf `index` up to the root; which side each is on follows from index and count."""
   if not 0 <= index < len(hashes):
     raise IndexError(f"leaf {index} of {len(hashes)}")
-  path, level = [], list(hashes)
+  siblings, level = [], list(hashes)
   while len(level) > 1:
-    sibling = index ^ 1
-    if sibling < len(level):
-      path.append({"side": "left" if sibling < index else "right", "hash": level[sibling]})
+    if index ^ 1 < len(level):
+      siblings.append(level[index ^ 1])
     level = [_parent(level[i], level[i + 1]) if i + 1 < len(level) else level[i] for i in range(0, len(level), 2)]
     index //= 2
-  return path
+  return siblings
 
 
-def root_from_proof(leaf: str, siblings: list[dict[str, str]]) -> str:
-  node = leaf
-  for step in siblings:
-    node = _parent(step["hash"], node) if step["side"] == "left" else _parent(node, step["hash"])
-  return node
+def root_from_proof(leaf: str, index: int, count: int, siblings: list[str]) -> str:
+  """The root that leaf `index` of `count` and its siblings give; ValueError when their number does not fit."""
+  if not 0 <= index < count:
+    raise ValueError(f"leaf index {index} is not in a tree of {count} leaves")
+  node, rest, leaves = leaf, list(siblings), count
+  while count > 1:
+    if index ^ 1 < count:
+      if not rest:
+        raise ValueError("too few sibling hashes for that index and count")
+      sibling = rest.pop(0)
+      node = _parent(sibling, node) if index & 1 else _parent(node, sibling)
+    index, count = index // 2, (count + 1) // 2
+  if rest:
+    raise ValueError(f"{len(rest)} sibling hash(es) more than that index and count have")
+  return _sealed(leaves, node)

@@ -8,20 +8,24 @@ from absl import flags
 
 from codex_jax.cli import common  # noqa: F401  (--json)
 
-USAGE = ("codex lineage verify WORKDIR|CKPT | codex lineage verify --proof=FILE [--root=HEX] | "
+USAGE = ("codex lineage verify WORKDIR|CKPT | codex lineage verify --proof=FILE --root=HEX | "
          "codex lineage prove CKPT --tensor=PATH [--out=FILE]")
 flags.DEFINE_string("proof", None, "verify: a proof file written by `codex lineage prove`.")
-flags.DEFINE_string("root", None, "verify --proof: the root to check against (default: the proof's own).")
+flags.DEFINE_string("root", None, "verify --proof: the trusted root (the checkpoint's content_root or optimizer_root).")
+flags.DEFINE_bool("untrusted_root_ok", False, "verify --proof without --root: accept a check of the proof's internal "
+                  "consistency alone (exit 0); it proves nothing about any checkpoint.")
 flags.DEFINE_string("tensor", None, "prove: the tensor's path, e.g. params/layers/attention/q.")
 flags.DEFINE_string("out", None, "prove: where to write the proof (default: stdout).")
 
 
 def run(flag_values, args: list[str]):
+  from codex_jax.checkpoint import proof as proof_lib
   from codex_jax.checkpoint import verify
   if args[:1] == ["verify"] and flag_values.proof and len(args) == 1:
     with open(flag_values.proof) as f:
-      result = verify.verify_proof(json.load(f), flag_values.root)
-    _say(flag_values, f"proof ok: {result['tensor']} is in root {result['root']}")
+      result = proof_lib.verify_proof(json.load(f), flag_values.root, untrusted_root_ok=flag_values.untrusted_root_ok)
+    _say(flag_values, f"proof ok: {result['tensor']} is in {result['root_name']} {result['root']}" if result["trusted_root"]
+         else f"proof consistent (internally only, no trusted root): {result['tensor']} in {result['root']}")
     return result
   if args[:1] == ["verify"] and len(args) == 2:
     result = verify.verify(args[1])
@@ -32,7 +36,7 @@ def run(flag_values, args: list[str]):
                       f"{len(result['checkpoints'])} checkpoint(s) re-hashed")
     return result
   if args[:1] == ["prove"] and len(args) == 2 and flag_values.tensor:
-    proof = verify.prove(args[1], flag_values.tensor)
+    proof = proof_lib.prove(args[1], flag_values.tensor)
     if flag_values.out:
       with open(flag_values.out, "w") as f:
         json.dump(proof, f, indent=2)

@@ -13,7 +13,7 @@ import traceback
 
 from absl import flags
 
-from codex_jax.checkpoint.errors import CheckpointIntegrityError
+from codex_jax.checkpoint.errors import CheckpointIntegrityError, CheckpointWriteError
 from codex_jax.cli import log_filter
 from codex_jax.config.errors import ConfigError
 from codex_jax.data.errors import DataError
@@ -52,8 +52,10 @@ COMMANDS = {
 }
 HELP_ARGS = ("-h", "--help", "--helpshort")
 flags.DEFINE_bool("verbose", False, "Also show the INFO logs of jax, Orbax, Grain and Flax.")
-EXPECTED_ERRORS = (ConfigError, DataError, CheckpointIntegrityError, NumericsError, WorkdirInUse, flags.Error,
-                   FileNotFoundError, ValueError)
+# Reported in one line (the traceback with --verbose): bad input, and the environment failing (OSError: a full
+# disk, a lost mount, a permission).
+EXPECTED_ERRORS = (ConfigError, DataError, CheckpointIntegrityError, CheckpointWriteError, NumericsError, WorkdirInUse,
+                   flags.Error, OSError, ValueError)
 
 
 class UsageError(Exception):
@@ -121,6 +123,8 @@ def main(argv: list[str]) -> int:
     log_filter.configure(flags.FLAGS.verbose)
     result = module.run(flags.FLAGS, rest[1:]) if takes_args else module.run(flags.FLAGS)
   except (UsageError, *EXPECTED_ERRORS) as e:
+    if flags.FLAGS.is_parsed() and flags.FLAGS.verbose:
+      traceback.print_exc()
     print(f"codex {command}: error: {_one_line(e)}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:

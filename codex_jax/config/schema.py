@@ -112,7 +112,10 @@ class TrainConfig:
   spike_window: int = 100  # Recent accepted losses a spike is judged against; 0: spike detection off.
   spike_sigmas: float = 6.0  # A loss above mean + spike_sigmas * std of the window skips its update.
   spike_min_steps: int = 20  # Losses the window must hold before it judges spikes.
-  max_consecutive_bad: int = 5  # Skipped steps in a row (non-finite or spike) that stop the run.
+  # An update larger than this fraction of the weights (|update| / |params|, global norms) skips the step, whatever
+  # the loss says (a learning rate set 1e6 too high); AdamW steps are typically 1e-4..1e-2. 0: off.
+  max_update_ratio: float = 0.5
+  max_consecutive_bad: int = 5  # Skipped steps in a row (non-finite, spike or oversized update) that stop the run.
   mtp_weight: float = 0.3  # MTP loss weight lambda (loss += lambda / mtp_depth * sum_k CE_k) ...
   mtp_weight_final: float = 0.1  # ... and from mtp_weight_switch * steps on (DeepSeek-V3: 0.3 -> 0.1).
   mtp_weight_switch: float = 0.68  # Fraction of train.steps at which mtp_weight becomes mtp_weight_final.

@@ -33,7 +33,7 @@ def validate(cfg: schema.Config, num_devices: int | None = None, num_processes: 
       ("model", m, ("head_dim", "feature_dim", "mtp_depth")),
       ("data", d, ("tokenizer_train_bytes", "num_workers", "shuffle_window", "shuffle_block")),
       ("optimizer", o, ("weight_decay", "min_lr_ratio")),
-      ("train", t, ("z_loss", "seed", "spike_window", "mtp_weight", "mtp_weight_final")),
+      ("train", t, ("z_loss", "seed", "spike_window", "max_update_ratio", "mtp_weight", "mtp_weight_final")),
       ("eval", e, ("batches", "task_examples")),
       ("checkpoint", c, ("average_every", "average_every_seconds")),
   ):

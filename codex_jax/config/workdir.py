@@ -1,7 +1,13 @@
-"""The run's workdir: its saved config, checked on resume so a run never silently changes meaning."""
+"""The run's workdir: its saved config, checked on resume so a run never silently changes meaning.
+
+WORKDIR/config.json is the config in force; WORKDIR/configs/<config hash>.json keeps every config the run ever
+ran under (the canonical JSON the hash is taken over), so every lineage record's config hash re-derives after an
+allowed change rewrote config.json.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any
@@ -9,8 +15,19 @@ from typing import Any
 from codex_jax import atomic
 from codex_jax.config.errors import ConfigError
 from codex_jax.config.load import diff, resume_conflicts
+from codex_jax.hashing import canonical_json
 
 CONFIG_FILE = "config.json"
+CONFIGS_DIR = "configs"
+
+
+def config_hash(config: dict[str, Any]) -> str:
+  return hashlib.sha256(canonical_json(config)).hexdigest()
+
+
+def config_path(workdir: str, digest: str) -> str:
+  """Where the config with hash `digest` is kept."""
+  return os.path.join(workdir, CONFIGS_DIR, digest + ".json")
 
 
 def check_config(workdir: str, config: dict[str, Any]) -> list[str]:
@@ -31,7 +48,10 @@ def check_config(workdir: str, config: dict[str, Any]) -> list[str]:
 
 
 def write_config(workdir: str, config: dict[str, Any]) -> None:
-  """Records `config` as the workdir's config (atomically), once every check has passed."""
+  """Records `config` as the workdir's config (atomically), once every check has passed, and keeps it by hash."""
+  kept = config_path(workdir, config_hash(config))
+  if not os.path.exists(kept):
+    atomic.write_bytes(kept, canonical_json(config))
   atomic.write_json(os.path.join(workdir, CONFIG_FILE), config, sort_keys=True)
 
 

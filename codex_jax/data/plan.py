@@ -107,8 +107,9 @@ def _index_source(source: Source, source_id: int, root: str, cfg: DataConfig) ->
   malformed = []
   # A source's own eval_fraction (manifest) overrides data.eval_fraction, unless that is 0: no held-out split.
   fraction = source.eval_fraction if source.eval_fraction is not None and cfg.eval_fraction > 0 else cfg.eval_fraction
-  for file_no, path in enumerate(paths):
-    index: FileIndex = index_file(fmt, path, options)
+  hashes = tuple(fingerprint.file_sha256(p) for p in paths)
+  for file_no, (path, digest) in enumerate(zip(paths, hashes, strict=True)):
+    index: FileIndex = index_file(fmt, path, options, digest)
     rel = os.path.relpath(path, root)
     for name, reason in index.malformed:
       malformed.append({"source": source.name, "file": path, "record": name, "reason": reason})
@@ -122,7 +123,6 @@ def _index_source(source: Source, source_id: int, root: str, cfg: DataConfig) ->
   if not records["train"]:
     raise DataError(f"source {source.name!r}: no usable training records in {len(paths)} file(s) "
                     f"({len(malformed)} malformed, {len(records['eval'])} held out by the eval fraction {fraction:g}).")
-  hashes = tuple(fingerprint.file_sha256(p) for p in paths)
   return SourcePlan(source, source_id, tuple(paths), hashes, records, tuple(malformed))
 
 

@@ -74,10 +74,13 @@ def load_or_train_tokenizer(data_cfg: DataConfig, vocab_size: int, texts: Callab
                             workdir: str | None) -> tokenizers.Tokenizer:
   """The run's tokenizer; with a workdir, also pinned there as tokenizer.json for resume.
 
-  data.tokenizer_path names a file to load; otherwise a BPE is trained on `texts()` and cached under
-  a key of `data_key` (what the texts are drawn from), the vocab size and the recipe, so the texts are
-  only read when no cached tokenizer exists.
+  data.tokenizer_path names a file to load; else a workdir's pinned tokenizer is the run's (a new data phase
+  keeps it); otherwise a BPE is trained on `texts()` and cached under a key of `data_key` (what the texts are
+  drawn from), the vocab size and the recipe, so the texts are only read when no cached tokenizer exists.
   """
+  pinned = pinned_path(workdir) if workdir else None
+  if not data_cfg.tokenizer_path and pinned and os.path.isfile(pinned):
+    return load_tokenizer(pinned, vocab_size)
   if data_cfg.tokenizer_path:
     tok = load_tokenizer(data_cfg.tokenizer_path, vocab_size)
   else:

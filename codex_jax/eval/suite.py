@@ -142,7 +142,7 @@ class Suite:
 
   def average_params(self, step: int, params, checkpointer, restore_target):
     """The weighted mean of the snapshots before `step` (restored from disk) and `params`; None if not all saved."""
-    checkpointer.manager.wait_until_finished()
+    checkpointer.wait_for_saves()
     steps = average.window(step, self.cfg.checkpoint, checkpointer.all_steps())
     if not steps:
       return None

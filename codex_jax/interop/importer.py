@@ -16,11 +16,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from codex_jax.checkpoint.lineage import config_hash
 from codex_jax.checkpoint.load import one_device_config
 from codex_jax.checkpoint.manager import Checkpointer, roots, state_leaf_hashes
 from codex_jax.config import load as config_load
-from codex_jax.config.workdir import CONFIG_FILE, write_config
+from codex_jax.config.workdir import CONFIG_FILE, config_hash, write_config
 from codex_jax.data.tokenizer import load_tokenizer, pinned_path
 from codex_jax.hashing import sha256_file
 from codex_jax.interop import files, llama

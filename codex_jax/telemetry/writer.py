@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -48,28 +49,57 @@ class MetricsWriter:
     values = {name: _to_float(name, value) for name, value in scalars.items()}
     record = {"step": step, **{k: (v if math.isfinite(v) else None) for k, v in values.items()}}
     # One line per call, flushed at once, so a killed run's jsonl ends at its last logged step.
-    self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
-    self._jsonl.flush()
+    try:
+      self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
+      self._jsonl.flush()
+    except OSError as e:
+      raise OSError(e.errno, f"{self.path}: {e.strerror}") from e
     for name, value in values.items():
+      self._check_tensorboard()
       self._tb.add_scalar(name, value, step)
+
+  def _check_tensorboard(self) -> None:
+    _check_alive(_event_writer(self._tb), self.workdir)
 
   def flush(self) -> None:
     if self.enabled:
       self._jsonl.flush()
+      self._check_tensorboard()
       self._tb.flush()
 
   def close(self) -> None:
     if self.enabled and self._jsonl is not None:
-      self._jsonl.close()
-      self._tb.close()
-      self._jsonl = self._tb = None
-      self.enabled = False
+      tb, jsonl, self._jsonl, self._tb, self.enabled = self._tb, self._jsonl, None, None, False
+      events = _event_writer(tb)
+      try:
+        jsonl.close()
+        _check_alive(events, self.workdir)
+        tb.close()
+      except OSError:
+        if events is not None:
+          events._closed = True  # Its exit hook would otherwise wait forever on a dead thread, or fail again.
+        raise
 
   def __enter__(self) -> MetricsWriter:
     return self
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def _event_writer(tb):
+  """tensorboardX's EventFileWriter (its thread and state are private), or None."""
+  return getattr(getattr(tb, "file_writer", None), "event_writer", None)
+
+
+def _check_alive(events, workdir: str) -> None:
+  """tensorboardX writes events from a thread; when that thread dies (a full disk), a write blocks forever on its
+  full queue and a flush waits forever for it. Fail instead, naming the folder."""
+  worker = getattr(events, "_worker", None)
+  if worker is not None and not worker.is_alive():
+    free = shutil.disk_usage(workdir).free
+    raise OSError(f"{workdir}: the TensorBoard event writer stopped: it failed writing an event file ("
+                  + ("No space left on device" if free == 0 else f"{free} bytes free on that disk") + ")")
 
 
 def truncate_jsonl(path: str, max_step: int) -> int:

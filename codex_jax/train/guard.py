@@ -47,10 +47,13 @@ def spike_threshold(guard: Guard, sigmas: float, min_steps: int) -> jax.Array:
   return jnp.where(guard.count >= min_steps, mean + sigmas * std, jnp.inf).astype(jnp.float32)
 
 
-def is_bad(guard: Guard, loss: jax.Array, grad_norm: jax.Array, cfg: TrainConfig) -> tuple[jax.Array, jax.Array]:
-  """(whether this step's update must be skipped, the spike threshold it was judged by)."""
+def is_bad(guard: Guard, loss: jax.Array, grad_norm: jax.Array, update_ratio: jax.Array,
+           cfg: TrainConfig) -> tuple[jax.Array, jax.Array]:
+  """(whether this step's update must be skipped, the spike threshold it was judged by). `update_ratio` is
+  |update| / |params|: a finite loss does not make an update of a size no optimizer step should have safe."""
   threshold = spike_threshold(guard, cfg.spike_sigmas, cfg.spike_min_steps)
-  bad = ~jnp.isfinite(loss) | ~jnp.isfinite(grad_norm) | (loss > threshold)
+  oversized = ~jnp.isfinite(update_ratio) | (update_ratio > cfg.max_update_ratio) if cfg.max_update_ratio > 0 else False
+  bad = ~jnp.isfinite(loss) | ~jnp.isfinite(grad_norm) | (loss > threshold) | oversized
   return bad, threshold
 
 
@@ -78,6 +81,7 @@ def check_consecutive(metrics: dict, limit: int, step: int) -> None:
     raise NumericsError(
         f"step {step}: {count} consecutive steps skipped as numerically bad (train.max_consecutive_bad={limit}); "
         f"last loss {float(metrics['loss'])}, grad_norm {float(metrics['grad_norm'])}, spike threshold "
-        f"{float(metrics['spike_threshold'])}. No update was applied from these steps, so the state is that of "
+        f"{float(metrics['spike_threshold'])}, update / weights {float(metrics['update_ratio']):.3g} (at most "
+        "train.max_update_ratio). No update was applied from these steps, so the state is that of "
         "the last good step. Lower optimizer.learning_rate, or check the data these steps read "
         "(NaN/Inf features, corrupt records).")

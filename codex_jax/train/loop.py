@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import jax
 from absl import logging
 
 from codex_jax.checkpoint import average
-from codex_jax.checkpoint.lineage import config_hash
 from codex_jax.checkpoint.load import committed_steps
 from codex_jax.checkpoint.manager import Checkpointer, roots, state_leaf_hashes
 from codex_jax.config.schema import Config
-from codex_jax.config.workdir import check_config, write_config
+from codex_jax.config.workdir import check_config, config_hash, write_config
 from codex_jax.data.sample_ids import batch_samples
 from codex_jax.eval import report as eval_report
 from codex_jax.eval.suite import Suite
@@ -183,10 +183,7 @@ def _train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: 
     if pending is not None:
       reporter.step(*pending)
   finally:
-    preemption.close()
-    checkpointer.close()
-    reporter.close()
-    inputs.close()
+    _close_all(preemption.close, checkpointer.close, reporter.close, inputs.close)
 
   # 9. Finish: draw the curves, summarise.
   summary = {"start_step": start, "final_step": int(jax.device_get(train_state.step)),
@@ -205,3 +202,18 @@ def _train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: 
     summary["eval_plot"] = eval_report.plot_scores(metrics_file, os.path.join(workdir, "eval.png"))
   return summary
 
+
+def _close_all(*closers) -> None:
+  """Calls every closer even when one fails (a full disk fails several); raises the first failure, unless an error
+  is already on its way out (it is the one to report)."""
+  failures = []
+  for close in closers:
+    try:
+      close()
+    except Exception as e:
+      failures.append(e)
+  raising = sys.exc_info()[1] is None
+  for extra in failures[1 if raising else 0:]:
+    logging.warning("also failed while closing: %s: %s", type(extra).__name__, extra)
+  if failures and raising:
+    raise failures[0]

@@ -73,8 +73,9 @@ def apply_update(state: TrainState, loss: jax.Array, aux: dict, grads, *, tx: op
                  schedule: optax.Schedule, train: TrainConfig) -> tuple[TrainState, dict, jax.Array]:
   """The guarded AdamW update of `grads` (or none, if the step is bad): (state, metrics, bad)."""
   grad_norm = optax.tree.norm(grads)
-  bad, threshold = guard_lib.is_bad(state.guard, loss, grad_norm, train)
   updates, candidate_opt_state = tx.update(grads, state.opt_state, state.params)
+  update_ratio = optax.tree.norm(updates) / jnp.maximum(optax.tree.norm(state.params), 1e-30)
+  bad, threshold = guard_lib.is_bad(state.guard, loss, grad_norm, update_ratio, train)
   candidate_params = optax.apply_updates(state.params, updates)
   # A bad step leaves params and optimizer state bit-identical (its candidates may hold NaN).
   params, opt_state = guard_lib.keep_if_bad(bad, (state.params, state.opt_state),
@@ -85,7 +86,8 @@ def apply_update(state: TrainState, loss: jax.Array, aux: dict, grads, *, tx: op
   # nothing. The optimizer's own count (Adam bias correction, the schedule inside tx) lives in
   # opt_state and so counts applied updates only: after k skips the learning rate runs k steps
   # behind, and the one reported here is the one tx actually applied.
-  metrics = {"loss": loss, **aux, "grad_norm": grad_norm, "param_norm": optax.tree.norm(params),
+  metrics = {"loss": loss, **aux, "grad_norm": grad_norm, "update_ratio": update_ratio,
+             "param_norm": optax.tree.norm(params),
              "learning_rate": schedule(state.step - state.guard.skipped),
              "skipped": bad.astype(jnp.int32), "skipped_total": guard.skipped,
              "consecutive_bad": guard.consecutive_bad, "spike_threshold": threshold}
