@@ -7,7 +7,7 @@ TEST_STAMP := $(VENV)/.installed-test
 WORKDIR ?= runs/default
 TEST_WORKERS ?= 2
 
-.PHONY: install install-test train test test-fast bench lint clean
+.PHONY: install install-test train test test-fast bench bench-peers lint clean
 
 install: $(STAMP)
 install-test: $(TEST_STAMP)
@@ -53,9 +53,13 @@ bench: install
 	@JAX_PLATFORMS=cpu $(BIN)/codex data bench --config=experiments/codex.py:tiny --batches=$${BENCH_BATCHES:-100} --json
 	@XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu $(BIN)/codex bench --config=experiments/codex.py:tiny --name=tiny-layouts --config.model.num_heads=8 --config.model.num_kv_heads=8 --layouts --steps=$${BENCH_STEPS:-3} --json
 
+# The bench step beside the same model in PyTorch (eager and torch.compile), same run, and the ratios.
+bench-peers: install-test
+	@$(BIN)/python benchmarks/peers.py --steps=$${BENCH_STEPS:-3}
+
 lint: install-test
 	$(BIN)/python -m pip install --quiet "ruff>=0.8,<1"
-	$(BIN)/ruff check codex_jax experiments tests
+	$(BIN)/ruff check codex_jax experiments tests benchmarks
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache build *.egg-info

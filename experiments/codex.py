@@ -80,10 +80,11 @@ def _small(config):
 
 
 def _bench(config, compute_dtype):
-  # Full remat is fastest on CPU: recomputing the forward costs less than storing and re-reading
-  # activations at this machine's memory bandwidth (measured: none 24.4 s, dots 20.0 s, full 18.7 s).
+  # Saving the matmul outputs and recomputing the rest is fastest on CPU since the cross-entropy stopped holding
+  # [B, L, V] logits (2026-12-07, one session: none 25.6 s, dots_no_batch 25.1, dots 24.0, full 26.7; before
+  # it full remat won, 18.7 s against none 24.4 on a faster day). docs/results.md.
   config.model.update(vocab_size=32000, d_model=512, num_layers=8, num_heads=8, num_kv_heads=8,
-                      mlp_dim=2048, compute_dtype=compute_dtype, remat="full")
+                      mlp_dim=2048, compute_dtype=compute_dtype, remat="dots")
   config.data.seq_len = 512
   config.train.global_batch = 8
   config.objectives.weights = TEXT_ONLY

@@ -83,6 +83,22 @@ def test_clusters_are_left_to_jax_own_detection():
   assert detect({"TPU_SKIP_MDS_QUERY": "1"}, on_cloud_tpu=True) is None
 
 
+TORCHRUN = {"WORLD_SIZE": "16", "RANK": "9", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "8", "MASTER_ADDR": "10.0.0.1",
+            "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "x"}
+
+
+def test_torchrun_variables_give_coordinator_count_id_and_local_device():
+  assert detect(TORCHRUN) == Launch("torchrun", {"coordinator_address": "10.0.0.1:29501", "num_processes": 16,
+                                                 "process_id": 9, "local_device_ids": [1]})
+  one_per_host = detect({**TORCHRUN, "LOCAL_WORLD_SIZE": "1", "CODEX_COORDINATOR_PORT": "4000"})
+  assert one_per_host.kwargs == {"coordinator_address": "10.0.0.1:4000", "num_processes": 16, "process_id": 9}
+  assert detect({"WORLD_SIZE": "1", "RANK": "0"}) is None  # One process: nothing to join.
+  with pytest.raises(ConfigError) as e:
+    detect({"WORLD_SIZE": "4", "RANK": "4", "MASTER_PORT": "65535"})
+  for text in ("MASTER_ADDR is unset", "RANK=4: must be below WORLD_SIZE=4", "above 65535"):
+    assert text in str(e.value)
+
+
 # --- Real processes on localhost ---
 
 def _free_port() -> int:
@@ -91,24 +107,31 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run_groups(command: list[str], groups: list[tuple[int, int]], logs: str) -> list[list[tuple[str, str]]]:
+def _run_groups(command: list[str], groups: list[tuple[int, int]], logs: str,
+                launch: str = "explicit") -> list[list[tuple[str, str]]]:
   """Runs groups of (processes, devices each) copies of `command` at once; a group of several is joined
-  by jax.distributed on a free localhost port. Returns each process's (stdout, stderr), by group. Any
-  failure or the timeout kills every process started here: no orphan survives the test."""
+  by jax.distributed on a free localhost port, told by CODEX_* variables or (launch="torchrun") by the ones
+  torchrun sets. Returns each process's (stdout, stderr), by group. Any failure or the timeout kills every
+  process started here: no orphan survives the test."""
   os.makedirs(logs, exist_ok=True)
   base = {k: v for k, v in os.environ.items() if not k.startswith(("CODEX_NUM_PROCESSES", "CODEX_PROCESS_ID",
-                                                                   "CODEX_COORDINATOR", "JAX_COORDINATOR"))}
+                                                                   "CODEX_COORDINATOR", "JAX_COORDINATOR")) and k not in (
+      "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
   base.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
   procs, files = [], []
   try:
     for g, (processes, devices) in enumerate(groups):
       env = {**base, "XLA_FLAGS": xla_flags(devices)}
-      if processes > 1:
+      if processes > 1 and launch == "torchrun":  # The coordinator listens on MASTER_PORT + 1.
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port() - 1), WORLD_SIZE=str(processes),
+                   LOCAL_WORLD_SIZE="1")
+      elif processes > 1:
         env.update(CODEX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", CODEX_NUM_PROCESSES=str(processes))
       for i in range(processes):
         out, err = (open(os.path.join(logs, f"{g}.{i}.{kind}"), "w+") for kind in ("out", "err"))
         files.append((out, err))
-        own = {"CODEX_PROCESS_ID": str(i)} if processes > 1 else {}
+        own = {} if processes == 1 else {"RANK": str(i), "LOCAL_RANK": "0"} if launch == "torchrun" else {
+            "CODEX_PROCESS_ID": str(i)}
         procs.append(subprocess.Popen(command, cwd=ROOT, env={**env, **own}, stdout=out, stderr=err, text=True,
                                       start_new_session=True))
     deadline = time.monotonic() + TIMEOUT_S
@@ -158,6 +181,12 @@ def test_two_processes_match_one_process(tmp_path):
     for got in (r["results"][layout] for r in two):
       for key in ("losses", "grad_norms", "param_sum"):
         np.testing.assert_allclose(got[key], want[key], rtol=1e-5, err_msg=f"{layout} {key}")
+
+
+def test_two_processes_launched_the_torchrun_way_join_one_runtime(tmp_path):
+  command = [sys.executable, "-m", "tests.multihost_worker"]  # No layout: join, report, leave.
+  two = [_last_json(out) for out, _ in _run_groups(command, [(2, 2)], str(tmp_path), launch="torchrun")[0]]
+  assert [(r["process_index"], r["process_count"], r["devices"]) for r in two] == [(0, 2, 4), (1, 2, 4)]
 
 
 @pytest.mark.slow

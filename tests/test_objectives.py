@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from codex_jax.config.errors import ConfigError
 from codex_jax.config.schema import OBJECTIVES
-from codex_jax.objectives import action, align, vision, world
+from codex_jax.objectives import action, align, text, vision, world
 from codex_jax.objectives import slots as slots_lib
 from codex_jax.parallel.mesh import build_mesh
 from codex_jax.runtime import feed, forward, multimodal
@@ -120,6 +120,56 @@ def test_align_loss_over_eight_data_sharded_devices_equals_one_device():
     one = fn(*(jax.device_put(x, jax.devices()[0]) for x in (media, text, valid)))
     assert len(shard(media).sharding.device_set) == 8
     np.testing.assert_allclose(sharded, one, rtol=1e-6)
+
+
+def _text_loss_inputs(B=4, L=48, D=16, V=300, seed=0):
+  keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+  return (jax.random.normal(keys[0], (B, L, D)), jax.random.normal(keys[1], (D, V)) * 0.3,
+          jax.random.randint(keys[2], (B, L), 0, V), (jax.random.uniform(keys[3], (B, L)) > 0.2).astype(jnp.float32))
+
+
+@pytest.mark.parametrize("chunk", [1, 16, 48, 100])  # 100: not a divisor of 48, so its gcd (4) is used.
+def test_the_chunked_cross_entropy_has_the_full_logits_loss_and_gradients(chunk):
+  h, w, targets, mask = _text_loss_inputs()
+  z_loss = 1e-2  # Large enough that the z-loss term moves the gradient.
+
+  def full(h, w):
+    return text.loss_from_sums(text.next_token_sums(jnp.einsum("BLD,DV->BLV", h, w), targets, mask), z_loss)
+
+  def chunked(h, w):
+    return text.loss_from_sums(text.projected_sums(h, w, targets, mask, z_loss=z_loss, chunk=chunk), z_loss)
+
+  (want, want_aux), want_grads = jax.value_and_grad(full, argnums=(0, 1), has_aux=True)(h, w)
+  (got, got_aux), got_grads = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1), has_aux=True))(h, w)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  for name in ("ce_loss", "z_loss", "tokens"):
+    np.testing.assert_allclose(got_aux[name], want_aux[name], rtol=1e-6)
+  for g, w_ in zip(got_grads, want_grads, strict=True):
+    np.testing.assert_allclose(g, w_, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(w_))))
+  top = text.projected_sums(h, w, targets, mask, z_loss=z_loss, chunk=chunk)["top"]
+  np.testing.assert_array_equal(top, jnp.argmax(jnp.einsum("BLD,DV->BLV", h, w), axis=-1))
+
+
+def test_the_chunked_cross_entropy_never_holds_the_whole_logits():
+  B, L, D, V = 4, 256, 16, 4096
+  h, w, targets, mask = _text_loss_inputs(B, L, D, V)
+  grad = lambda f: jax.jit(jax.grad(f, argnums=(0, 1))).lower(h, w).compile().memory_analysis().temp_size_in_bytes
+  full = grad(lambda h, w: text.next_token_sums(jnp.einsum("BLD,DV->BLV", h, w), targets, mask)["ce_sum"])
+  chunked = grad(lambda h, w: text.projected_sums(h, w, targets, mask, z_loss=0.0, chunk=32)["ce_sum"])
+  logits_bytes = B * L * V * 4
+  assert full >= logits_bytes and chunked < logits_bytes / 2, (full, chunked, logits_bytes)
+
+
+def test_the_chunked_cross_entropy_over_a_vocab_sharded_mesh_equals_one_device():
+  h, w, targets, mask = _text_loss_inputs(B=8, V=512)
+  mesh = jax.make_mesh((4, 2), ("data", "tensor"), axis_types=(AxisType.Auto,) * 2)
+  loss = jax.jit(jax.value_and_grad(lambda h, w: text.projected_sums(h, w, targets, mask, z_loss=1e-4, chunk=16)[
+      "ce_sum"], argnums=(0, 1)))
+  sharded = loss(jax.device_put(h, NamedSharding(mesh, P("data"))), jax.device_put(w, NamedSharding(mesh, P(None, "tensor"))))
+  one = loss(h, w)
+  np.testing.assert_allclose(sharded[0], one[0], rtol=1e-6)
+  for a, b in zip(sharded[1], one[1], strict=True):  # Sums over other shard orders: float rounding only.
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(b))))
 
 
 # The slot tables of a hand-made packed batch.

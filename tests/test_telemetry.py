@@ -356,6 +356,18 @@ def test_plot_writes_png(tmp_path):
   assert sorted(os.listdir(tmp_path / "plots")) == ["metrics.png"]
 
 
+def test_the_loss_plot_gives_each_objective_its_own_panel_and_the_weighted_total_apart():
+  from codex_jax.telemetry.plot import panels
+  text_only = [{"step": 1, "loss": 6.0, "ce_loss": 5.9, "learning_rate": 1e-3, "grad_norm": 1.0}]
+  assert [title for title, _ in panels(text_only)] == ["text cross-entropy", "learning rate", "grad norm"]
+  five = [{"step": 1, "loss": 15.8, "ce_loss": 8.3, **{f"loss_{n}": 1.0 for n in ("text", "vision", "align", "world",
+                                                                                  "action")}}]
+  chosen = dict(panels(five))
+  assert list(chosen) == ["text cross-entropy", "vision loss", "align loss", "world loss", "action loss",
+                          "weighted total loss", "learning rate", "grad norm"]
+  assert chosen["weighted total loss"] == (("loss",),) and ("loss",) not in chosen["text cross-entropy"][1:]
+
+
 def test_param_table_total():
   params = {"params": {"embed": jnp.zeros((100, 16), jnp.bfloat16),
                        "layers": [{"q": jax.ShapeDtypeStruct((16, 4, 4), jnp.float32)}],

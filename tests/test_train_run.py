@@ -19,6 +19,7 @@ from codex_jax.checkpoint import verify
 from codex_jax.data.default_corpus.build import build_default_corpus
 from codex_jax.data.sample_ids import split_id
 from codex_jax.data.stream import EpochBlockShuffle
+from codex_jax.telemetry.profile import parse_steps
 from codex_jax.train.ledger import SampleLedger, ledger_path, read_ledger
 from tests.helpers import ROOT, RUN_OVERRIDES, run_env, run_train, train_command, trained_workdir
 
@@ -311,6 +312,23 @@ def test_a_data_edit_that_keeps_size_and_modification_time_is_refused_on_resume(
   last = refused.stderr.strip().splitlines()[-1]
   episode = os.path.basename(os.path.dirname(data))
   assert "checkpoint 40 was trained on data with manifest hash" in last and episode in last, last
+
+
+def test_profile_steps_traces_those_steps_and_a_bad_range_is_named(reference, tmp_path):
+  import shutil
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference[0], workdir)
+  command = [*_command(workdir, **{"train.steps": 43}), "--profile_steps=41:42"]
+  result = subprocess.run(command, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "Profiled steps 41-42" in result.stderr
+  traces = glob.glob(os.path.join(workdir, "profile", "plugins", "profile", "*", "*.xplane.pb"))
+  perfetto = glob.glob(os.path.join(workdir, "profile", "plugins", "profile", "*", "*.trace.json.gz"))
+  assert traces and perfetto and os.path.getsize(traces[0]) > 0
+  for bad in ("3", "0:2", "5:4", "a:b"):
+    with pytest.raises(ValueError, match=rf"--profile_steps='{bad}': expected A:B"):
+      parse_steps(bad)
+  assert parse_steps("2:2") == (2, 2) and parse_steps(None) is None
 
 
 def test_allowed_change_extends_a_finished_run(reference, tmp_path):

@@ -29,6 +29,14 @@ class _LibraryInfoFilter(std_logging.Filter):
     return not library
 
 
+class _UnretrievedTasks(std_logging.Filter):
+  """asyncio reports each failed write of a failed async save again when its task is collected (at exit, past
+  the handlers, with a traceback); the save's failure is reported once, by codex."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Task exception was never retrieved")
+
+
 def _thread_failed(args: threading.ExceptHookArgs) -> None:
   name = args.thread.name if args.thread else "?"
   print(f"background thread {name} failed: {args.exc_type.__name__}: {args.exc_value}", file=sys.stderr)
@@ -46,5 +54,6 @@ def configure(verbose: bool) -> None:
   logging.set_verbosity(logging.INFO)
   if not verbose:
     logging.get_absl_handler().addFilter(_LibraryInfoFilter())
+    std_logging.getLogger("asyncio").addFilter(_UnretrievedTasks())  # On the logger: also at interpreter exit.
     threading.excepthook = _thread_failed
     sys.unraisablehook = _unraisable

@@ -35,6 +35,9 @@ class ModelConfig:
   compute_dtype: str = "float32"
   scan_layers: bool = True  # One compiled block, scanned: compile time flat in depth.
   remat: str = "none"  # none | full | dots | dots_no_batch: what the backward recomputes instead of storing.
+  # The training cross-entropy runs over this many positions of every row at a time (objectives/text.py): only
+  # [B, loss_chunk, V] logits exist at once; a divisor of the row length is used.
+  loss_chunk: int = 128
   # auto: jax.nn.dot_product_attention's choice, plain XLA attention in the pinned jax | xla | cudnn (GPU).
   attention_impl: str = "auto"
   attention_chunks: int = 1  # Query chunks that skip masked blocks; >1 pays where no fused kernel does.

@@ -20,7 +20,7 @@ def validate(cfg: schema.Config, num_devices: int | None = None, num_processes: 
   m, d, o, t, mesh, c, e = cfg.model, cfg.data, cfg.optimizer, cfg.train, cfg.mesh, cfg.checkpoint, cfg.eval
   for group, obj, keys in (
       ("model", m, ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "mlp_dim",
-                    "attention_chunks")),
+                    "attention_chunks", "loss_chunk")),
       ("data", d, ("seq_len", "image_size", "patch_size", "video_frames", "tubelet_frames", "audio_sample_rate",
                    "audio_mels", "audio_patch_frames")),
       ("train", t, ("steps", "global_batch", "log_every", "spike_sigmas", "max_consecutive_bad")),

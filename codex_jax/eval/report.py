@@ -123,7 +123,7 @@ def _draw(ax, hist, keys: list[str], title: str) -> None:
                         label=label if style == "-" else f"{label} (avg)")
         color, drawn = line.get_color(), True
   if drawn:
-    ax.legend(loc="best", fontsize="x-small")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="x-small")  # Beside the data, never on it.
   else:
     ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="gray")
   ax.set_title(title, fontsize="small")
@@ -139,10 +139,10 @@ def plot_scores(metrics_jsonl: str, out_png: str) -> str | None:
   domains = sorted({k.split("/")[2] for k in hist if k.startswith("heldout/domain/") and k.endswith("/bpb")})
   objective_losses = [k for k in hist if k.startswith("objectives/") and k.endswith("_loss")]
   rows = 1 + len(names) + 2 * bool(objective_losses)
-  fig = Figure(figsize=(10, 2.4 * rows), dpi=90, layout="constrained")
+  fig = Figure(figsize=(13, 2.4 * rows), dpi=90, layout="constrained")  # Wider: legends sit beside each panel.
   FigureCanvasAgg(fig)
   axes = fig.subplots(rows, 2, squeeze=False)
-  _draw(axes[0, 0], hist, ["heldout/loss", "heldout/bpb"], "held-out loss and bits per byte")
+  _draw(axes[0, 0], hist, ["heldout/bpb"], "held-out bits per byte (nats per token: heldout/loss in metrics.jsonl)")
   _draw(axes[0, 1], hist, [f"heldout/domain/{d}/bpb" for d in domains],
         "held-out bits per byte per domain (per source: metrics.jsonl)")
   for row, name in enumerate(names, start=1):

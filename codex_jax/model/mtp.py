@@ -56,17 +56,18 @@ class MultiTokenPrediction(nn.Module):
   def setup(self):
     self.depths = [Depth(self.cfg, self.block) for _ in range(self.cfg.mtp_depth)]
 
-  def __call__(self, h_BLD, embed, logits, tokens_BL, segment_ids_BL, positions_BL) -> list[jax.Array]:
-    """Logits [B, L, V] of each depth k = 1..D (depth k at t predicts token t + k + 1).
+  def __call__(self, h_BLD, embed, tokens_BL, segment_ids_BL, positions_BL) -> list[jax.Array]:
+    """The normed output [B, L, D] of each depth k = 1..D (depth k at t predicts token t + k + 1, through the
+    Decoder's output projection).
 
-    `embed(tokens_BL)` and `logits(x_BLD)` are the Decoder's shared embedding and output projection.
+    `embed(tokens_BL)` is the Decoder's shared embedding.
     Positions whose token t + k lies past the row see token 0; their targets are masked out
     (objectives/mtp.py), and attention stays within packed segments as in the main stack.
     """
     out = []
     for k, depth in enumerate(self.depths, start=1):
       h_BLD, normed_BLD = depth(h_BLD, embed(shift_left(tokens_BL, k)), segment_ids_BL, positions_BL)
-      out.append(logits(normed_BLD))
+      out.append(normed_BLD)
     return out
 
 

@@ -151,12 +151,13 @@ class Decoder(nn.Module):
     """The final-norm hidden states [B, L, D] (before the output projection)."""
     return self.final_norm(self.trunk(tokens_BL, segment_ids_BL, positions_BL, features_BLF, modality_ids_BL))
 
-  def logits(self, x_BLD):
+  def output_weights(self):
+    """The output projection [D, V] in the compute dtype (the embedding, transposed, when tied)."""
     dt = self.cfg.compute_dtype
-    if self.cfg.tie_embeddings:
-      logits_BLV = jnp.einsum("BLD,VD->BLV", x_BLD, self.embedding.astype(dt))
-    else:
-      logits_BLV = jnp.einsum("BLD,DV->BLV", x_BLD, self.unembed.astype(dt))
+    return (self.embedding.T if self.cfg.tie_embeddings else self.unembed).astype(dt)
+
+  def logits(self, x_BLD):
+    logits_BLV = jnp.einsum("BLD,DV->BLV", x_BLD, self.output_weights())
     logits_BLV = nn.with_logical_constraint(logits_BLV, ("act_batch", "act_length", "act_vocab"))
     return logits_BLV.astype(jnp.float32)
 
@@ -164,11 +165,22 @@ class Decoder(nn.Module):
     """Logits from the last block's output: final norm, then the output projection."""
     return self.logits(self.final_norm(x_BLD))
 
-  def mtp_logits(self, x_BLD, tokens_BL, segment_ids_BL, positions_BL) -> list[jax.Array]:
-    """Logits of each MTP depth from the last block's output `x_BLD` (model/mtp.py); [] when off."""
+  def mtp_hidden(self, x_BLD, tokens_BL, segment_ids_BL, positions_BL) -> list[jax.Array]:
+    """The normed output [B, L, D] of each MTP depth from the last block's output `x_BLD` (model/mtp.py); [] when
+    off."""
     if not self.cfg.mtp_depth:
       return []
-    return self.mtp(x_BLD, self.embed, self.logits, tokens_BL, segment_ids_BL, positions_BL)
+    return self.mtp(x_BLD, self.embed, tokens_BL, segment_ids_BL, positions_BL)
+
+  def mtp_logits(self, x_BLD, tokens_BL, segment_ids_BL, positions_BL) -> list[jax.Array]:
+    """Logits of each MTP depth from the last block's output `x_BLD`; [] when off."""
+    return [self.logits(h_BLD) for h_BLD in self.mtp_hidden(x_BLD, tokens_BL, segment_ids_BL, positions_BL)]
+
+  def train_hidden(self, x_BLD, tokens_BL, segment_ids_BL, positions_BL):
+    """What the training loss projects (objectives/mtp.py:head_sums): the final-norm hidden states, each MTP
+    depth's, and the output projection; the logits themselves are made a chunk at a time there."""
+    return (self.final_norm(x_BLD), self.mtp_hidden(x_BLD, tokens_BL, segment_ids_BL, positions_BL),
+            self.output_weights())
 
   def train_outputs(self, tokens_BL, segment_ids_BL, positions_BL, features_BLF=None, modality_ids_BL=None):
     """(next-token logits, [logits of each MTP depth]): what training needs, and what init creates."""

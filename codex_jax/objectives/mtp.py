@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from codex_jax.model.mtp import shift_left
+from codex_jax.model.transformer import Decoder
 from codex_jax.objectives import text
 
 
@@ -39,9 +40,22 @@ def mtp_sums(mtp_logits: list[jax.Array], logits_BLV: jax.Array, batch: dict) ->
   return sums
 
 
-def loss_sums(logits_BLV: jax.Array, mtp_logits: list[jax.Array], batch: dict) -> dict[str, jax.Array]:
-  """The next-token sums (text.py) and each MTP depth's (mtp_sums) of one batch's outputs."""
-  return text.next_token_sums(logits_BLV, batch["targets"], batch["loss_mask"]) | mtp_sums(mtp_logits, logits_BLV, batch)
+def head_sums(model: Decoder, params, x_BLD: jax.Array, batch: dict, z_loss: float) -> dict[str, jax.Array]:
+  """The loss sums of one batch from the last block's output `x_BLD`: next-token (text.py) and each MTP depth's,
+  as mtp_sums makes them, with the logits made model.loss_chunk positions at a time (text.projected_sums; its
+  gradient is that of ce_sum + z_loss * z_sum, so `z_loss` must be the loss's)."""
+  h_BLD, mtp_h, w_DV = model.apply({"params": params}, x_BLD, batch["inputs"], batch["segment_ids"],
+                                   batch["positions"], method=Decoder.train_hidden)
+  chunk = model.cfg.loss_chunk
+  main = text.projected_sums(h_BLD, w_DV, batch["targets"], batch["loss_mask"], z_loss=z_loss, chunk=chunk)
+  sums = {k: v for k, v in main.items() if k != "top"}
+  for k, h_k_BLD in enumerate(mtp_h, start=1):
+    mask_BL = depth_mask(batch["loss_mask"], batch["segment_ids"], k)
+    s = text.projected_sums(h_k_BLD, w_DV, shift_left(batch["targets"], k), mask_BL, z_loss=0.0, chunk=chunk)
+    agree_BL = s["top"] == shift_left(main["top"], k)
+    sums |= {f"mtp_ce_sum_{k}": s["ce_sum"], f"mtp_tokens_{k}": s["tokens"],
+             f"mtp_accept_{k}": jnp.sum(agree_BL.astype(jnp.float32) * mask_BL)}
+  return sums
 
 
 def mtp_tokens(batch: dict, depth: int) -> dict[str, jax.Array]:

@@ -10,6 +10,10 @@ first match wins:
              (coordinator on the step's first node, one process per task, one GPU per task unless
              JAX_LOCAL_DEVICE_IDS lists more).
   open mpi   OMPI_COMM_WORLD_SIZE > 1 (`mpirun`): JAX's own Open MPI detection.
+  torchrun   WORLD_SIZE > 1 with RANK, MASTER_ADDR and MASTER_PORT (torchrun, torch.distributed.launch, and
+             launchers that mimic them): process RANK of WORLD_SIZE, the coordinator on MASTER_ADDR at
+             MASTER_PORT + 1 (torchrun's own store holds MASTER_PORT; CODEX_COORDINATOR_PORT overrides),
+             and with LOCAL_WORLD_SIZE > 1 one accelerator per process, LOCAL_RANK's.
   tpu        a Cloud TPU VM (GCE metadata or GKE's TPU_WORKER_HOSTNAMES): JAX's own TPU detection;
              a one-host slice simply becomes process 0 of 1.
   none       one process: nothing to do.
@@ -30,6 +34,7 @@ from absl import logging
 from codex_jax.config.errors import ConfigError
 
 EXPLICIT = ("CODEX_COORDINATOR_ADDRESS", "CODEX_NUM_PROCESSES", "CODEX_PROCESS_ID")
+TORCHRUN = ("RANK", "MASTER_ADDR", "MASTER_PORT")  # Beside WORLD_SIZE > 1.
 SLURM_STEP = ("SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID")  # What JAX's SLURM detection reads.
 
 
@@ -54,6 +59,8 @@ def detect(environ: Mapping[str, str], on_cloud_tpu: bool = False) -> Launch | N
     return Launch("slurm", {"cluster_detection_method": "slurm"})
   if "OMPI_MCA_orte_hnp_uri" in environ and _int(environ, "OMPI_COMM_WORLD_SIZE", minimum=1, default=1) > 1:
     return Launch("open mpi", {"cluster_detection_method": "ompi"})
+  if _int(environ, "WORLD_SIZE", minimum=1, default=1) > 1:
+    return _torchrun(environ)
   hosts = environ.get("TPU_PROCESS_ADDRESSES") or environ.get("TPU_WORKER_HOSTNAMES")
   if on_cloud_tpu and (hosts is not None or "TPU_SKIP_MDS_QUERY" not in environ):
     return Launch("tpu", {})
@@ -85,6 +92,29 @@ def _explicit(environ: Mapping[str, str]) -> Launch | None:
   if problems:
     raise ConfigError(problems)
   return Launch("explicit", {"coordinator_address": address, "num_processes": count, "process_id": process_id})
+
+
+def _torchrun(environ: Mapping[str, str]) -> Launch:
+  problems = [f"{name} is unset: WORLD_SIZE={environ['WORLD_SIZE']} (a torchrun-style launch) needs RANK, MASTER_ADDR "
+              "and MASTER_PORT; or set CODEX_NUM_PROCESSES=1 for a single process" for name in TORCHRUN
+              if name not in environ]
+  count = _int(environ, "WORLD_SIZE", minimum=1)
+  rank = _int(environ, "RANK", minimum=0, problems=problems)
+  master_port = _int(environ, "MASTER_PORT", minimum=1, problems=problems)
+  port = _int(environ, "CODEX_COORDINATOR_PORT", minimum=1, problems=problems)
+  port = port or (master_port + 1 if master_port else None)
+  local_count = _int(environ, "LOCAL_WORLD_SIZE", minimum=1, default=1, problems=problems)
+  local_rank = _int(environ, "LOCAL_RANK", minimum=0, default=0, problems=problems)
+  if rank is not None and rank >= count:
+    problems.append(f"RANK={rank}: must be below WORLD_SIZE={count}")
+  if port is not None and port >= 65536:
+    problems.append(f"coordinator port {port} (MASTER_PORT + 1): above 65535; set CODEX_COORDINATOR_PORT")
+  if problems:
+    raise ConfigError(problems)
+  kwargs = {"coordinator_address": f"{environ['MASTER_ADDR']}:{port}", "num_processes": count, "process_id": rank}
+  if local_count and local_count > 1:
+    kwargs["local_device_ids"] = [local_rank]
+  return Launch("torchrun", kwargs)
 
 
 def _int(environ: Mapping[str, str], name: str, minimum: int, default: int | None = None,

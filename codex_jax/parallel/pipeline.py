@@ -199,10 +199,7 @@ class Pipeline:
 
     def head_sums(rest, y_BLD, m):
       mb = _take(micro, m)
-      logits_BLV = model.apply({"params": rest}, y_BLD, method=Decoder.head)
-      mtp_logits = model.apply({"params": rest}, y_BLD, mb["inputs"], mb["segment_ids"], mb["positions"],
-                               method=Decoder.mtp_logits)
-      return mtp_objective.loss_sums(logits_BLV, mtp_logits, mb)
+      return mtp_objective.head_sums(model, rest, y_BLD, mb, z_loss)
 
     def stage_backward(p, x_BLD, segment_ids_BL, positions_BL, g_BLD):
       _, pullback = jax.vjp(lambda p, x: run_stage(p, x, segment_ids_BL, positions_BL), p, x_BLD)

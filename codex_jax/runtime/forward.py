@@ -38,10 +38,11 @@ def outputs_fn(params, batch: dict, *, model: Decoder, pipeline: Pipeline | None
 
 
 def batch_sums(params, batch: dict, *, model: Decoder, rng: jax.Array | None = None,
-               pipeline: Pipeline | None = None) -> dict[str, jax.Array]:
-  """The loss sums of one batch (objectives/text.py; objectives/mtp.py when model.mtp_depth > 0)."""
-  logits_BLV, mtp_logits = outputs_fn(params, batch, model=model, pipeline=pipeline, rng=rng)
-  return mtp_objective.loss_sums(logits_BLV, mtp_logits, batch)
+               pipeline: Pipeline | None = None, z_loss: float = 0.0) -> dict[str, jax.Array]:
+  """The loss sums of one batch (objectives/text.py; objectives/mtp.py when model.mtp_depth > 0), the logits made a
+  chunk of positions at a time; their gradient is that of a loss with this `z_loss` (objectives/mtp.py:head_sums)."""
+  x_BLD = trunk_fn(params, batch, model=model, pipeline=pipeline, rng=rng)
+  return mtp_objective.head_sums(model, params, x_BLD, batch, z_loss)
 
 
 def heldout_sums(params, batch: dict, *, model: Decoder, pipeline: Pipeline | None = None) -> dict:

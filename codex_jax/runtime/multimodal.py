@@ -92,10 +92,7 @@ def losses_from_trunk(params, h_BLD, h_target_BLD, batch: dict, online: dict, sl
   feats_NF = batch["features"].reshape(B * L, -1)
   losses, present, metrics, outputs = {}, {}, {}, {}
 
-  logits_BLV = model.apply({"params": params}, h_BLD, method=Decoder.head)
-  mtp_logits = model.apply({"params": params}, h_BLD, online["inputs"], online["segment_ids"], online["positions"],
-                           method=Decoder.mtp_logits)
-  sums = mtp_objective.loss_sums(logits_BLV, mtp_logits, online)
+  sums = mtp_objective.head_sums(model, params, h_BLD, online, spec.z_loss)
   losses["text"], text_aux = mtp_objective.loss_from_sums(sums, spec.z_loss, model.cfg.mtp_depth, mtp_weight)
   present["text"] = sums["tokens"] > 0
   metrics |= text_aux

@@ -132,8 +132,8 @@ class StepFlops:
   online: float   # Forward + backward of the model on the update's tokens (train_flops_per_token).
   target: float   # The EMA target encoder's forward (vision or world on).
   heads: float    # The non-text heads, forward + backward, on their slots.
-  measure: float  # The tuner's measurement: a zeroed-block trunk forward, then per objective a backward pass
-                  # through the last block and the heads (text's output projection included).
+  measure: float  # The tuner's measurement: a zeroed-block trunk forward (the text head's gradient made with
+                  # it), then per objective a backward pass through the last block and the heads.
   measure_every: int = 1
 
   @property
@@ -163,10 +163,11 @@ def step_flops(cfg: Config, rows: int, micro_batches: int = 1) -> StepFlops:
   slots = head_matmuls(cfg) * micro_batches
   block = layer_forward_flops_per_token(m, seq_len)
   text_head = 2 * m.d_model * m.vocab_size
-  # Forward: the zeroed-block trunk, then the last block, the output projection and the heads once; backward,
-  # once per objective: 2x the block's forward, the output projection's and heads' input gradients.
-  forward = (trunk + block + text_head) * tokens + 2 * slots
-  backward = len(OBJECTIVES) * ((2 * block + text_head) * tokens + 2 * slots)
+  # Forward: the zeroed-block trunk, then the last block, the heads, and the output projection with its own
+  # gradients (the chunked cross-entropy makes them in its forward pass: 3x, objectives/text.py) once; backward,
+  # once per objective: 2x the block's forward and the heads' input gradients (the text ones only scale).
+  forward = (trunk + block + 3 * text_head) * tokens + 2 * slots
+  backward = len(OBJECTIVES) * (2 * block * tokens + 2 * slots)
   return StepFlops(online, target, 6 * slots, forward + backward, o.balance.measure_every)
 
 

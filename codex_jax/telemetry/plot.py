@@ -1,4 +1,5 @@
-"""Training curves from `metrics.jsonl` as a PNG: loss, learning rate and gradient norm against step."""
+"""Training curves from `metrics.jsonl` as a PNG, one quantity per panel: the text cross-entropy (train and held
+out), each other objective's own loss, the weighted total when there are several, learning rate, gradient norm."""
 
 from __future__ import annotations
 
@@ -12,12 +13,20 @@ from matplotlib.figure import Figure
 
 from codex_jax import atomic
 
-# Panel title -> series (first key found wins within each tuple of spellings).
-PANELS = (
-    ("loss", (("loss", "train_loss"), ("eval_loss",))),
-    ("learning rate", (("learning_rate", "lr"),)),
-    ("grad norm", (("grad_norm", "gnorm"),)),
-)
+OBJECTIVES = ("vision", "align", "world", "action")  # Beside text: their `loss_<name>` metrics (runtime/multimodal.py).
+
+
+def panels(records: list[dict]) -> list[tuple[str, tuple[tuple[str, ...], ...]]]:
+  """(panel title, series) for what the records hold; a series is a tuple of spellings, the first found wins.
+  Different quantities never share an axis: the weighted total of several objectives gets its own panel."""
+  has = lambda key: any(key in r for r in records)  # noqa: E731
+  own = [name for name in OBJECTIVES if has(f"loss_{name}")]
+  text = ("text cross-entropy", (("ce_loss", "loss", "train_loss"), ("eval_loss",)))
+  if not own:  # Text only: the loss is the cross-entropy (plus a z-loss 1e-4 of it).
+    return [text, ("learning rate", (("learning_rate", "lr"),)), ("grad norm", (("grad_norm", "gnorm"),))]
+  return [text, *((f"{name} loss", ((f"loss_{name}",),)) for name in own),
+          ("weighted total loss", (("loss",),)), ("learning rate", (("learning_rate", "lr"),)),
+          ("grad norm", (("grad_norm", "gnorm"),))]
 
 
 def read_metrics(metrics_jsonl: str) -> list[dict]:
@@ -43,10 +52,11 @@ def series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
 def plot_metrics(metrics_jsonl: str, out_png: str) -> str:
   """Writes the curves of `metrics_jsonl` to `out_png` (atomically) and returns its path."""
   records = read_metrics(metrics_jsonl)
-  fig = Figure(figsize=(6, 2.4 * len(PANELS)), dpi=100, layout="constrained")
+  chosen = panels(records)
+  fig = Figure(figsize=(6, 2.2 * len(chosen)), dpi=100, layout="constrained")
   FigureCanvasAgg(fig)
-  axes = fig.subplots(len(PANELS), 1, sharex=True, squeeze=False)[:, 0]
-  for ax, (title, spellings) in zip(axes, PANELS, strict=True):
+  axes = fig.subplots(len(chosen), 1, sharex=True, squeeze=False)[:, 0]
+  for ax, (title, spellings) in zip(axes, chosen, strict=True):
     drawn = False
     for names in spellings:
       key = next((k for k in names if any(k in r for r in records)), None)
@@ -58,7 +68,7 @@ def plot_metrics(metrics_jsonl: str, out_png: str) -> str:
         ax.plot(steps, values, label=key, marker="o" if len(steps) < 30 else None, markersize=3)
         drawn = True
     if drawn:
-      ax.legend(loc="best", fontsize="small")
+      ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")  # Beside the data, never on it.
     else:
       ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="gray")
     ax.set_ylabel(title)

@@ -21,6 +21,7 @@ from codex_jax.parallel.mesh import build_mesh
 from codex_jax.runtime import feed
 from codex_jax.runtime.inputs import RunInputs
 from codex_jax.telemetry import flops, params_table, peak, plot
+from codex_jax.telemetry.profile import StepProfiler
 from codex_jax.telemetry.progress import Progress
 from codex_jax.telemetry.writer import MetricsWriter
 from codex_jax.train import batch_ramp, guard, noise_scale
@@ -31,16 +32,19 @@ from codex_jax.train.setup import build_trainer, xla_model_flops
 from codex_jax.workdir import writer_lock
 
 
-def train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: bool = True) -> dict[str, Any]:
+def train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: bool = True,
+          profile_steps: tuple[int, int] | None = None) -> dict[str, Any]:
   """Trains `cfg` in `workdir`, resuming from its latest checkpoint; returns a run summary. Process 0, the one
-  that writes, holds the workdir's writer lock throughout (a second writer is refused: codex_jax/workdir.py)."""
+  that writes, holds the workdir's writer lock throughout (a second writer is refused: codex_jax/workdir.py).
+  `profile_steps` (first, last) traces those steps with jax.profiler (telemetry/profile.py)."""
   if jax.process_index() != 0:
-    return _train(cfg, config_dict, workdir, progress=progress)
+    return _train(cfg, config_dict, workdir, progress=progress, profile_steps=profile_steps)
   with writer_lock(workdir):
-    return _train(cfg, config_dict, workdir, progress=progress)
+    return _train(cfg, config_dict, workdir, progress=progress, profile_steps=profile_steps)
 
 
-def _train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: bool) -> dict[str, Any]:
+def _train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: bool,
+           profile_steps: tuple[int, int] | None) -> dict[str, Any]:
   is_main = jax.process_index() == 0
   total_steps, seq_len = cfg.train.steps, cfg.data.seq_len
 
@@ -146,6 +150,7 @@ def _train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: 
   #    flight, so the last committed step stays usable.
   eval_loss, evaluated_at, pending, preempted = None, None, None, False
   preemption, snapshot_clock = Preemption(), average.SnapshotClock(cfg.checkpoint)
+  profiler = StepProfiler(profile_steps, workdir, enabled=is_main)
   try:
     if evaluating and cfg.eval.at_start and start == 0:  # The untrained model's scores: every curve's origin.
       scores = suite.evaluate(0, train_state.params, target_params=getattr(train_state, "target_params", None))
@@ -153,7 +158,9 @@ def _train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: 
     for step in range(start, total_steps):
       global_batch = to_global(batch)
       noise.maybe_measure(step, train_state.params, global_batch)  # Before the update donates the params.
+      profiler.before(step + 1)
       train_state, metrics = compiled_for(k, train_state, global_batch)(train_state, global_batch)
+      profiler.after(step + 1, train_state)
       noise.collect()  # The update is queued behind the probe: waiting for the probe leaves the device busy.
       if pending is not None:
         reporter.step(*pending)
@@ -183,7 +190,7 @@ def _train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: 
     if pending is not None:
       reporter.step(*pending)
   finally:
-    _close_all(preemption.close, checkpointer.close, reporter.close, inputs.close)
+    _close_all(profiler.close, preemption.close, checkpointer.close, reporter.close, inputs.close)
 
   # 9. Finish: draw the curves, summarise.
   summary = {"start_step": start, "final_step": int(jax.device_get(train_state.step)),

@@ -59,7 +59,7 @@ def xla_model_flops(cfg: Config, mesh: Mesh, batch) -> float | None:
   """XLA's own count of one step's model FLOPs, to cross-check the analytic 6N + attention formula.
 
   XLA's cost analysis counts a while-loop body once, so a scanned stack would be undercounted by the
-  number of layers, remat adds recomputation that model FLOPs leave out, and chunked attention skips
+  number of layers (and the cross-entropy's scan over chunks by their number: one chunk here), remat adds recomputation that model FLOPs leave out, and chunked attention skips
   the masked blocks that the PaLM convention counts. So the count is taken from the same step
   unrolled, without remat, with whole attention; lowered but never compiled (the unpartitioned
   program: global FLOPs, no device multiplier). A pipeline's ticks would count its bubble too, so the
@@ -69,7 +69,7 @@ def xla_model_flops(cfg: Config, mesh: Mesh, batch) -> float | None:
   """
   rows = jax.tree.leaves(batch)[0].shape[0]
   counted = dataclasses.replace(cfg, model=dataclasses.replace(
-      cfg.model, scan_layers=False, remat="none", attention_chunks=1),
+      cfg.model, scan_layers=False, remat="none", attention_chunks=1, loss_chunk=cfg.data.seq_len),
       mesh=dataclasses.replace(cfg.mesh, data=1, tensor=1, pipeline=1),
       train=dataclasses.replace(cfg.train, global_batch=rows, grad_accum=1))
   one_device = Mesh(np.asarray(mesh.devices).reshape(-1)[:1].reshape(1, 1, 1), mesh.axis_names,

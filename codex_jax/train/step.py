@@ -25,7 +25,7 @@ def loss_fn(params, batch: dict, *, model: Decoder, z_loss: float, rng: jax.Arra
 
   With MTP the loss adds (mtp_weight / mtp_depth) * sum_k CE_k; the next-token part is unchanged.
   """
-  sums = batch_sums(params, batch, model=model, rng=rng, pipeline=pipeline)
+  sums = batch_sums(params, batch, model=model, rng=rng, pipeline=pipeline, z_loss=z_loss)
   return mtp_objective.loss_from_sums(sums, z_loss, model.cfg.mtp_depth, mtp_weight)
 
 
