@@ -19,7 +19,8 @@ import pytest
 from codex_jax.checkpoint import lineage, merkle, verify
 from codex_jax.checkpoint import proof as proof_lib
 from codex_jax.checkpoint.errors import CheckpointIntegrityError
-from codex_jax.checkpoint.manager import Checkpointer, write_files
+from codex_jax.checkpoint.files import write_files
+from codex_jax.checkpoint.manager import Checkpointer
 from codex_jax.config.schema import CheckpointConfig
 from tests.helpers import ROOT, RUN_OVERRIDES, run_train, train_process, trained_workdir
 from tests.test_merkle import spec_leaf, spec_root  # docs/checkpoints.md's hash format, written out with hashlib.

@@ -220,8 +220,9 @@ def test_an_averaged_checkpoint_has_its_parents_in_its_record_and_lineage_verify
 
 @pytest.mark.slow
 def test_a_params_only_load_equals_the_full_restore_and_refuses_a_tampered_parameter(run, tmp_path):
+  from codex_jax.checkpoint.files import write_files
   from codex_jax.checkpoint.load import read_config
-  from codex_jax.checkpoint.manager import Checkpointer, write_files
+  from codex_jax.checkpoint.manager import Checkpointer
   from codex_jax.parallel.mesh import build_mesh
   from codex_jax.train.setup import build_trainer
   workdir = str(tmp_path / "copy")

@@ -251,7 +251,8 @@ def test_the_target_encoder_restores_beside_the_params_and_a_changed_byte_is_ref
 
   from codex_jax.checkpoint import merkle
   from codex_jax.checkpoint.errors import CheckpointIntegrityError
-  from codex_jax.checkpoint.manager import Checkpointer, tensor_files, write_files
+  from codex_jax.checkpoint.files import write_files
+  from codex_jax.checkpoint.manager import Checkpointer, tensor_files
   from codex_jax.config.schema import CheckpointConfig
 
   rng = np.random.default_rng(4)

@@ -21,8 +21,9 @@ import orbax.checkpoint as ocp
 
 from codex_jax.checkpoint import lineage
 from codex_jax.checkpoint.errors import CheckpointIntegrityError
+from codex_jax.checkpoint.files import HashedCommit
 from codex_jax.checkpoint.load import LoadedStep, checkpoint_steps, load_steps
-from codex_jax.checkpoint.manager import AVERAGED_DIR, HashedCommit, meta_hash, roots, state_leaf_hashes
+from codex_jax.checkpoint.manager import AVERAGED_DIR, meta_hash, roots, state_leaf_hashes
 from codex_jax.config.schema import CheckpointConfig
 
 

@@ -2,21 +2,19 @@
 
 Each step directory holds `state` (one zarr folder per tensor: no OCDBT, so a damaged file names its
 tensor), `data` (the Grain iterator), `meta` (JSON: the data record, token accounting and the hash of
-every tensor) and the lineage record in Orbax's step metadata. Orbax writes each step to a temporary
-directory and renames it on commit, so a step interrupted mid-save is never listed. Restore refuses
-any mismatch in structure, shape or dtype before reading, and any changed byte after reading, before
-a single array is handed back.
+every tensor), the lineage record in Orbax's step metadata, and `files.json` (every other file's sha256,
+checkpoint/files.py). Orbax writes each step to a temporary directory and renames it on commit, so a step
+interrupted mid-save is never listed. Restore refuses a changed file, then any mismatch in structure, shape or
+dtype before reading, and any changed tensor after reading, before a single array is handed back.
 """
 
 from __future__ import annotations
 
-import asyncio
 import glob
 import hashlib
 import json
 import os
 import re
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,18 +24,14 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-from orbax.checkpoint._src.metadata import checkpoint as checkpoint_metadata
-from orbax.checkpoint._src.path import async_path, atomicity
 
-from codex_jax import atomic
 from codex_jax.checkpoint import lineage, merkle
 from codex_jax.checkpoint.errors import CheckpointIntegrityError, CheckpointWriteError
+from codex_jax.checkpoint.files import HashedCommit, check_files
 from codex_jax.config.schema import CheckpointConfig
-from codex_jax.hashing import sha256_file
 
 STATE_GROUPS = ("params", "opt_state")  # Hashed into their own roots; every other leaf into extra_root.
 AVERAGED_DIR = "averaged"  # WORKDIR/averaged/<step>/: parameter means written by checkpoint/average.py.
-FILES_FILE = "files.json"  # In each step directory: every other file's sha256, written inside the commit.
 
 
 def group_of(path: str) -> str:
@@ -276,30 +270,6 @@ class Checkpointer:
       self.manager.close()
 
 
-class HashedCommit(atomicity.AtomicRenameTemporaryPath):
-  """Orbax's commit of a step (0.12's AtomicRenameTemporaryPath.finalize: the step metadata's commit time, the
-  commit marker, the rename), with files.json written just before the rename: the sha256 of every other file
-  of the step, so no committed step lacks them. Runs on process 0 once every process has written."""
-
-  async def finalize(self):
-    if not self.get_final().name.isdigit():  # An item (state/, data/, meta/), committed inside its step.
-      return await super().finalize()
-    store, tmp = self._checkpoint_metadata_store, self.get()
-    if store:
-      await asyncio.to_thread(store.wait_until_finished)
-      await asyncio.to_thread(store.update, file_path=checkpoint_metadata.step_metadata_file_path(tmp),
-                              commit_timestamp_nsecs=time.time_ns())
-      await asyncio.to_thread(store.wait_until_finished)
-    await async_path.write_text(tmp / atomicity.COMMIT_SUCCESS_FILE,
-                                f"Checkpoint commit was successful to {self.get_final()}")
-    await asyncio.to_thread(write_files, str(tmp))
-    await async_path.rename(tmp, self.get_final())
-
-
-def write_files(step_dir: str) -> None:
-  atomic.write_json(os.path.join(step_dir, FILES_FILE), {"version": 1, "files": file_hashes(step_dir)})
-
-
 def _short(e: Exception) -> str:
   """One line; the operating system's reason (a full disk) and the file TensorStore names (so the tensor) first."""
   text = " ".join(str(e).split())
@@ -307,34 +277,6 @@ def _short(e: Exception) -> str:
   code = re.search(r"os_error_code='(\d+)'|\[Errno (\d+)\]", text)
   reason = f"{os.strerror(int(code.group(1) or code.group(2)))}: " if code else ""
   return reason + (f"at {found.group(1)}: " if found else "") + text[:300]
-
-
-def file_hashes(step_dir: str) -> dict[str, str]:
-  """sha256 of every file of a step but files.json, by path relative to the step directory."""
-  paths = (os.path.join(folder, name) for folder, _, names in os.walk(step_dir) for name in names)
-  return dict(sorted((rel, sha256_file(os.path.join(step_dir, rel))) for rel in
-                     (os.path.relpath(path, step_dir) for path in paths) if rel != FILES_FILE))
-
-
-def check_files(step_dir: str) -> None:
-  """Every file as files.json lists it: names the first changed, missing or extra file and its tensor."""
-  path = os.path.join(step_dir, FILES_FILE)
-  try:
-    with open(path) as f:
-      recorded = json.load(f)["files"]
-  except FileNotFoundError:
-    raise CheckpointIntegrityError(f"{path} is missing: every committed step lists its files' hashes there (steps "
-                                   "written by codex-jax before Dec 2026 kept them in lineage.jsonl instead)") from None
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    raise CheckpointIntegrityError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
-  actual = file_hashes(step_dir)
-  for rel in sorted(set(recorded) | set(actual)):
-    if recorded.get(rel) != actual.get(rel):
-      what = "is missing" if rel not in actual else "was added" if rel not in recorded else (
-          f"changed: expected sha256 {recorded[rel]}, got {actual[rel]}")
-      parts = rel.split(os.sep)
-      tensor = f" (tensor {parts[1].replace('.', '/')})" if parts[0] == "state" and len(parts) > 2 else ""
-      raise CheckpointIntegrityError(f"{os.path.join(step_dir, rel)}{tensor} {what}")
 
 
 def load_meta(step_dir: str) -> tuple[dict, dict]:

@@ -18,9 +18,9 @@ import orbax.checkpoint as ocp
 
 from codex_jax.checkpoint import lineage
 from codex_jax.checkpoint.errors import CheckpointIntegrityError
+from codex_jax.checkpoint.files import check_files
 from codex_jax.checkpoint.manager import (
   AVERAGED_DIR,
-  check_files,
   check_leaves,
   iterator_hash,
   load_meta,
