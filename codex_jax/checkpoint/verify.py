@@ -7,7 +7,6 @@ lineage.jsonl must hold them all in a chain back to the run's start; the first b
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pathlib
@@ -27,6 +26,7 @@ from codex_jax.checkpoint.manager import (
   state_leaf_hashes,
 )
 from codex_jax.config.workdir import config_path
+from codex_jax.hashing import sha256_file
 
 
 def verify_checkpoint(step_dir: str) -> dict[str, Any]:
@@ -106,8 +106,7 @@ def _check_config(workdir: str, record: dict[str, Any]) -> None:
     return
   path = config_path(workdir, record["config_hash"])
   try:
-    with open(path, "rb") as f:
-      got = hashlib.sha256(f.read()).hexdigest()
+    got = sha256_file(path)
   except OSError as e:
     raise CheckpointIntegrityError(f"{path}: the config step {record['step']} ran under cannot be read ({e.strerror}); "
                                    "its config hash cannot be re-derived") from None
