@@ -107,12 +107,13 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run_groups(command: list[str], groups: list[tuple[int, int]], logs: str,
-                launch: str = "explicit") -> list[list[tuple[str, str]]]:
+def _run_groups(command: list[str], groups: list[tuple[int, int]], logs: str, launch: str = "explicit",
+                signal_when=None) -> list[list[tuple[str, str]]]:
   """Runs groups of (processes, devices each) copies of `command` at once; a group of several is joined
   by jax.distributed on a free localhost port, told by CODEX_* variables or (launch="torchrun") by the ones
-  torchrun sets. Returns each process's (stdout, stderr), by group. Any failure or the timeout kills every
-  process started here: no orphan survives the test."""
+  torchrun sets. `signal_when=(ready, i, signum)` sends process i `signum` once `ready()` holds. Returns each
+  process's (stdout, stderr), by group. Any failure or the timeout kills every process started here: no
+  orphan survives the test."""
   os.makedirs(logs, exist_ok=True)
   base = {k: v for k, v in os.environ.items() if not k.startswith(("CODEX_NUM_PROCESSES", "CODEX_PROCESS_ID",
                                                                    "CODEX_COORDINATOR", "JAX_COORDINATOR")) and k not in (
@@ -138,6 +139,9 @@ def _run_groups(command: list[str], groups: list[tuple[int, int]], logs: str,
     while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
       if any(p.poll() not in (None, 0) for p in procs):
         break
+      if signal_when is not None and signal_when[0]():
+        procs[signal_when[1]].send_signal(signal_when[2])
+        signal_when = None
       time.sleep(0.2)
   finally:
     for p in procs:  # Each runs in its own session: kill the process and anything it started, even if it exited.
@@ -189,12 +193,27 @@ def test_two_processes_launched_the_torchrun_way_join_one_runtime(tmp_path):
   assert [(r["process_index"], r["process_count"], r["devices"]) for r in two] == [(0, 2, 4), (1, 2, 4)]
 
 
-@pytest.mark.slow
-def test_two_process_codex_train_checkpoints_a_verifiable_run(tmp_path):
+TWO_PROCESS_RUN = {**RUN_OVERRIDES, "train.steps": 10, "checkpoint.every": 10, "eval.batches": 0, **FAST_MODEL}
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+  """An uninterrupted 2 x 4-device `codex train` of 10 steps: (workdir, each process's (stdout, stderr))."""
   build_default_corpus()  # Once per cache dir; a no-op after that.
-  workdir = str(tmp_path / "run")
-  overrides = {**RUN_OVERRIDES, "train.steps": 10, "checkpoint.every": 10, "eval.batches": 0, **FAST_MODEL}
-  results = _run_groups(train_command(workdir, overrides), [(2, 4)], str(tmp_path / "logs"))[0]
+  root = tmp_path_factory.mktemp("two_process")
+  workdir = str(root / "run")
+  return workdir, _run_groups(train_command(workdir, TWO_PROCESS_RUN), [(2, 4)], str(root / "logs"))[0]
+
+
+def _final_leaves(workdir: str, step: int) -> list[np.ndarray]:
+  import jax
+  state = verify.read_state(os.path.join(workdir, "checkpoints", str(step), "state"))
+  return [np.asarray(leaf) for leaf in jax.tree.leaves(state)]
+
+
+@pytest.mark.slow
+def test_two_process_codex_train_checkpoints_a_verifiable_run(two_process_run):
+  workdir, results = two_process_run
   summaries = [_last_json(out) for out, _ in results]
   for summary in summaries:
     assert summary["final_step"] == 10 and summary["checkpoints"] == [10]
@@ -209,3 +228,23 @@ def test_two_process_codex_train_checkpoints_a_verifiable_run(tmp_path):
     assert [json.loads(line)["step"] for line in f] == list(range(1, 11))  # One writer.
   result = verify.verify(workdir)  # What `codex lineage verify WORKDIR` runs.
   assert result["ok"] and [c["step"] for c in result["checkpoints"]] == [10]
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_on_one_step_and_the_rerun_resumes_exactly(two_process_run, tmp_path):
+  """Only process 1 gets SIGTERM (its own handler used to stop it alone, leaving process 0 in the next
+  collective): both checkpoint the same step and exit 0, and the rerun ends bit-identical to the
+  uninterrupted run."""
+  workdir, logs = str(tmp_path / "run"), str(tmp_path / "logs")
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  ready = lambda: os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 3
+  results = _run_groups(train_command(workdir, TWO_PROCESS_RUN), [(2, 4)], logs, signal_when=(ready, 1, signal.SIGTERM))[0]
+  summaries = [_last_json(out) for out, _ in results]
+  stop = summaries[0]["final_step"]
+  assert 3 <= stop < 10 and all(s["preempted"] and s["final_step"] == stop for s in summaries), summaries
+  assert summaries[0]["checkpoints"] == [stop] and f"resume from step {stop}" in results[0][1]
+  resumed = [_last_json(out) for out, _ in _run_groups(train_command(workdir, TWO_PROCESS_RUN), [(2, 4)], logs)[0]]
+  assert [(s["start_step"], s["final_step"]) for s in resumed] == [(stop, 10)] * 2
+  for got, want in zip(_final_leaves(workdir, 10), _final_leaves(two_process_run[0], 10), strict=True):
+    np.testing.assert_array_equal(got, want)
+  assert verify.verify(workdir)["ok"]

@@ -50,7 +50,7 @@ def test_hypothetical_clusters_group_devices_by_host_and_fast_link():
   assert (v5p.devices_per_host, v5p.fast_domain, v5p.memory_source) == (4, 256, "table")  # ICI spans the slice.
   h100 = topology.hypothetical("NVIDIA H100", 16)
   assert (h100.hosts, h100.fast_domain) == (2, 8)  # NVLink stops at the host.
-  links = layout_cost._axis_links(Layout(data=4, tensor=4), h100)
+  links = layout_cost.estimate(_base("tiny"), Layout(data=4, tensor=4), h100).links
   assert links == {"tensor": "fast", "pipeline": "fast", "data": "fast+slow"}
 
 
@@ -137,7 +137,14 @@ def test_codex_mesh_prints_the_ranked_table_and_json():
   lines = run.stdout.splitlines()
   assert "256 x TPU v5p on 64 host(s)" in lines[0]
   header = next(i for i, line in enumerate(lines) if line.split()[:3] == ["#", "data", "tens"])
-  assert [line.split()[0] for line in lines[header + 2:]] == ["1", "2", "3", "4", "5"]
+  assert [line.split()[0] for line in lines[header + 2:header + 7]] == ["1", "2", "3", "4", "5"]
+  assert lines[header + 8].startswith("placement of #1: ")
+  # 2 hosts x 8 H100: a tensor-8 layout keeps its all-reduces on NVLink, its data axis crosses hosts.
+  run = _codex("mesh", "--config=experiments/codex.py:7b_h100", "--device-kind", "h100", "--devices", "16",
+               "--top", "0")
+  assert run.returncode == 0, run.stderr
+  rows = [line.split() for line in run.stdout.splitlines() if line.split()[1:4] == ["2", "8", "1"]]
+  assert rows and all(row[-1] == "fast/-/slow" for row in rows)
   run = _codex("mesh", "--config=experiments/codex.py:tiny", "--json", "--top", "3")
   assert run.returncode == 0, run.stderr
   result = json.loads(run.stdout)

@@ -10,7 +10,7 @@ from absl import flags
 
 from codex_jax.cli import auto_layout, common  # noqa: F401  (common defines --config and --json)
 from codex_jax.config import load as config_load
-from codex_jax.parallel import layout_cost, topology
+from codex_jax.parallel import layout_cost, placement, topology
 from codex_jax.telemetry.flops import train_flops_per_token
 
 flags.DEFINE_string("device-kind", None,
@@ -39,7 +39,8 @@ def run(flag_values):
           for i, e in enumerate(top)]
   result = {"topology": topo.describe(), "device_kind": topo.spec.name, "devices": topo.devices, "hosts": topo.hosts,
             "memory_per_device": topo.memory_per_device, "candidates": len(ranked), "layouts": rows,
-            "best": ranked[0].layout.mesh_values() | {"remat": ranked[0].layout.remat}}
+            "best": ranked[0].layout.mesh_values() | {"remat": ranked[0].layout.remat},
+            "placement": _placement(ranked[0].layout, topo)}
   if not flag_values.json:
     print(table(result, cfg))
   return result
@@ -62,6 +63,11 @@ def _topology(flag_values) -> topology.Topology:
   return topology.hypothetical(kind, devices, hosts)
 
 
+def _placement(layout: layout_cost.Layout, topo: topology.Topology) -> str:
+  sizes = {"data": layout.data, "tensor": layout.tensor, "pipeline": layout.pipeline}
+  return placement.describe(sizes, topo.fast_domain, topo.spec.fast_spans)
+
+
 def table(result: dict, cfg) -> str:
   """The ranked layouts as aligned text."""
   m = cfg.model
@@ -70,7 +76,7 @@ def table(result: dict, cfg) -> str:
            f"{result['candidates']} valid layouts, best first (memory per device; step time predicted)", ""]
   head = (f"{'#':>3} {'data':>5} {'tens':>4} {'pipe':>4} {'fsdp':>4} {'schedule':>8} {'M':>3} {'R':>2} "
           f"{'remat':>5} {'param+opt':>9} {'activ':>7} {'total GB':>8} {'fits':>4} {'compute':>8} {'comm':>7} "
-          f"{'bubble':>6} {'step s':>8} {'MFU':>5}")
+          f"{'bubble':>6} {'step s':>8} {'MFU':>5}  links t/p/d")
   lines += [head, "-" * len(head)]
   for r in result["layouts"]:
     pipe = r["pipeline"] > 1
@@ -80,7 +86,9 @@ def table(result: dict, cfg) -> str:
         f"{r['repeats'] if pipe else '-':>2} {r['remat'][:5]:>5} "
         f"{(r['params_bytes'] + r['optimizer_bytes']) / GB:>9.2f} {r['activation_bytes'] / GB:>7.2f} "
         f"{r['total_bytes'] / GB:>8.2f} {'yes' if r['fits'] else 'NO':>4} {_seconds(r['compute_s']):>8} "
-        f"{_seconds(r['comm_s']):>7} {r['bubble']:>6.1%} {_seconds(r['predicted_step_s']):>8} {r['mfu']:>5.1%}")
+        f"{_seconds(r['comm_s']):>7} {r['bubble']:>6.1%} {_seconds(r['predicted_step_s']):>8} {r['mfu']:>5.1%}  "
+        + "/".join(r["links"][axis] if r[axis] > 1 else "-" for axis in ("tensor", "pipeline", "data")))
+  lines += ["", f"placement of #1: {result['placement']}"]
   return "\n".join(lines)
 
 

@@ -5,8 +5,9 @@ FSDP, the layer stack over `pipeline`), gradients, FSDP's gathered layer, the ba
 the remat policy keeps them (times the pipeline's stash). Step time, nothing overlapped: matmuls (6N +
 attention model FLOPs, plus recomputed forwards, over the device peak times an efficiency that falls for
 narrow per-device matmuls) and elementwise HBM traffic (activations, the optimizer update), stretched by
-the pipeline bubble; plus every collective over the link its mesh axis maps to (`tensor` innermost,
-then `pipeline`, then `data`; an axis wider than the fast domain also crosses the slow link): Megatron
+the pipeline bubble; plus every collective over the link its mesh axis maps to (parallel/placement.py, the rule the mesh builder
+follows: `tensor` innermost, then `pipeline`, then `data`; an axis wider than what is left of a fast domain
+also crosses the slow link): Megatron
 all-reduces of the residual stream (2 per block forward, 2 backward, 2 more when full remat recomputes
 the forward), FSDP all-gathers (forward, backward) and reduce-scatter of each layer's weights, the
 data-parallel gradient all-reduce without FSDP, and the pipeline's per-tick sends.
@@ -14,12 +15,12 @@ data-parallel gradient all-reduce without FSDP, and the pipeline's per-tick send
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 
 from codex_jax.config import schema
 from codex_jax.config.validate import validate
+from codex_jax.parallel import placement
 from codex_jax.parallel.pipeline import Schedule
 from codex_jax.parallel.topology import Topology
 from codex_jax.telemetry import flops
@@ -196,21 +197,20 @@ def estimate(cfg: schema.Config, layout: Layout, topo: Topology) -> Estimate:
   busy_s = (matmul_s + activations_s) * stretch + update_s
 
   # Time: collectives, unoverlapped, over the link each axis maps to.
-  links = _axis_links(layout, topo)
-  inner = {"tensor": 1, "pipeline": t_sz, "data": t_sz * s_sz}
+  fast, slow = placement.split_by_link({"data": d_sz, "tensor": t_sz, "pipeline": s_sz}, topo.fast_domain)
+  links = {axis: placement.link(fast[axis], slow[axis]) for axis in placement.INNERMOST_FIRST}
   comm = {"tensor": 0.0, "fsdp": 0.0, "data": 0.0, "pipeline": 0.0}
   if t_sz > 1:  # Every tick of a stage runs its blocks' all-reduces, bubble ticks included.
     per_microbatch = layers_here * (4 + (2 if layout.remat == "full" else 0)) + 2  # + embedding fwd/bwd.
     resid = rows * seq * m.d_model * c_bytes
-    comm["tensor"] = per_microbatch * mb * stretch * _collective(resid, t_sz, links["tensor"], topo,
-                                                                  inner["tensor"], 2.0)
+    comm["tensor"] = per_microbatch * mb * stretch * _collective(resid, fast["tensor"], slow["tensor"], topo, 2.0)
   if d_sz > 1:
     grad_bytes = (stage_w + outside_w / t_sz) * p_bytes
     if layout.fsdp:  # Per layer: all-gather forward and backward, reduce-scatter the gradient.
-      per_layer = _collective(grad_bytes / (layers_here + 1), d_sz, links["data"], topo, inner["data"], 1.0)
+      per_layer = _collective(grad_bytes / (layers_here + 1), fast["data"], slow["data"], topo, 1.0)
       comm["fsdp"] = 3 * (layers_here + 1) * per_layer
     else:
-      comm["data"] = _collective(grad_bytes, d_sz, links["data"], topo, inner["data"], 2.0)
+      comm["data"] = _collective(grad_bytes, fast["data"], slow["data"], topo, 2.0)
   if s_sz > 1:  # Each tick sends a microbatch's activations on, and in the backward its gradient back.
     link = "fast" if links["pipeline"] == "fast" else "slow"
     comm["pipeline"] = 2 * ticks * (stage_in / topo.bandwidth(link) + topo.spec.latency)
@@ -293,36 +293,14 @@ def _recompute_flops(m: schema.ModelConfig, seq: int, remat: str) -> float:
   return 2.0 * layers + 4.0 * m.num_layers * m.num_heads * m.resolved_head_dim * seq
 
 
-def _axis_links(layout: Layout, topo: Topology) -> dict[str, str]:
-  """Which link each mesh axis crosses: `tensor` innermost, then `pipeline`, then `data`."""
-  domain = topo.fast_domain
-  inner = 1
-  links = {}
-  for axis, size in (("tensor", layout.tensor), ("pipeline", layout.pipeline), ("data", layout.data)):
-    if size == 1 or inner * size <= domain:
-      links[axis] = "fast"
-    elif inner >= domain:
-      links[axis] = "slow"
-    else:
-      links[axis] = "fast+slow"  # The axis spans whole fast domains and the slow link between them.
-    inner *= size
-  return links
+def _collective(nbytes: float, within: int, across: int, topo: Topology, factor: float) -> float:
+  """Seconds of a ring collective over an axis of `within` x `across` devices on a buffer of `nbytes`.
 
-
-def _collective(nbytes: float, size: int, link: str, topo: Topology, inner: int, factor: float) -> float:
-  """Seconds of a ring collective over an axis of `size` on a buffer of `nbytes` (whole, per device).
-
+  `within` devices share a fast domain, `across` domains join over the slow link (placement.split_by_link).
   `factor` is 2 for an all-reduce, 1 for an all-gather or reduce-scatter: each device moves factor *
   (n-1)/n of the buffer. An axis that spans fast domains reduces inside them first and sends only
   its 1/within share across the slow link (hierarchical).
   """
-  if link == "fast":
-    within, across = size, 1
-  elif link == "slow":
-    within, across = 1, size
-  else:
-    within = math.gcd(max(1, topo.fast_domain // inner), size)
-    across = size // within
   seconds = 0.0
   if within > 1:
     seconds += factor * (within - 1) / within * nbytes / topo.bandwidth("fast") + topo.spec.latency

@@ -3,26 +3,24 @@
 from __future__ import annotations
 
 import jax
-import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from codex_jax.config import schema
 from codex_jax.config.validate import resolve_mesh_shape
+from codex_jax.parallel import placement
 from codex_jax.parallel.rules import MESH_AXES
 
 
 def build_mesh(cfg: schema.MeshConfig, devices: list | None = None) -> Mesh:
-  """A mesh over `devices` (default: all) shaped by cfg; the config was validated against them.
+  """A mesh over `devices` (default: all) shaped by cfg and placed by link (parallel/placement.py).
 
-  Axes are Auto (GSPMD propagation steered by logical constraints) rather than jax 0.10's default
-  Explicit, which would require every op in the model to carry a sharding in its type.
+  The config was validated against the devices. Axes are Auto (GSPMD propagation steered by logical
+  constraints) rather than jax 0.10's default Explicit, which would require every op in the model to carry
+  a sharding in its type.
   """
   devices = list(jax.devices()) if devices is None else list(devices)
   sizes = resolve_mesh_shape(cfg, len(devices))
-  shape = tuple(sizes[axis] for axis in MESH_AXES)
-  if len(devices) == len(jax.devices()):
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(shape), devices=devices)
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(shape))
+  return Mesh(placement.device_grid(sizes, devices), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def one_device_mesh(cfg: schema.MeshConfig) -> Mesh:
