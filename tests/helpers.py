@@ -62,9 +62,9 @@ RUN_OVERRIDES = {
 }
 
 
-def run_env() -> dict:
+def run_env(devices: int = 2) -> dict:
   env = dict(os.environ)
-  env["XLA_FLAGS"] = xla_flags(2)
+  env["XLA_FLAGS"] = xla_flags(devices)
   env["PYTHONUNBUFFERED"] = "1"
   return env
 
@@ -79,16 +79,17 @@ def train_process(workdir: str, overrides: dict) -> subprocess.Popen:
                           stderr=subprocess.PIPE, text=True)
 
 
-def run_train(workdir: str, overrides: dict) -> subprocess.CompletedProcess:
-  return subprocess.run(train_command(workdir, overrides), cwd=ROOT, env=run_env(), capture_output=True, text=True,
-                        timeout=600)
+def run_train(workdir: str, overrides: dict, devices: int = 2) -> subprocess.CompletedProcess:
+  return subprocess.run(train_command(workdir, overrides), cwd=ROOT, env=run_env(devices), capture_output=True,
+                        text=True, timeout=600)
 
 
-def trained_workdir(tmp_path_factory, name: str, overrides: dict) -> tuple[str, subprocess.CompletedProcess]:
+def trained_workdir(tmp_path_factory, name: str, overrides: dict,
+                    devices: int = 2) -> tuple[str, subprocess.CompletedProcess]:
   """A finished `codex train` run on the embedded corpus in a fresh temporary workdir (module fixtures)."""
   from codex_jax.data.default_corpus.build import build_default_corpus
   build_default_corpus()
   workdir = str(tmp_path_factory.mktemp(name))
-  result = run_train(workdir, overrides)
+  result = run_train(workdir, overrides, devices)
   assert result.returncode == 0, result.stderr[-3000:]
   return workdir, result

@@ -86,7 +86,7 @@ def test_a_third_party_rederives_the_content_root_with_orbax_and_hashlib(run):
 @pytest.mark.parametrize("relative", [
     "state/params.embedding/0.0", "state/params.layers.attention.q/.zarray", "state/_METADATA", "state/_sharding",
     "state/array_metadatas/process_0", "state/opt_state.1.0.mu.unembed/0.0", "state/step/0", "meta/metadata",
-    "data/process_0-of-1.json", "_CHECKPOINT_METADATA", "commit_success.txt",
+    "data/shard_0-of-1.json", "_CHECKPOINT_METADATA", "commit_success.txt",
 ])
 def test_one_flipped_byte_anywhere_fails_verification_naming_file_and_tensor(run, tmp_path, relative):
   workdir = _copy(run, tmp_path)

@@ -497,20 +497,50 @@ def test_no_worker_outlives_a_killed_trainer(manifest):
 
 # --- resume rules ---------------------------------------------------------------------------------
 
-def test_resume_refuses_another_process_count_or_data_naming_old_and_new(plan, manifest):
+def test_resume_feeds_the_checkpoint_shards_with_any_dividing_process_count_and_refuses_changed_data(plan, manifest):
   import jax
 
   from codex_jax.runtime.inputs import RunInputs
   from tests.helpers import load
   cfg = load("tiny", num_devices=8, **{"data.manifest": manifest, "data.seq_len": SEQ_LEN})
   inputs = RunInputs(cfg, plan, local_batch=BATCH)
-  meta = {"data": plan.record(), "run_phase": "pretrain", "process_count": jax.process_count() + 1}
-  with pytest.raises(DataError, match=rf"checkpoint 7 was written by {jax.process_count() + 1} JAX process\(es\), "
-                                      rf"this run has {jax.process_count()}"):
-    inputs._check_resume(7, meta)
+  inputs._check_resume(7, {"data": plan.record(), "run_phase": "pretrain", "process_count": 2, "data_shards": 2})
+  assert inputs.shards == 2  # This one process feeds both shards of a 2-process run.
+  inputs._check_resume(7, {"data": plan.record(), "run_phase": "pretrain", "process_count": 4})
+  assert inputs.shards == 4  # A checkpoint from before data.shards: one shard per process.
+  assert list(batches_lib.hosted_shards(4, 1, 2)) == [2, 3]
+  with pytest.raises(DataError, match=r"has 3 shard\(s\); 2 processes cannot feed whole shards"):
+    batches_lib.hosted_shards(3, 0, 2)
   other = {**plan.record(), "manifest_hash": "0" * 64, "tokenizer_sha256": "x"}
   meta = {"data": other, "run_phase": "pretrain", "process_count": jax.process_count()}
   with pytest.raises(DataError, match=r"manifest hash 0{64}, this run's is .*tokenizer differs.*data.phase"):
     inputs._check_resume(7, meta)
   inputs._check_resume(7, {**meta, "run_phase": "an-earlier-phase"})  # A new run phase may change the data.
   assert not inputs.restore_iterator
+
+
+def _sharded(plan, cfg, shards, count, rows):
+  return batches_lib.ShardedBatches({s: batches_lib.build_batches(
+      plan, cfg, feature_dim=FEATURES, split="train", phase="main", local_batch=rows, seed=0, process_index=s,
+      process_count=count) for s in shards}, count)
+
+
+def test_one_process_feeding_two_shards_makes_the_global_batches_of_two_processes_and_resumes_theirs(plan, cfg,
+                                                                                                    tmp_path):
+  """The elastic invariant: shard s's rows come from its own pipeline whoever feeds it, in shard order, and its
+  checkpointed position restores into any process that feeds it next."""
+  from etils import epath
+
+  from codex_jax.checkpoint.data_shards import DataShardsHandler, DataShardsRestore, DataShardsSave
+  one = _sharded(plan, cfg, [0, 1], 2, BATCH // 2)
+  two = [_sharded(plan, cfg, [s], 2, BATCH // 2) for s in (0, 1)]  # Processes 0 and 1 of 2.
+  for _ in range(3):
+    got, parts = next(one), [next(p) for p in two]
+    assert got["inputs"].shape[0] == BATCH
+    assert_same_batches([got], [{k: np.concatenate([p[k] for p in parts]) for k in got}])
+  handler = DataShardsHandler()
+  for process in two:
+    handler.save(epath.Path(tmp_path), DataShardsSave(process))
+  assert sorted(os.listdir(tmp_path)) == ["shard_0-of-2.json", "shard_1-of-2.json"]
+  resumed = handler.restore(epath.Path(tmp_path), DataShardsRestore(_sharded(plan, cfg, [0, 1], 2, BATCH // 2)))
+  assert_same_batches([next(resumed) for _ in range(2)], [next(one) for _ in range(2)])

@@ -100,10 +100,10 @@ def test_the_batch_script_runs_checkpoints_on_usr1_requeues_and_the_requeued_job
   err, summaries = _submit(workdir, bin_dir, usr1_after_rows=3)
   assert "Multi-host (slurm): 2 processes, 4 local / 8 global cpu devices" in err
   stop = summaries[0]["final_step"]
-  assert len(summaries) == 2 and all(s["preempted"] and s["final_step"] == stop < 10 for s in summaries)
+  assert len(summaries) == 2 and all(s["preempted"] and s["final_step"] == stop < 12 for s in summaries)
   assert open(os.path.join(bin_dir, "scontrol.log")).read() == "requeue 4242\n"
   _, summaries = _submit(workdir, bin_dir)
-  assert [(s["start_step"], s["final_step"], s["preempted"]) for s in summaries] == [(stop, 10, False)] * 2
+  assert [(s["start_step"], s["final_step"], s["preempted"]) for s in summaries] == [(stop, 12, False)] * 2
   assert open(os.path.join(bin_dir, "scontrol.log")).read() == "requeue 4242\n"  # Not requeued again.
 
 

@@ -4,6 +4,7 @@ matching 1 process x 8 devices (losses, gradient norms, final parameters), then 
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,6 +18,7 @@ from codex_jax.checkpoint import verify
 from codex_jax.config.errors import ConfigError
 from codex_jax.data.default_corpus.build import build_default_corpus
 from codex_jax.parallel.distributed import Launch, detect, initialize
+from codex_jax.train.ledger import ledger_path, read_ledger
 from tests.helpers import ROOT, RUN_OVERRIDES, train_command
 from tests.multihost_worker import FAST_MODEL
 from tests.xla_flags import xla_flags
@@ -193,12 +195,12 @@ def test_two_processes_launched_the_torchrun_way_join_one_runtime(tmp_path):
   assert [(r["process_index"], r["process_count"], r["devices"]) for r in two] == [(0, 2, 4), (1, 2, 4)]
 
 
-TWO_PROCESS_RUN = {**RUN_OVERRIDES, "train.steps": 10, "checkpoint.every": 10, "eval.batches": 0, **FAST_MODEL}
+TWO_PROCESS_RUN = {**RUN_OVERRIDES, "train.steps": 12, "checkpoint.every": 4, "eval.batches": 0, **FAST_MODEL}
 
 
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
-  """An uninterrupted 2 x 4-device `codex train` of 10 steps: (workdir, each process's (stdout, stderr))."""
+  """An uninterrupted 2 x 4-device `codex train` of 12 steps: (workdir, each process's (stdout, stderr))."""
   build_default_corpus()  # Once per cache dir; a no-op after that.
   root = tmp_path_factory.mktemp("two_process")
   workdir = str(root / "run")
@@ -216,18 +218,18 @@ def test_two_process_codex_train_checkpoints_a_verifiable_run(two_process_run):
   workdir, results = two_process_run
   summaries = [_last_json(out) for out, _ in results]
   for summary in summaries:
-    assert summary["final_step"] == 10 and summary["checkpoints"] == [10]
+    assert summary["final_step"] == 12 and summary["checkpoints"] == [4, 8, 12]
   assert summaries[0]["last_loss"] == summaries[1]["last_loss"] < summaries[0]["first_loss"]
   (_, err0), (_, err1) = results
   assert "Multi-host (explicit): 2 processes, 4 local / 8 global cpu devices" in err0
   step_line = re.compile(r"\] step \d+ text_ce [\d.]+ loss ")
   assert len(step_line.findall(err0)) >= 3 and not step_line.findall(err1), "only process 0 logs the steps"
-  step_dir = os.path.join(workdir, "checkpoints", "10")
-  assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(os.path.join(step_dir, "data")))
+  step_dir = os.path.join(workdir, "checkpoints", "12")
+  assert {"shard_0-of-2.json", "shard_1-of-2.json"} <= set(os.listdir(os.path.join(step_dir, "data")))
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    assert [json.loads(line)["step"] for line in f] == list(range(1, 11))  # One writer.
+    assert [json.loads(line)["step"] for line in f] == list(range(1, 13))  # One writer.
   result = verify.verify(workdir)  # What `codex lineage verify WORKDIR` runs.
-  assert result["ok"] and [c["step"] for c in result["checkpoints"]] == [10]
+  assert result["ok"] and [c["step"] for c in result["checkpoints"]] == [4, 8, 12]
 
 
 @pytest.mark.slow
@@ -241,10 +243,45 @@ def test_sigterm_to_one_process_stops_both_on_one_step_and_the_rerun_resumes_exa
   results = _run_groups(train_command(workdir, TWO_PROCESS_RUN), [(2, 4)], logs, signal_when=(ready, 1, signal.SIGTERM))[0]
   summaries = [_last_json(out) for out, _ in results]
   stop = summaries[0]["final_step"]
-  assert 3 <= stop < 10 and all(s["preempted"] and s["final_step"] == stop for s in summaries), summaries
-  assert summaries[0]["checkpoints"] == [stop] and f"resume from step {stop}" in results[0][1]
+  assert 3 <= stop < 12 and all(s["preempted"] and s["final_step"] == stop for s in summaries), summaries
+  assert summaries[0]["checkpoints"][-1] == stop and f"resume from step {stop}" in results[0][1]
   resumed = [_last_json(out) for out, _ in _run_groups(train_command(workdir, TWO_PROCESS_RUN), [(2, 4)], logs)[0]]
-  assert [(s["start_step"], s["final_step"]) for s in resumed] == [(stop, 10)] * 2
-  for got, want in zip(_final_leaves(workdir, 10), _final_leaves(two_process_run[0], 10), strict=True):
+  assert [(s["start_step"], s["final_step"]) for s in resumed] == [(stop, 12)] * 2
+  for got, want in zip(_final_leaves(workdir, 12), _final_leaves(two_process_run[0], 12), strict=True):
     np.testing.assert_array_equal(got, want)
+  assert verify.verify(workdir)["ok"]
+
+
+def _global_ledger(workdir: str) -> dict[int, list]:
+  """step -> the global batch's samples: every process's ledger file, in process order."""
+  steps: dict[int, list] = {}
+  for index in range(2):
+    path = ledger_path(workdir, index)
+    for step, samples in (read_ledger(path) if os.path.exists(path) else {}).items():
+      steps.setdefault(step, []).extend(samples)
+  return steps
+
+
+@pytest.mark.slow
+def test_a_two_process_run_resumes_on_one_process_feeding_both_data_shards(two_process_run, tmp_path):
+  """The cluster lost a host after step 8: one process with all 8 devices resumes the 2-process run. The data
+  stream keeps its 2 shards (each process fed one; now one feeds both), so steps 9-12 train the same samples in
+  the same rows, and the losses match the uninterrupted run."""
+  reference, _ = two_process_run
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference, workdir)
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "12"))
+  (out, err), = _run_groups(train_command(workdir, TWO_PROCESS_RUN), [(1, 8)], str(tmp_path / "logs"))[0]
+  summary = _last_json(out)
+  assert (summary["start_step"], summary["final_step"]) == (8, 12)
+  assert "Checkpoint 8 was written by 2 process(es); 1 now feed its 2 data shard(s)" in err
+  assert "Layout changed on resume: data=8 over 8 cpu device(s), 2 process(es) -> data=8 over 8 cpu device(s), " \
+         "1 process(es)" in err
+  losses = lambda w: {r["step"]: r["loss"] for r in map(json.loads, open(os.path.join(w, "metrics.jsonl")))}
+  got, want = losses(workdir), losses(reference)
+  for step in range(9, 13):
+    np.testing.assert_allclose(got[step], want[step], rtol=1e-5, err_msg=f"step {step}")
+  ledger = _global_ledger(workdir)
+  assert ledger == _global_ledger(reference)  # Every sample once, in the rows the 2-process run gave it.
+  assert max(read_ledger(ledger_path(workdir, 1))) == 8  # Process 1's file stops where it stopped.
   assert verify.verify(workdir)["ok"]

@@ -66,8 +66,22 @@ def test_model_shape_hits_the_target_with_sensible_proportions():
     assert abs(s.params / target - 1) < 0.03, s
     assert 64 <= s.d_model / s.num_layers <= 128 and s.d_model % 128 == 0 and s.mlp_dim % 256 == 0
     assert s.num_heads % s.num_kv_heads == 0 and s.d_model // s.num_heads == (128 if s.d_model >= 2048 else 64)
-  assert shape.global_batch(GOPHER_FLOPS, 2048) == 8192  # 0.292 C^0.3271 = 17.4M tokens -> 8192 x 2048.
-  assert shape.global_batch(GOPHER_FLOPS, 2048, critical_batch_tokens=1e6) == 256  # Capped at 1M tokens.
+
+
+
+def test_the_batch_rule_reads_non_embedding_flops_rounds_to_the_mesh_and_says_when_it_extrapolates():
+  s = shape.model_shape(7e9, 32000)
+  assert s.non_vocab == s.params - 2 * 32000 * s.d_model  # Untied: embedding and unembedding left out.
+  tokens = 1e12
+  assert shape.rule_flops(s, 2048, tokens) == 6 * (s.non_vocab + s.num_layers * 2048 * s.d_model) * tokens
+  sequences = 0.2920 * GOPHER_FLOPS ** 0.3271 / 2048  # 8,435.04: the old power-of-two rounding gave 8192.
+  assert shape.global_batch(GOPHER_FLOPS, 2048) == 8435
+  assert shape.global_batch(GOPHER_FLOPS, 2048, multiple=48) == 48 * round(sequences / 48) == 8448
+  assert shape.global_batch(GOPHER_FLOPS, 2048, critical_batch_tokens=1e6, multiple=8) == 488  # <= 1M tokens.
+  assert shape.global_batch(1e10, 2048, multiple=8) == 8  # At least one sequence per data-parallel group.
+  assert shape.extrapolation(1e19) is None
+  assert "3.3 decades above" in shape.extrapolation(GOPHER_FLOPS)
+  assert "2.0 decades below" in shape.extrapolation(1e15)
 
 
 def _synthetic_isoflop_points(law: laws.Law, seed: int = 0) -> np.ndarray:
@@ -154,15 +168,19 @@ def test_plan_cli_json_config_and_errors(tmp_path):
   result = json.loads(proc.stdout)
   assert {"params", "tokens", "loss", "inference_adjusted", "shape", "batch", "data", "config"} <= set(result)
   assert {"params", "tokens", "loss"} <= set(result["inference_adjusted"])
-  assert result["params"] == pytest.approx(32.19e9, rel=1e-3)
-  assert result["batch"]["tokens_per_step"] <= 4e6 and result["batch"]["global_batch"] == 2048
+  # The default law is Epoch's refit: the paper's own 70B on 1.4T at Gopher's budget, within 15%.
+  assert result["law"]["name"] == "epoch"
+  assert result["params"] == pytest.approx(70e9, rel=0.15) and result["tokens"] == pytest.approx(1.4e12, rel=0.15)
+  assert result["batch"]["tokens_per_step"] <= 4e6 and result["batch"]["global_batch"] == 3904  # 8 x 488.
+  assert "extrapolated" in result["batch"]["extrapolation"]
   assert result["data"]["effective_tokens"] == pytest.approx(result["inference_adjusted"]["tokens"])
   # The written file loads like any experiment and validates.
   cfg = config_load.load(_get_config(str(out)))
-  assert cfg.model.d_model == result["shape"]["d_model"] and cfg.train.global_batch == 2048
-  assert cfg.train.steps * 2048 * 1024 >= result["inference_adjusted"]["tokens"]
+  assert cfg.model.d_model == result["shape"]["d_model"] and cfg.train.global_batch == 3904
+  assert cfg.train.steps * 3904 * 1024 >= result["inference_adjusted"]["tokens"]
   for args, named in ((["--flops=0"], "--flops=0.0"), (["--flops=1e21", "--law=missing.json"], "--law=missing.json"),
-                      (["--flops=1e21", "--critical-batch-tokens=-1"], "--critical-batch-tokens")):
+                      (["--flops=1e21", "--critical-batch-tokens=-1"], "--critical-batch-tokens"),
+                      (["--flops=1e21", "--batch-multiple=0"], "--batch-multiple=0")):
     proc = codex("plan", *args)
     assert proc.returncode == 2 and named in proc.stderr, proc.stderr
 

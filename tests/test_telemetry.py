@@ -438,12 +438,15 @@ def test_the_end_of_run_summary_reads_as_a_table_and_says_how_to_resume_or_exten
   from codex_jax.train.report import summary_text
   summary = {"start_step": 0, "final_step": 120, "preempted": True, "first_text_ce": 8.3512, "last_text_ce": 4.6021,
              "eval_loss": 4.9137, "tokens_per_s": 5535.2, "mfu": 0.294, "checkpoints": [100, 120],
-             "workdir": "/runs/default"}
+             "workdir": "/runs/default", "wall_s": 100.0, "goodput": 0.62,
+             "time_s": {"step": 62.0, "data": 1.0, "checkpoint": 3.0, "eval": 20.0, "compile": 10.0, "other": 4.0}}
   lines = summary_text(summary).splitlines()
   assert lines[0].split() == ["steps", "0", "->", "120", "(stopped;", "the", "same", "command", "resumes", "from",
                               "step", "120)"]
   assert "text cross-entropy  8.3512 -> 4.6021" in lines[1] and lines[2].endswith("4.9137")
-  assert "5,535 tokens/s, MFU 29.4%" in lines[3] and lines[4].endswith("100, 120")
+  assert "5,535 tokens/s, MFU 29.4%" in lines[3]
+  assert lines[4].split()[1:5] == ["62.0%", "of", "100", "s:"] and "eval 20.0 s" in lines[4]
+  assert lines[5].endswith("100, 120")
   gap = [line.index("  ") for line in lines]
   assert len({g + len(line[g:]) - len(line[g:].lstrip()) for g, line in zip(gap, lines, strict=True)}) == 1  # One value column.
   assert "n/a" in summary_text({**summary, "eval_loss": None}).splitlines()[2]

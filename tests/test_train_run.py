@@ -152,6 +152,14 @@ def test_a_run_leaves_everything_a_user_looks_at(reference):
   steps = [row["step"] for row in rows if "loss" in row]
   assert steps == list(range(1, 41))
   assert {"loss", "grad_norm", "learning_rate", "tokens_per_s", "step_time", "mfu"} <= set(rows[0])
+  # Goodput: each row splits the time since the previous one by kind; the summary splits the whole run.
+  train_rows = [row for row in rows if "loss" in row]
+  assert all(0 < row["goodput"] <= 1 and row["time/step_s"] > 0 for row in train_rows)
+  assert sum(row["time/checkpoint_s"] for row in train_rows) > 0 and sum(row["time/eval_s"] for row in train_rows) > 0
+  assert set(summary["time_s"]) == {"step", "data", "checkpoint", "eval", "compile", "other"}
+  assert sum(summary["time_s"].values()) == pytest.approx(summary["wall_s"], abs=0.01)
+  assert summary["goodput"] == pytest.approx(summary["time_s"]["step"] / summary["wall_s"], rel=0.01)
+  assert summary["time_s"]["compile"] > 0
   # The data record: what was trained on, what the licence policy excluded and why.
   record = json.load(open(os.path.join(workdir, "data", "manifest.json")))
   assert record["manifest_hash"] == summary["manifest_hash"]

@@ -1,7 +1,7 @@
-"""Orbax checkpoints of the train state, the Grain iterator and the data record, hashed and chained.
+"""Orbax checkpoints of the train state, the Grain iterators and the data record, hashed and chained.
 
 Each step directory holds `state` (one zarr folder per tensor: no OCDBT, so a damaged file names its
-tensor), `data` (the Grain iterator), `meta` (JSON: the data record, token accounting and the hash of
+tensor), `data` (each data shard's Grain iterator, checkpoint/data_shards.py), `meta` (JSON: the data record, token accounting and the hash of
 every tensor), the lineage record in Orbax's step metadata, and `files.json` (every other file's sha256,
 checkpoint/files.py). Orbax writes each step to a temporary directory and renames it on commit, so a step
 interrupted mid-save is never listed. Restore refuses a changed file, then any mismatch in structure, shape or
@@ -18,7 +18,6 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,6 +25,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from codex_jax.checkpoint import lineage, merkle
+from codex_jax.checkpoint.data_shards import DataShardsHandler, DataShardsRestore, DataShardsSave, first_state
 from codex_jax.checkpoint.errors import CheckpointIntegrityError, CheckpointWriteError
 from codex_jax.checkpoint.files import HashedCommit, check_files
 from codex_jax.config.schema import CheckpointConfig
@@ -106,10 +106,10 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(use_ocdbt=False),
-                       "data": grain.checkpoint.CheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+                       "data": DataShardsHandler(), "meta": ocp.JsonCheckpointHandler()})
     self.parent: str | None = None  # Lineage hash the next record links to.
-    # Process 0 writes lineage.jsonl, and its data iterator is the one the records hash (every process
-    # saves its own shards and iterator file through Orbax).
+    # Process 0 writes lineage.jsonl, and its first data shard's iterator is the one the records hash (every
+    # process saves its own tensor shards and data-shard files through Orbax).
     self.primary = jax.process_index() == 0
     self._in_flight: list[dict] = []  # Records of saves that may not have committed yet.
 
@@ -149,10 +149,11 @@ class Checkpointer:
       lineage.truncate_log(self.workdir, None)
       lineage.append_log(self.workdir, {"start": start, "hash": self.parent})
 
-  def save(self, step: int, state, data_iterator, meta: dict, fields: dict[str, Any]) -> dict:
+  def save(self, step: int, state, data_iterators, meta: dict, fields: dict[str, Any]) -> dict:
     """Hashes the state, seals the lineage record, then starts saving (async when configured).
 
-    `fields` are the record's run-level entries (manifest_hash, config_hash, eval). Arrays are copied
+    `data_iterators`: this process's data shards (ShardedBatches) or one iterator (checkpoint/data_shards.py).
+    `fields` are the record's run-level entries (manifest_hash, config_hash, eval, layout). Arrays are copied
     off device before this returns; a non-finite value anywhere refuses the save.
     """
     if step in self.manager.all_steps():
@@ -162,11 +163,11 @@ class Checkpointer:
     self.wait_for_saves()
     leaves = state_leaf_hashes(state, refuse_non_finite_at=step)
     record = lineage.seal({"version": lineage.RECORD_VERSION, "step": step, **roots(leaves),
-                           "iterator_hash": iterator_hash(data_iterator.get_state()), "meta_hash": meta_hash(meta),
+                           "iterator_hash": iterator_hash(first_state(data_iterators)), "meta_hash": meta_hash(meta),
                            "code_version": lineage.code_version(), **fields, "parent": self.parent})
     meta = {**meta, "leaves": leaves, "lineage": record}
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator),
+        state=ocp.args.StandardSave(state), data=DataShardsSave(data_iterators),
         meta=ocp.args.JsonSave(meta)), custom_metadata={"lineage": record}, force=True)
     if self.primary:
       lineage.append_log(self.workdir, record)
@@ -196,7 +197,7 @@ class Checkpointer:
   def read_meta(self, step: int) -> dict:
     return load_meta(self.step_dir(step))[0]
 
-  def restore(self, step: int, abstract_state, data_iterator=None, *, meta: dict, allow_dtype_change: bool = False,
+  def restore(self, step: int, abstract_state, data_iterators=None, *, meta: dict, allow_dtype_change: bool = False,
               resume: bool = True):
     """The state at `step` in `abstract_state`'s shardings, verified tensor by tensor; the iterator is set in place.
 
@@ -207,12 +208,12 @@ class Checkpointer:
     if resume and self.primary:
       self._set_aside_torn_line()
     items = {"state": ocp.args.StandardRestore(abstract_state)}
-    if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    if data_iterators is not None:
+      items["data"] = DataShardsRestore(data_iterators)
     state = self._verified_read(step, meta, meta["leaves"], abstract_state, allow_dtype_change,
                                 lambda: self.manager.restore(step, args=ocp.args.Composite(**items)).state)
-    if data_iterator is not None and self.primary:
-      got = iterator_hash(data_iterator.get_state())
+    if data_iterators is not None and self.primary:
+      got = iterator_hash(first_state(data_iterators))
       if got != meta["lineage"]["iterator_hash"]:
         raise CheckpointIntegrityError(f"{step_dir}/data: the data-iterator state hashes to {got}, the lineage "
                                        f"record says {meta['lineage']['iterator_hash']}")

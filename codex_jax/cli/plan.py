@@ -1,4 +1,4 @@
-"""`codex plan --flops C [--inference-tokens T] [--manifest FILE] [--law chinchilla|epoch|FIT.json] ...`.
+"""`codex plan --flops C [--inference-tokens T] [--manifest FILE] [--law epoch|chinchilla|FIT.json] ...`.
 
 The compute-optimal parameters and tokens for a FLOP budget under a scaling law, the inference-adjusted
 choice at equal predicted loss, a model shape and batch, the raw tokens per modality the manifest's exchange
@@ -17,11 +17,14 @@ flags.DEFINE_float("flops", None, "Training compute budget C in FLOPs (C = 6 N D
 flags.DEFINE_float("inference-tokens", None, "Lifetime inference tokens T: also plan the model that minimises "
                    "6 N D + 2 N T at the compute-optimal loss (Sardana & Frankle).")
 flags.DEFINE_string("manifest", None, "Data manifest: report the raw tokens per modality its exchange rates imply.")
-flags.DEFINE_string("law", "chinchilla", "Scaling law: chinchilla (Hoffmann et al.'s printed constants), epoch "
-                    "(Besiroglu et al.'s refit) or a FIT.json from `codex scaling fit`.")
+flags.DEFINE_string("law", "epoch", "Scaling law: epoch (Besiroglu et al.'s refit of Hoffmann et al.'s data: 70B on "
+                    "1.4T at Gopher's budget, as the paper found), chinchilla (Hoffmann et al.'s printed, rounded "
+                    "constants: 32B on 3T there) or a FIT.json from `codex scaling fit`.")
 flags.DEFINE_integer("vocab", 32000, "Vocabulary size of the planned model's shape.")
 flags.DEFINE_integer("seq-len", 2048, "Sequence length of the planned run.")
 flags.DEFINE_float("critical-batch-tokens", None, "Cap on the batch in tokens (the data's critical batch size).")
+flags.DEFINE_integer("batch-multiple", 8, "The global batch is a multiple of this many sequences: the data-parallel "
+                     "width of the mesh it will run on.")
 flags.DEFINE_string("write-config", None, "Write an experiments/ file for the plan here, e.g. experiments/planned.py.")
 
 
@@ -33,7 +36,9 @@ def run(flag_values):
   if tokens_t is not None and (not math.isfinite(tokens_t) or tokens_t < 0):
     raise flags.ValidationError(f"--inference-tokens={tokens_t}: must be a non-negative token count")
   seq_len, vocab, cap = flag_values["seq-len"].value, flag_values.vocab, flag_values["critical-batch-tokens"].value
-  for name, value in (("--seq-len", seq_len), ("--vocab", vocab), ("--critical-batch-tokens", cap)):
+  multiple = flag_values["batch-multiple"].value
+  for name, value in (("--seq-len", seq_len), ("--vocab", vocab), ("--critical-batch-tokens", cap),
+                      ("--batch-multiple", multiple)):
     if value is not None and value <= 0:
       raise flags.ValidationError(f"{name}={value}: must be positive")
   law = laws.load_law(flag_values.law)
@@ -47,14 +52,17 @@ def run(flag_values):
     result["inference_adjusted"] = adjusted
     planned_n, planned_d = adjusted["params"], adjusted["tokens"]
   model = shape.model_shape(planned_n, vocab)
-  batch = shape.global_batch(flops, seq_len, cap)
+  rule_flops = shape.rule_flops(model, seq_len, planned_d)
+  batch = shape.global_batch(rule_flops, seq_len, cap, multiple)
   steps = max(1, math.ceil(planned_d / (batch * seq_len)))
-  lr = shape.learning_rate(flops)
+  lr = shape.learning_rate(rule_flops)
   result["shape"] = {**model.model_values(), "vocab_size": vocab, "params": model.params}
   result["batch"] = {"global_batch": batch, "seq_len": seq_len, "tokens_per_step": batch * seq_len,
-                     "compute_optimal_tokens": shape.batch_tokens(flops), "critical_batch_tokens": cap,
-                     "steps": steps, "learning_rate": lr,
-                     "rule": "DeepSeek LLM: B = 0.292 C^0.3271 tokens, lr = 0.3118 C^-0.125; power-of-two sequences"}
+                     "compute_optimal_tokens": shape.batch_tokens(rule_flops), "critical_batch_tokens": cap,
+                     "steps": steps, "learning_rate": lr, "rule_flops": rule_flops, "multiple": multiple,
+                     "extrapolation": shape.extrapolation(rule_flops),
+                     "rule": "DeepSeek LLM: B = 0.292 C^0.3271 tokens, lr = 0.3118 C^-0.125, C = M D in non-embedding "
+                             f"FLOPs; the nearest multiple of {multiple} sequences"}
   if flag_values.manifest:
     result["data"] = exchange.raw_tokens(flag_values.manifest, planned_d)
   text = summary(result)
@@ -83,8 +91,11 @@ def summary(r: dict) -> str:
   s, b = r["shape"], r["batch"]
   lines.append(f"shape: {s['num_layers']} layers, d_model {s['d_model']}, {s['num_heads']} heads "
                f"({s['num_kv_heads']} kv), mlp {s['mlp_dim']}, vocab {s['vocab_size']}: {s['params'] / 1e9:.3f}B")
-  lines.append(f"batch: {b['global_batch']} x {b['seq_len']} = {b['tokens_per_step']:,} tokens/step, "
-               f"{b['steps']:,} steps, lr {b['learning_rate']:.3g}")
+  lines.append(f"batch: {b['global_batch']} x {b['seq_len']} = {b['tokens_per_step']:,} tokens/step "
+               f"(a multiple of {b['multiple']}), {b['steps']:,} steps, lr {b['learning_rate']:.3g}; DeepSeek's rule "
+               f"at C = M D = {b['rule_flops']:.3g} non-embedding FLOPs")
+  if b["extrapolation"]:
+    lines.append(f"warning: {b['extrapolation']}")
   if "data" in r:
     raw = ", ".join(f"{m} {v / 1e9:.4g}B" for m, v in sorted(r["data"]["raw_tokens"].items()))
     lines.append(f"data ({r['data']['phase']}): {r['data']['effective_tokens'] / 1e9:.4g}B effective tokens = "

@@ -74,6 +74,9 @@ class DataConfig:
   num_workers: int = 0  # Grain worker processes per source; 0 decodes in the trainer process.
   shuffle_window: int = 256  # Packed rows shuffled together before batching; 0 or 1: off.
   shuffle_block: int = 64  # Consecutive records read together; blocks are shuffled per epoch.
+  # Shards of the data stream, fixed for the life of a run; 0: the JAX process count at the first start.
+  # Each process feeds whole shards, so a resume may use any process count that divides it (elastic).
+  shards: int = 0
   image_size: int = 16  # Pictures and frames are resized to image_size x image_size.
   patch_size: int = 4  # Square patches of patch_size^2 * 3 values, one position each.
   video_frames: int = 8  # Frames sampled per clip.
@@ -324,6 +327,17 @@ RESUME_MUTABLE = frozenset({
     "checkpoint.average_every_seconds",
     "checkpoint.ema_decay",
     "data.num_workers",
+    # The layout: the state is restored into the new mesh's shardings and the math is the same to f32
+    # rounding (tests/test_parallel.py); the lineage record of each checkpoint names its layout.
+    "mesh.data",
+    "mesh.tensor",
+    "mesh.pipeline",
+    "mesh.fsdp",
+    "mesh.sequence_parallel",
+    "mesh.schedule",
+    "mesh.microbatches",
+    "mesh.repeats",
+    "mesh.auto",
     # The data may change only with a new data.phase; the manifest hash in the checkpoint enforces it.
     "data.manifest",
     "data.phase",

@@ -31,7 +31,7 @@ def validate(cfg: schema.Config, num_devices: int | None = None, num_processes: 
       need(getattr(obj, key) > 0, f"{group}.{key}", getattr(obj, key), "must be positive")
   for group, obj, keys in (
       ("model", m, ("head_dim", "feature_dim", "mtp_depth")),
-      ("data", d, ("tokenizer_train_bytes", "num_workers", "shuffle_window", "shuffle_block")),
+      ("data", d, ("tokenizer_train_bytes", "num_workers", "shuffle_window", "shuffle_block", "shards")),
       ("optimizer", o, ("weight_decay", "min_lr_ratio")),
       ("train", t, ("z_loss", "seed", "spike_window", "max_update_ratio", "mtp_weight", "mtp_weight_final")),
       ("eval", e, ("batches", "task_examples")),
@@ -171,6 +171,10 @@ def validate(cfg: schema.Config, num_devices: int | None = None, num_processes: 
          f"must be divisible by the tensor axis size {tensor_size} when mesh.sequence_parallel is on")
   need(micro % num_processes == 0, "train.global_batch", t.global_batch,
        divisible_by(f"the {num_processes} JAX processes"))
+  if d.shards > 0:
+    need(micro % d.shards == 0, "data.shards", d.shards, f"must divide the micro-batch of {micro} rows")
+    need(d.shards % num_processes == 0, "data.shards", d.shards,
+         f"must be a multiple of the {num_processes} JAX processes (each feeds whole shards)")
   for key, value in (("num_heads", m.num_heads), ("num_kv_heads", m.num_kv_heads),
                      ("mlp_dim", m.mlp_dim), ("vocab_size", m.vocab_size)):
     need(value % tensor_size == 0, f"model.{key}", value, f"must be divisible by the tensor axis size {tensor_size}")

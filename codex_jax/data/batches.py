@@ -1,6 +1,7 @@
 """The Grain input: manifest sources -> examples -> effective-token mixture -> packed batches.
 
-Chain, per process:
+Chain, per shard of the data stream (a run has `data.shards` of them; each process feeds whole shards,
+`ShardedBatches`, so a resume may use any process count that divides the shard count):
 
   per source: MapDataset(this split's records, this process's share) .block-shuffle per epoch
               .map(read + encode + sample id)  -> IndexedStream (workers: data.num_workers per source)
@@ -108,6 +109,44 @@ class Batches:
   def start_from(self, source_states: list) -> None:
     """Starts this (fresh) pipeline's sources where another one's stopped; see mixture.with_source_states."""
     self.iterator.set_state(with_source_states(self.iterator.get_state(), source_states))
+
+
+def hosted_shards(count: int, process_index: int, process_count: int) -> range:
+  """The shards of a `count`-shard stream that process `process_index` of `process_count` feeds: a contiguous
+  run, so the global batch (processes' rows in process order) holds every shard's rows in shard order."""
+  if count % process_count:
+    raise DataError(f"the data stream has {count} shard(s); {process_count} processes cannot feed whole shards. "
+                    f"Use a process count that divides {count} (data.shards is fixed when a run starts).")
+  per = count // process_count
+  return range(process_index * per, (process_index + 1) * per)
+
+
+@dataclasses.dataclass
+class ShardedBatches:
+  """This process's shards of the data stream; its batch is their batches concatenated in shard order."""
+
+  shards: dict[int, Batches]  # Global shard index -> its pipeline.
+  count: int  # Shards of the whole stream.
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    parts = [next(b.iterator) for b in self.shards.values()]
+    return parts[0] if len(parts) == 1 else {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+  @property
+  def iterators(self) -> dict[int, grain.DatasetIterator]:
+    """What a checkpoint saves: one iterator state per shard (checkpoint/data_shards.py)."""
+    return {shard: b.iterator for shard, b in self.shards.items()}
+
+  def source_states(self) -> dict[int, list]:
+    return {shard: b.source_states() for shard, b in self.shards.items()}
+
+  def start_from(self, source_states: dict[int, list]) -> None:
+    for shard, b in self.shards.items():
+      b.start_from(source_states[shard])
+
+  def close(self) -> None:
+    for b in self.shards.values():
+      b.iterator.close()
 
 
 def make_iterator(plan: DataPlan, data_cfg: DataConfig, **kwargs) -> grain.DatasetIterator:

@@ -80,7 +80,7 @@ def import_hf(directory: str, workdir: str, base_config: dict[str, Any]) -> dict
     checkpointer.start_fresh(start)
     write_config(workdir, config)
     inputs.write_record(workdir)
-    record = checkpointer.save(0, state, inputs.batches.iterator, inputs.meta(),
+    record = checkpointer.save(0, state, inputs.batches, inputs.meta(),
                                {"manifest_hash": inputs.plan.manifest_hash, "config_hash": config_hash(config),
                                 "eval": {"heldout_loss": None}})
   finally:

@@ -6,8 +6,12 @@ there are at least 8 heads, and a SwiGLU width of 8/3 d_model rounded to a multi
 count of `telemetry.flops.param_counts` (embeddings included, as Hoffmann et al. count).
 
 The batch follows DeepSeek LLM (Bi et al. 2024, eq. 1): B_opt = 0.2920 C^0.3271 tokens and
-lr_opt = 0.3118 C^-0.1250, with C in training FLOPs (their C is non-embedding FLOPs; close enough for a
-plan), rounded down to a power of two sequences and capped at the critical batch size when one is given.
+lr_opt = 0.3118 C^-0.1250, with C = M D as they define it: M the non-embedding training FLOPs per token
+(6 x parameters outside the embedding and unembedding + 6 n_layer l_seq d_model of attention), D the
+training tokens. They fitted it on
+budgets of 1e17 to 3e20 FLOPs; outside that a plan says it extrapolates. The batch is rounded to the nearest
+multiple of the sequences one step needs per data-parallel group (so it divides the mesh), at least one of
+them, and capped at the critical batch size when one is given.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ class Shape:
   num_kv_heads: int
   mlp_dim: int
   params: int
+  non_vocab: int  # Parameters outside the embedding and unembedding (DeepSeek's M counts these).
 
   def model_values(self) -> dict[str, int]:
     return {"d_model": self.d_model, "num_layers": self.num_layers, "num_heads": self.num_heads,
@@ -43,7 +48,9 @@ def shape_for(d_model: int, num_layers: int, vocab_size: int, *, head_dim: int =
   mlp = max(mlp_multiple, round(8 * d_model / 3 / mlp_multiple) * mlp_multiple)
   cfg = ModelConfig(vocab_size=vocab_size, d_model=d_model, num_layers=num_layers, num_heads=heads,
                     num_kv_heads=kv, mlp_dim=mlp)
-  return Shape(num_layers, d_model, heads, kv, mlp, param_counts(cfg)["total"])
+  counts = param_counts(cfg)
+  return Shape(num_layers, d_model, heads, kv, mlp, counts["total"],
+               counts["total"] - counts["embedding"] - counts["unembedding"])
 
 
 def score(s: Shape, target_params: float, aspect: tuple[float, float] = ASPECT) -> float:
@@ -75,18 +82,43 @@ def model_shape(target_params: float, vocab_size: int) -> Shape:
   return best
 
 
+DEEPSEEK_FITTED = (1e17, 3e20)  # The budgets (C = M D) DeepSeek LLM fitted its batch and learning-rate rule on.
+
+
+def rule_flops(s: Shape, seq_len: int, tokens: float) -> float:
+  """DeepSeek's C = M D: M = 6 x non-vocabulary parameters + 6 n_layer seq_len d_model per token."""
+  return (6 * s.non_vocab + 6 * s.num_layers * seq_len * s.d_model) * tokens
+
+
+def extrapolation(flops: float) -> str | None:
+  """A warning when the batch rule is applied outside the budgets it was fitted on, else None."""
+  low, high = DEEPSEEK_FITTED
+  if low <= flops <= high:
+    return None
+  decades = math.log10(flops / high) if flops > high else math.log10(low / flops)
+  side = "above" if flops > high else "below"
+  return (f"the batch and learning-rate rule is extrapolated {decades:.1f} decades {side} the budgets DeepSeek LLM "
+          f"fitted it on ({low:.0e}-{high:.0e} non-embedding FLOPs); treat them as a starting point for a sweep")
+
+
 def batch_tokens(flops: float, critical_batch_tokens: float | None = None) -> float:
-  """DeepSeek LLM's compute-optimal batch in tokens, capped at the critical batch size."""
+  """DeepSeek LLM's compute-optimal batch in tokens for C = M D (`rule_flops`), capped at the critical batch."""
   tokens = 0.2920 * flops ** 0.3271
   return min(tokens, critical_batch_tokens) if critical_batch_tokens else tokens
 
 
 def learning_rate(flops: float) -> float:
-  """DeepSeek LLM's compute-optimal peak learning rate."""
+  """DeepSeek LLM's compute-optimal peak learning rate for C = M D."""
   return 0.3118 * flops ** -0.1250
 
 
-def global_batch(flops: float, seq_len: int, critical_batch_tokens: float | None = None) -> int:
-  """Sequences per step: the batch in tokens over seq_len, rounded down to a power of two (at least 1)."""
+def global_batch(flops: float, seq_len: int, critical_batch_tokens: float | None = None, multiple: int = 1) -> int:
+  """Sequences per step: the batch in tokens over seq_len, to the nearest multiple of `multiple` (the data-parallel
+  width), at least one multiple, and not above the critical batch unless one multiple already is."""
+  if multiple < 1:
+    raise ValueError(f"batch multiple {multiple}: must be a positive sequence count")
   sequences = batch_tokens(flops, critical_batch_tokens) / seq_len
-  return 2 ** max(0, math.floor(math.log2(sequences))) if sequences >= 1 else 1
+  batch = max(1, round(sequences / multiple)) * multiple
+  if critical_batch_tokens and batch * seq_len > critical_batch_tokens:
+    batch = max(1, math.floor(critical_batch_tokens / seq_len / multiple)) * multiple
+  return batch

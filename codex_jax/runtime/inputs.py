@@ -1,7 +1,8 @@
 """The run's data side: the resolved plan, its train batches across mixture phases, resume rules.
 
-Resume order (before any state is restored): the checkpoint's data record is read; a different JAX
-process count is refused (each process's shard of every source would change); a different manifest
+Resume order (before any state is restored): the checkpoint's data record is read; the stream keeps the
+shard count it started with (data.shards), and any process count that divides it may feed it (each process
+feeds whole shards, data/batches.py:ShardedBatches, so the global batches are the same); a different manifest
 hash is refused unless data.phase names a new run phase, in which case the data stream starts afresh
 on the new manifest. Within a run, the manifest's mixture phases switch at their start steps: the new
 phase's batches continue every source where the old one stopped (rows still buffered in the
@@ -29,7 +30,8 @@ class RunInputs:
   cfg: Config
   plan: DataPlan
   local_batch: int  # This process's rows of one micro-batch: one batch of the data stream.
-  batches: batches_lib.Batches | None = None
+  batches: batches_lib.ShardedBatches | None = None
+  shards: int = 0  # Shards of the train stream: data.shards, or the process count at the run's first start.
   phase: str = ""
   accountant: TokenAccountant | None = None
   restore_iterator: bool = True  # False after a run-phase change: the old iterator state does not apply.
@@ -56,22 +58,36 @@ class RunInputs:
     """A fresh pass over the held-out records, mixed by the shares of the phase at `step`."""
     return self._build(self.plan.manifest.phase_at(step).name, "eval", num_epochs=1).iterator
 
+  def _build_train(self, phase: str) -> batches_lib.ShardedBatches:
+    hosted = batches_lib.hosted_shards(self.shards, jax.process_index(), jax.process_count())
+    rows = self.cfg.train.micro_batch // self.shards  # Each shard's rows of a micro-batch.
+    return batches_lib.ShardedBatches({shard: batches_lib.build_batches(
+        self.plan, self.cfg.data, feature_dim=self.cfg.model.feature_dim, split="train", phase=phase,
+        local_batch=rows, seed=self.cfg.data.seed, process_index=shard, process_count=self.shards)
+        for shard in hosted}, self.shards)
+
   def start(self, step: int, meta: dict | None) -> None:
     """Builds the train batches for `step`, checking a checkpoint's data record first when resuming."""
+    self.shards = self.cfg.data.shards or jax.process_count()
     if meta is not None:
       self._check_resume(step, meta)
     self.phase = self.plan.manifest.phase_at(step).name
-    self.batches = self._build(self.phase)
+    self.batches = self._build_train(self.phase)
     totals = meta.get("accounting") if meta and self.restore_iterator else None
     self.accountant = TokenAccountant(self.plan, self.phase, totals)
 
   def _check_resume(self, step: int, meta: dict) -> None:
     saved = meta.get("data", {})
-    if meta.get("process_count") != jax.process_count():
-      raise DataError(f"checkpoint {step} was written by {meta.get('process_count')} JAX process(es), this run has "
-                      f"{jax.process_count()}: every source's per-process shard would change. Resume with "
-                      f"{meta.get('process_count')} process(es).")
-    if saved.get("manifest_hash") == self.plan.manifest_hash:
+    if saved.get("manifest_hash") == self.plan.manifest_hash:  # The stream continues, in its own shards.
+      shards = meta.get("data_shards", meta.get("process_count"))  # Before data.shards: one per process.
+      if shards % jax.process_count():
+        raise DataError(f"checkpoint {step} streams its data in {shards} shard(s) (written by "
+                        f"{meta.get('process_count')} process(es)); {jax.process_count()} processes cannot feed "
+                        f"whole shards. Resume with a process count that divides {shards}.")
+      if meta.get("process_count") != jax.process_count():
+        logging.warning("Checkpoint %d was written by %s process(es); %d now feed its %d data shard(s).", step,
+                        meta.get("process_count"), jax.process_count(), shards)
+      self.shards = shards
       return
     old_phase = meta.get("run_phase")
     if old_phase == self.cfg.data.phase:
@@ -88,16 +104,16 @@ class RunInputs:
     """This process's rows of update `step` (0-based): k batches of the data stream interleaved so that micro-batch m
     is batch m (train/accumulate.py), and the update's data metrics; switches mixture phase on time."""
     self._switch_phase(step)
-    batch = interleave([next(self.batches.iterator) for _ in range(k)])
+    batch = interleave([next(self.batches) for _ in range(k)])
     return batch, self.accountant.update(batch)
 
   def _switch_phase(self, step: int) -> None:
     phase = self.plan.manifest.phase_at(step).name
     if phase != self.phase:
       sources = self.batches.source_states()
-      self.batches.iterator.close()
+      self.batches.close()
       logging.info("Step %d: mixture phase %r -> %r", step, self.phase, phase)
-      self.phase, self.batches = phase, self._build(phase)
+      self.phase, self.batches = phase, self._build_train(phase)
       self.batches.start_from(sources)
       self.accountant = TokenAccountant(self.plan, phase)
 
@@ -108,11 +124,11 @@ class RunInputs:
   def meta(self) -> dict[str, Any]:
     """What a checkpoint records about the data (see checkpoint/manager.py)."""
     return {"data": self.plan.record(), "run_phase": self.cfg.data.phase, "mixture_phase": self.phase,
-            "process_count": jax.process_count(), "accounting": self.accountant.state()}
+            "process_count": jax.process_count(), "data_shards": self.shards, "accounting": self.accountant.state()}
 
   def close(self) -> None:
     if self.batches is not None:
-      self.batches.iterator.close()
+      self.batches.close()
 
 
 def describe_change(old: dict, new: dict) -> str:

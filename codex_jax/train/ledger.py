@@ -6,11 +6,13 @@ numbering as metrics.jsonl): every packed part of that step's batch, in row orde
 process writes the rows it fed, with no collective in the loop: process 0 to `samples.jsonl`, process
 i > 0 to `samples.p{i}.jsonl`; a step's global batch is that step's lines of all of them together.
 A resume from step S first drops lines past S (and a line torn by a kill), so the ledger describes
-exactly the updates that made the restored state and those after it.
+exactly the updates that made the restored state and those after it; after a resume with fewer processes,
+process 0 also cuts the files of the processes that no longer exist.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 
@@ -30,10 +32,15 @@ def read_ledger(path: str) -> dict[int, list[list[int]]]:
 class SampleLedger:
   """Appends one line per step; `resume_step` cuts the lines of steps past it first."""
 
-  def __init__(self, workdir: str, process_index: int, resume_step: int):
+  def __init__(self, workdir: str, process_index: int, resume_step: int, process_count: int = 1):
     os.makedirs(workdir, exist_ok=True)
     self.path = ledger_path(workdir, process_index)
     truncate_jsonl(self.path, resume_step)
+    if process_index == 0:
+      for index in itertools.count(process_count):
+        if not os.path.exists(ledger_path(workdir, index)):
+          break
+        truncate_jsonl(ledger_path(workdir, index), resume_step)
     self._file = open(self.path, "a")
 
   def write(self, step: int, samples: list[list[int]]) -> None:

@@ -21,6 +21,7 @@ from codex_jax.parallel.mesh import build_mesh
 from codex_jax.runtime import feed
 from codex_jax.runtime.inputs import RunInputs
 from codex_jax.telemetry import flops, params_table, peak, plot
+from codex_jax.telemetry.goodput import Goodput
 from codex_jax.telemetry.profile import StepProfiler
 from codex_jax.telemetry.progress import Progress
 from codex_jax.telemetry.writer import MetricsWriter
@@ -47,6 +48,7 @@ def _train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: 
            profile_steps: tuple[int, int] | None) -> dict[str, Any]:
   is_main = jax.process_index() == 0
   total_steps, seq_len = cfg.train.steps, cfg.data.seq_len
+  clock = Goodput()  # Where the wall-clock goes from here (telemetry/goodput.py).
 
   # 1. Workdir: a rerun must mean the same run (config diff refused outside the allow-list). Nothing
   #    is written into the workdir until every check below has passed.
@@ -60,10 +62,11 @@ def _train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: 
     return {"start_step": committed[-1], "final_step": committed[-1], "finished": True,
             "workdir": os.path.abspath(workdir), "checkpoints": committed}
 
-  # 2. Mesh.
+  # 2. Mesh, and the layout each checkpoint's lineage record names.
   mesh = build_mesh(cfg.mesh)
-  logging.info("Mesh %s over %d %s device(s), %d process(es)", dict(mesh.shape), mesh.size,
-               jax.devices()[0].device_kind, jax.process_count())
+  layout = {"mesh": dict(mesh.shape), "devices": mesh.size, "processes": jax.process_count(),
+            "device_kind": jax.devices()[0].device_kind}
+  logging.info("Mesh %s", describe_layout(layout))
 
   # 3. Data: manifest, licence policy, validated file indexes, tokenizer, manifest hash (fails early).
   inputs = RunInputs.create(cfg, workdir, is_main)
@@ -85,16 +88,17 @@ def _train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: 
                        limit=cfg.eval.task_examples) if evaluating else None
 
   # 5. Resume: (a) latest committed checkpoint, (b) its data record checked (process count, manifest
-  #    hash, run phase), (c) state into its shardings, (d) the iterator position.
+  #    hash, run phase), (c) state into this mesh's shardings (the layout may have changed), (d) the iterator.
   checkpointer = Checkpointer(workdir, cfg.checkpoint)
   start = checkpointer.latest_step()
   meta = None if start is None else checkpointer.read_meta(start)
   inputs.start(start or 0, meta)
   if start is not None:
     train_state = checkpointer.restore(start, trainer.restore_target(),
-                                       inputs.batches.iterator if inputs.restore_iterator else None,
+                                       inputs.batches if inputs.restore_iterator else None,
                                        meta=meta, allow_dtype_change=cfg.checkpoint.allow_dtype_change)
     logging.info("Resumed from step %d in %s (lineage %s)", start, checkpointer.directory, checkpointer.parent)
+    _log_layout_change(meta["lineage"].get("layout"), layout)
   else:
     start, train_state = 0, trainer.init_state()
     checkpointer.start_fresh({"kind": "init", "seed": cfg.train.seed,
@@ -114,7 +118,8 @@ def _train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: 
   def next_update(step: int) -> tuple[dict, dict, int]:
     """Update `step`'s rows on this process, its data metrics and k, its micro-batches (train/batch_ramp.py)."""
     k = batch_ramp.micro_batches(cfg.train, step, noise.b_simple)
-    batch, data_metrics = inputs.next_update(step, k)
+    with clock.timing("data"):
+      batch, data_metrics = inputs.next_update(step, k)
     feed.check_batch(batch, k * inputs.local_batch, seq_len, cfg.model.vocab_size, cfg.model.feature_dim)
     return batch, data_metrics, k
 
@@ -124,7 +129,8 @@ def _train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: 
 
   def compiled_for(k: int, state, global_batch):
     if k not in compiled:
-      compiled[k] = trainer.train_step.lower(state, global_batch).compile()
+      with clock.timing("compile"):
+        compiled[k] = trainer.train_step.lower(state, global_batch).compile()
       logging.info("Compiled the train step for %d micro-batch(es) of %d rows per update", k, cfg.train.micro_batch)
     return compiled[k]
 
@@ -141,8 +147,9 @@ def _train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: 
                peak_flops.source)
   reporter = Reporter(writer, Progress(total_steps, start, cfg.train.global_batch * seq_len, enabled=is_main and progress),
                       seq_len=seq_len, flops_per_token=flops_per_token, xla_flops_per_row=xla_per_row,
-                      peak_flops=peak_flops, log_every=cfg.train.log_every,
-                      ledger=SampleLedger(workdir, jax.process_index(), resume_step=start))
+                      peak_flops=peak_flops, log_every=cfg.train.log_every, clock=clock,
+                      ledger=SampleLedger(workdir, jax.process_index(), resume_step=start,
+                                          process_count=jax.process_count()))
 
   # 8. The step loop. Each update is k micro-batches (the ramp's k for that step); steps count updates. Step
   #    i+1 is dispatched before step i's metrics are fetched. Eval comes before the save of the same step, so
@@ -153,13 +160,16 @@ def _train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: 
   profiler = StepProfiler(profile_steps, workdir, enabled=is_main)
   try:
     if evaluating and cfg.eval.at_start and start == 0:  # The untrained model's scores: every curve's origin.
-      scores = suite.evaluate(0, train_state.params, target_params=getattr(train_state, "target_params", None))
+      with clock.timing("eval"):
+        scores = suite.evaluate(0, train_state.params, target_params=getattr(train_state, "target_params", None))
       reporter.eval(0, scores["heldout_loss"], scores)
     for step in range(start, total_steps):
       global_batch = to_global(batch)
       noise.maybe_measure(step, train_state.params, global_batch)  # Before the update donates the params.
       profiler.before(step + 1)
-      train_state, metrics = compiled_for(k, train_state, global_batch)(train_state, global_batch)
+      step_fn = compiled_for(k, train_state, global_batch)
+      with clock.timing("step"):
+        train_state, metrics = step_fn(train_state, global_batch)
       profiler.after(step + 1, train_state)
       noise.collect()  # The update is queued behind the probe: waiting for the probe leaves the device busy.
       if pending is not None:
@@ -168,8 +178,9 @@ def _train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: 
       done = step + 1
       pending = (done, metrics, data_metrics, batch_samples(batch), k * cfg.train.micro_batch, k)
       if evaluating and (done % cfg.eval.every == 0 or done == total_steps):
-        scores = suite.evaluate(done, train_state.params, checkpointer, trainer.restore_target(),
-                                target_params=getattr(train_state, "target_params", None))
+        with clock.timing("eval"):
+          scores = suite.evaluate(done, train_state.params, checkpointer, trainer.restore_target(),
+                                  target_params=getattr(train_state, "target_params", None))
         eval_loss = scores["heldout_loss"]
         reporter.eval(done, eval_loss, scores)
         evaluated_at = done
@@ -178,9 +189,10 @@ def _train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: 
       if done % cfg.checkpoint.every == 0 or done == total_steps or preempted or snapshot:
         snapshot_clock.saved()
         scores = scores if evaluated_at == done else {"heldout_loss": None}
-        checkpointer.save(done, train_state, inputs.batches.iterator, {**inputs.meta(), "noise_scale": noise.state()},
-                          {"manifest_hash": inputs.plan.manifest_hash, "config_hash": config_hash(config_dict),
-                           "eval": scores})
+        with clock.timing("checkpoint"):
+          checkpointer.save(done, train_state, inputs.batches, {**inputs.meta(), "noise_scale": noise.state()},
+                            {"manifest_hash": inputs.plan.manifest_hash, "config_hash": config_hash(config_dict),
+                             "eval": scores, "layout": layout})
       if preempted:
         logging.warning("Stopped: checkpointed step %d in %s; rerun the same command to resume from step %d.",
                         done, checkpointer.directory, done)
@@ -190,11 +202,13 @@ def _train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: 
     if pending is not None:
       reporter.step(*pending)
   finally:
-    _close_all(profiler.close, preemption.close, checkpointer.close, reporter.close, inputs.close)
+    with clock.timing("checkpoint"):  # The saves still in flight.
+      _close_all(profiler.close, preemption.close, checkpointer.close, reporter.close, inputs.close)
 
   # 9. Finish: draw the curves, summarise.
   summary = {"start_step": start, "final_step": int(jax.device_get(train_state.step)),
-             "eval_loss": eval_loss, "preempted": preempted, **reporter.summary(), "workdir": os.path.abspath(workdir),
+             "eval_loss": eval_loss, "preempted": preempted, **reporter.summary(), **clock.summary(),
+             "workdir": os.path.abspath(workdir),
              "checkpoints": checkpointer.all_steps(), "params": flops.param_counts(cfg.model)["total"],
              "model_flops_per_step": model_flops, "xla_flops_per_step": xla_flops,
              "peak_flops": peak_flops.total, "manifest_hash": inputs.plan.manifest_hash,
@@ -224,3 +238,14 @@ def _close_all(*closers) -> None:
     logging.warning("also failed while closing: %s: %s", type(extra).__name__, extra)
   if failures and raising:
     raise failures[0]
+
+
+def describe_layout(layout: dict[str, Any]) -> str:
+  mesh = " x ".join(f"{axis}={size}" for axis, size in layout["mesh"].items() if size > 1) or "data=1"
+  return f"{mesh} over {layout['devices']} {layout['device_kind']} device(s), {layout['processes']} process(es)"
+
+
+def _log_layout_change(saved: dict[str, Any] | None, layout: dict[str, Any]) -> None:
+  if saved is not None and saved != layout:
+    logging.warning("Layout changed on resume: %s -> %s; the state is restored into the new shardings.",
+                    describe_layout(saved), describe_layout(layout))

@@ -10,6 +10,7 @@ from absl import logging
 
 from codex_jax.config.schema import OBJECTIVES
 from codex_jax.telemetry import peak
+from codex_jax.telemetry.goodput import Goodput, summary_line
 from codex_jax.telemetry.progress import Progress
 from codex_jax.telemetry.writer import MetricsWriter
 from codex_jax.train.ledger import SampleLedger
@@ -19,13 +20,15 @@ class Reporter:
   """Turns each step's device metrics into TensorBoard / metrics.jsonl rows, a log line and the bar.
 
   With a `ledger`, each step's trained samples go to samples.jsonl at the same moment (train/ledger.py).
+  Each row carries the run's goodput so far and where the time went since the previous row (`clock`).
   Tokens and FLOPs are per update: its rows (accumulated micro-batches, train/batch_ramp.py) x seq_len.
   """
 
   def __init__(self, writer: MetricsWriter, bar: Progress, *, seq_len: int, flops_per_token: float,
                xla_flops_per_row: float | None, peak_flops: peak.PeakFlops, log_every: int,
-               ledger: SampleLedger | None = None):
+               ledger: SampleLedger | None = None, clock: Goodput | None = None):
     self.writer, self.bar, self.ledger = writer, bar, ledger
+    self.clock = clock or Goodput()
     self.seq_len, self.flops_per_token, self.xla_flops_per_row = seq_len, flops_per_token, xla_flops_per_row
     self.peak_flops, self.log_every = peak_flops, log_every
     self.last: dict | None = None
@@ -40,8 +43,10 @@ class Reporter:
     `samples` its ledger entries (data/sample_ids.batch_samples); `rows` the update's global rows, `accum`
     its micro-batches (logged as batch/rows, batch/accum).
     """
-    scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    with self.clock.timing("step"):  # The device finishing the update: productive time.
+      scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
     scalars.update(host_metrics or {})
+    scalars.update(self.clock.scalars())
     now = time.perf_counter()
     step_time, self.last_time = now - self.last_time, now
     tokens = rows * self.seq_len
@@ -122,6 +127,7 @@ def summary_text(summary: dict) -> str:
                                  f"{number(summary.get('last_text_ce'), '.4f')}"),
           ("held-out loss", number(summary.get("eval_loss"), ".4f")),
           ("speed", f"{number(summary.get('tokens_per_s'), ',.0f')} tokens/s, MFU {number(summary.get('mfu'), '.1%')}"),
+          ("goodput", summary_line(summary) if "time_s" in summary else "n/a"),
           ("checkpoints", ", ".join(str(s) for s in summary.get("checkpoints", [])) or "none"),
           ("workdir", f"{summary['workdir']} (metrics.jsonl, loss.png, eval.png, lineage.jsonl)")]
   width = max(len(name) for name, _ in rows)
