@@ -6,6 +6,7 @@ import math
 import time
 
 import jax
+import numpy as np
 from absl import logging
 
 from codex_jax.config.schema import OBJECTIVES
@@ -34,6 +35,7 @@ class Reporter:
     self.last: dict | None = None
     self.first: dict | None = None
     self.last_time = time.perf_counter()
+    self._speeds: list[tuple[float, float]] = []  # (tokens/s, MFU) of each row, for the summary's medians.
 
   def step(self, step: int, metrics, host_metrics: dict[str, float] | None, samples: list[list[int]] | None,
            rows: int, accum: int = 1) -> None:
@@ -66,6 +68,7 @@ class Reporter:
     self.bar.update(step, extra={"text_ce": text_ce(scalars)}, tokens=tokens)
     self.first = self.first or scalars
     self.last = scalars
+    self._speeds.append((scalars["tokens_per_s"], scalars["mfu"]))
     if step % self.log_every == 0 or step <= 3:
       logging.info("%s", console_line(step, scalars))
 
@@ -82,7 +85,15 @@ class Reporter:
     first, last = self.first or {}, self.last or {}
     return {"first_loss": first.get("loss"), "last_loss": last.get("loss"),
             "first_text_ce": text_ce(first), "last_text_ce": text_ce(last),
-            "tokens_per_s": last.get("tokens_per_s"), "mfu": last.get("mfu")}
+            **self._median_speed()}
+
+  def _median_speed(self) -> dict[str, float | None]:
+    """Median tokens/s and MFU over the rows: a row's time also holds any eval or save before it (its step ran
+    on the device meanwhile), so the last row alone can read far below the training speed."""
+    if not self._speeds:
+      return {"tokens_per_s": None, "mfu": None}
+    tokens, mfu = np.median(np.asarray(self._speeds, float), axis=0)
+    return {"tokens_per_s": float(tokens), "mfu": float(mfu)}
 
   def close(self) -> None:
     self.bar.close()
