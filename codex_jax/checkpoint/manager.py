@@ -1,8 +1,8 @@
 """Orbax checkpoints of the train state, the Grain iterators and the data record, hashed and chained.
 
 Each step directory holds `state` (one zarr folder per tensor: no OCDBT, so a damaged file names its
-tensor), `data` (each data shard's Grain iterator, checkpoint/data_shards.py), `meta` (JSON: the data record, token accounting and the hash of
-every tensor), the lineage record in Orbax's step metadata, and `files.json` (every other file's sha256,
+tensor), `data` (each data shard's Grain iterator, checkpoint/data_shards.py), `meta` (JSON: the data record,
+token accounting and the hash of every tensor), the lineage record in Orbax's step metadata, and `files.json` (every other file's sha256,
 checkpoint/files.py). Orbax writes each step to a temporary directory and renames it on commit, so a step
 interrupted mid-save is never listed. Restore refuses a changed file, then any mismatch in structure, shape or
 dtype before reading, and any changed tensor after reading, before a single array is handed back.

@@ -64,8 +64,7 @@ def _topology(flag_values) -> topology.Topology:
 
 
 def _placement(layout: layout_cost.Layout, topo: topology.Topology) -> str:
-  sizes = {"data": layout.data, "tensor": layout.tensor, "pipeline": layout.pipeline}
-  return placement.describe(sizes, topo.fast_domain, topo.spec.fast_spans)
+  return placement.describe(layout.sizes(), topo.fast_domain, topo.spec.fast_spans)
 
 
 def table(result: dict, cfg) -> str:

@@ -5,12 +5,12 @@ FSDP, the layer stack over `pipeline`), gradients, FSDP's gathered layer, the ba
 the remat policy keeps them (times the pipeline's stash). Step time, nothing overlapped: matmuls (6N +
 attention model FLOPs, plus recomputed forwards, over the device peak times an efficiency that falls for
 narrow per-device matmuls) and elementwise HBM traffic (activations, the optimizer update), stretched by
-the pipeline bubble; plus every collective over the link its mesh axis maps to (parallel/placement.py, the rule the mesh builder
-follows: `tensor` innermost, then `pipeline`, then `data`; an axis wider than what is left of a fast domain
-also crosses the slow link): Megatron
-all-reduces of the residual stream (2 per block forward, 2 backward, 2 more when full remat recomputes
-the forward), FSDP all-gathers (forward, backward) and reduce-scatter of each layer's weights, the
-data-parallel gradient all-reduce without FSDP, and the pipeline's per-tick sends.
+the pipeline bubble; plus every collective over the link its mesh axis maps to (parallel/placement.py, the
+rule the mesh builder follows: `tensor` innermost, then `pipeline`, then `data`; an axis wider than what is
+left of a fast domain also crosses the slow link): Megatron all-reduces of the residual stream (2 per block
+forward, 2 backward, 2 more when full remat recomputes the forward), FSDP all-gathers (forward, backward) and
+reduce-scatter of each layer's weights, the data-parallel gradient all-reduce without FSDP, and the pipeline's
+per-tick sends.
 """
 from __future__ import annotations
 
@@ -44,6 +44,10 @@ class Layout:
   microbatches: int = 1  # Resolved: 1 without a pipeline.
   repeats: int = 1
   remat: str = "full"
+
+  def sizes(self) -> dict[str, int]:
+    """The mesh axis sizes (what parallel/placement.py places)."""
+    return {"data": self.data, "tensor": self.tensor, "pipeline": self.pipeline}
 
   def mesh_values(self) -> dict:
     """The `mesh` config keys this layout sets (auto is left to the caller)."""
@@ -197,7 +201,7 @@ def estimate(cfg: schema.Config, layout: Layout, topo: Topology) -> Estimate:
   busy_s = (matmul_s + activations_s) * stretch + update_s
 
   # Time: collectives, unoverlapped, over the link each axis maps to.
-  fast, slow = placement.split_by_link({"data": d_sz, "tensor": t_sz, "pipeline": s_sz}, topo.fast_domain)
+  fast, slow = placement.split_by_link(layout.sizes(), topo.fast_domain)
   links = {axis: placement.link(fast[axis], slow[axis]) for axis in placement.INNERMOST_FIRST}
   comm = {"tensor": 0.0, "fsdp": 0.0, "data": 0.0, "pipeline": 0.0}
   if t_sz > 1:  # Every tick of a stage runs its blocks' all-reduces, bubble ticks included.

@@ -8,8 +8,7 @@ count of `telemetry.flops.param_counts` (embeddings included, as Hoffmann et al.
 The batch follows DeepSeek LLM (Bi et al. 2024, eq. 1): B_opt = 0.2920 C^0.3271 tokens and
 lr_opt = 0.3118 C^-0.1250, with C = M D as they define it: M the non-embedding training FLOPs per token
 (6 x parameters outside the embedding and unembedding + 6 n_layer l_seq d_model of attention), D the
-training tokens. They fitted it on
-budgets of 1e17 to 3e20 FLOPs; outside that a plan says it extrapolates. The batch is rounded to the nearest
+training tokens. They fitted it on budgets of 1e17 to 3e20 FLOPs; outside that a plan says it extrapolates. The batch is rounded to the nearest
 multiple of the sequences one step needs per data-parallel group (so it divides the mesh), at least one of
 them, and capped at the critical batch size when one is given.
 """

@@ -48,23 +48,24 @@ class RunInputs:
                  ", ".join(f"{e.source} ({e.reason})" for e in plan.exclusions) or "none")
     return cls(cfg, plan, cfg.train.micro_batch // jax.process_count())  # The data stream yields micro-batches.
 
-  def _build(self, phase: str, split: str = "train", num_epochs: int | None = None) -> batches_lib.Batches:
+  def _build(self, phase: str, split: str, *, shard: int, shards: int, rows: int,
+             num_epochs: int | None = None) -> batches_lib.Batches:
+    """Shard `shard` of `shards` of the split's stream, `rows` rows a batch."""
     return batches_lib.build_batches(
         self.plan, self.cfg.data, feature_dim=self.cfg.model.feature_dim, split=split, phase=phase,
-        local_batch=self.local_batch, seed=self.cfg.data.seed, process_index=jax.process_index(),
-        process_count=jax.process_count(), num_epochs=num_epochs)
+        local_batch=rows, seed=self.cfg.data.seed, process_index=shard, process_count=shards, num_epochs=num_epochs)
 
   def eval_iterator(self, step: int):
-    """A fresh pass over the held-out records, mixed by the shares of the phase at `step`."""
-    return self._build(self.plan.manifest.phase_at(step).name, "eval", num_epochs=1).iterator
+    """A fresh pass over the held-out records, mixed by the shares of the phase at `step` (one shard per process)."""
+    return self._build(self.plan.manifest.phase_at(step).name, "eval", shard=jax.process_index(),
+                       shards=jax.process_count(), rows=self.local_batch, num_epochs=1).iterator
 
   def _build_train(self, phase: str) -> batches_lib.ShardedBatches:
     hosted = batches_lib.hosted_shards(self.shards, jax.process_index(), jax.process_count())
     rows = self.cfg.train.micro_batch // self.shards  # Each shard's rows of a micro-batch.
-    return batches_lib.ShardedBatches({shard: batches_lib.build_batches(
-        self.plan, self.cfg.data, feature_dim=self.cfg.model.feature_dim, split="train", phase=phase,
-        local_batch=rows, seed=self.cfg.data.seed, process_index=shard, process_count=self.shards)
-        for shard in hosted}, self.shards)
+    return batches_lib.ShardedBatches(
+        {shard: self._build(phase, "train", shard=shard, shards=self.shards, rows=rows) for shard in hosted},
+        self.shards)
 
   def start(self, step: int, meta: dict | None) -> None:
     """Builds the train batches for `step`, checking a checkpoint's data record first when resuming."""

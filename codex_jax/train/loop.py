@@ -215,7 +215,7 @@ def _train(cfg: Config, config_dict: dict[str, Any], workdir: str, *, progress: 
              "data_sources": [s.source.name for s in inputs.plan.sources],
              "data_excluded": {e.source: e.reason for e in inputs.plan.exclusions},
              "data_share_error": reporter.summary_value("data/max_share_error"),
-             "mesh": dict(mesh.shape),
+             "mesh": layout["mesh"],
              "pipeline_bubble": None if engine.pipeline is None else engine.pipeline.schedule.bubble_fraction}
   metrics_file = os.path.join(workdir, "metrics.jsonl")
   if is_main and os.path.exists(metrics_file):
